@@ -1,0 +1,156 @@
+/*
+ * moe_sft.h — C ABI of moe_sft: LoRA training on the routed experts of a Mixture-of-Experts layer, on the CPU.
+ *
+ * The layer computes, per token t with routing (expert_ids[t, j], routing_weights[t, j]), j < top_k:
+ *
+ *   g = x Wg^T + s (x Ag^T) Bg^T      u = x Wu^T + s (x Au^T) Bu^T      h = silu(g) * u
+ *   y = h Wd^T + s (h Ad^T) Bd^T      out[t] = sum_j routing_weights[t, j] * y_{expert_ids[t, j]}(x_t)
+ *
+ * with s = lora_alpha / lora_rank. Backward returns grad_input, grad_routing_weights and the f32 grads of
+ * the six LoRA matrices; base weights are frozen.
+ *
+ * Data contract (row-major, HF nn.Linear convention [out, in]):
+ *   gate_proj, up_proj  [E, I, H] bf16          down_proj            [E, H, I] bf16
+ *   gate_a, up_a        [E, r, H] bf16|f32      gate_b, up_b         [E, I, r] bf16|f32
+ *   down_a              [E, r, I] bf16|f32      down_b               [E, H, r] bf16|f32
+ *   LoRA grads: same shapes, f32                input/output/grad_output/grad_input [T, H] bf16
+ *   expert_ids [T, k] int64 (-1 = no expert)    routing_weights, grad_routing_weights [T, k] f32
+ * bf16 crosses the ABI as raw 16-bit words (uint16_t); accumulation is always f32.
+ *
+ * Ownership: the caller owns every buffer it passes. Base weights are packed into the layer by
+ * moe_sft_create (the caller's arrays may be freed afterwards). LoRA arrays are NOT copied: the layer reads
+ * them at every call, so an optimizer that updates them in place needs no re-binding.
+ *
+ * Errors: every call returns a status; nothing aborts, exits or prints. On any error, no output buffer is
+ * written and the layer's forward cache is as it was before the call. moe_sft_last_error() gives a message
+ * naming the argument, index and value at fault.
+ *
+ * Threads: all functions may be called from any thread. Compute calls (forward, backward) of all layers in
+ * the process run one at a time on a shared worker pool and scratch arena: two threads driving two layers
+ * get the same results as running them one after the other. One layer driven from two threads at once is
+ * safe (calls are serialized) but the order in which their forwards and backwards pair up on the layer's
+ * LIFO cache is then the caller's to arrange. update_lora must not race with a forward/backward of the same
+ * layer that reads the bindings; destroy must not race with any other call on the same layer.
+ *
+ * The block between the CDEF markers is plain C declarations with no preprocessor lines, so that cffi can
+ * read it with ffi.cdef() as is. Exported symbols are marked with the visibility pragma around it.
+ */
+#ifndef MOE_SFT_H
+#define MOE_SFT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MOE_SFT_VERSION_MAJOR 0
+#define MOE_SFT_VERSION_MINOR 1
+#define MOE_SFT_VERSION_PATCH 0
+/* major * 10000 + minor * 100 + patch; compare with moe_sft_version() to detect a header/library mismatch */
+#define MOE_SFT_VERSION_NUMBER (MOE_SFT_VERSION_MAJOR * 10000 + MOE_SFT_VERSION_MINOR * 100 + MOE_SFT_VERSION_PATCH)
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
+/* MOE_SFT_CDEF_BEGIN */
+
+typedef struct moe_sft_layer moe_sft_layer;
+
+typedef enum moe_sft_status {
+  MOE_SFT_OK = 0,
+  MOE_SFT_ERR_INVALID_ARGUMENT, /* a null pointer, a shape, an id, a dtype: the message names it */
+  MOE_SFT_ERR_OUT_OF_MEMORY,
+  MOE_SFT_ERR_CACHE_FULL,       /* forward(save_for_backward=1) with max_cache_depth forwards pending */
+  MOE_SFT_ERR_CACHE_EMPTY,      /* backward without a pending saved forward */
+  MOE_SFT_ERR_NON_FINITE,
+  MOE_SFT_ERR_UNSUPPORTED,      /* a valid request this build or machine cannot serve */
+  MOE_SFT_ERR_INTERNAL
+} moe_sft_status;
+
+typedef enum moe_sft_dtype { MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1 } moe_sft_dtype;
+
+typedef struct moe_sft_config {
+  size_t struct_size;        /* = sizeof(moe_sft_config); set by moe_sft_config_init, lets fields be added */
+  int32_t expert_num;        /* E >= 1 */
+  int32_t hidden_size;       /* H >= 1 */
+  int32_t intermediate_size; /* I >= 1 */
+  int32_t lora_rank;         /* r >= 0; 0 = no adapters (update_lora is then refused) */
+  float lora_alpha;          /* LoRA scale s = lora_alpha / lora_rank */
+  int32_t max_cache_depth;   /* >= 0: forwards with save_for_backward=1 that may await backward */
+  int32_t num_threads;       /* 0 = all cores */
+  int32_t tp_count;          /* parts the intermediate dim is split into; 1 for now */
+  const uint16_t *gate_proj; /* [E, I, H] bf16, packed at create */
+  const uint16_t *up_proj;   /* [E, I, H] bf16, packed at create */
+  const uint16_t *down_proj; /* [E, H, I] bf16, packed at create */
+} moe_sft_config;
+
+/* The six LoRA arrays of all experts, one dtype for all six. Kept by pointer, read at every call. */
+typedef struct moe_sft_lora {
+  moe_sft_dtype dtype;
+  const void *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;
+} moe_sft_lora;
+
+/* Grads of the six LoRA arrays, f32, same shapes as the LoRA arrays. */
+typedef struct moe_sft_lora_grads {
+  float *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;
+} moe_sft_lora_grads;
+
+/* Fills cfg with defaults (lora_alpha 32, lora_rank 16, max_cache_depth 1, num_threads 0, tp_count 1) and
+ * sets struct_size. Thread-safe. */
+void moe_sft_config_init(moe_sft_config *cfg);
+
+/* Validates cfg, packs the base weights, and returns a new layer in *out (set to NULL on error). */
+moe_sft_status moe_sft_create(const moe_sft_config *cfg, moe_sft_layer **out);
+
+/* Frees the layer, its packed weights and pending forward caches. NULL is fine. */
+void moe_sft_destroy(moe_sft_layer *layer);
+
+/* Binds the caller's six LoRA arrays (zero-copy). Rebinding replaces the previous binding. */
+moe_sft_status moe_sft_update_lora(moe_sft_layer *layer, const moe_sft_lora *lora);
+
+/* out[qlen, H] = the layer applied to input[qlen, H]. qlen >= 0 has no upper bound; top_k >= 1.
+ * expert_ids[t, j] in [-1, E): -1 contributes nothing, a repeated id contributes twice.
+ * save_for_backward != 0 pushes what backward needs onto the layer's LIFO cache. */
+moe_sft_status moe_sft_forward(moe_sft_layer *layer, int64_t qlen, int32_t top_k,
+                               const int64_t *expert_ids, const float *routing_weights,
+                               const uint16_t *input, uint16_t *output, int32_t save_for_backward);
+
+/* Backward of the most recent saved forward, which it consumes (only on success).
+ * grad_output, grad_input: [qlen, H] bf16 of that forward. grad_routing_weights [qlen, top_k] f32 or NULL.
+ * grads: LoRA grads or NULL (skip them); accumulate != 0 adds into them instead of overwriting.
+ * grad_input and grad_routing_weights are always overwritten; -1 slots get 0. */
+moe_sft_status moe_sft_backward(moe_sft_layer *layer, const uint16_t *grad_output, uint16_t *grad_input,
+                                float *grad_routing_weights, const moe_sft_lora_grads *grads,
+                                int32_t accumulate);
+
+/* Number of saved forwards awaiting backward, in *depth. */
+moe_sft_status moe_sft_cache_depth(const moe_sft_layer *layer, int32_t *depth);
+
+/* Name of the kernel family the layer runs on ("generic", ...); chosen at create from the CPU, or forced
+ * with the environment variable MOE_SFT_ISA. Static storage; NULL layer gives NULL. */
+const char *moe_sft_layer_isa(const moe_sft_layer *layer);
+
+/* Static string for a status ("MOE_SFT_OK", ...); unknown values give "unknown status". */
+const char *moe_sft_status_string(moe_sft_status status);
+
+/* Message of this thread's most recent call: what failed, naming argument, index and value; "" after a
+ * success. Valid until this thread's next call into the library. */
+const char *moe_sft_last_error(void);
+
+/* MOE_SFT_VERSION_NUMBER of the library actually loaded. */
+uint32_t moe_sft_version(void);
+
+/* MOE_SFT_CDEF_END */
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_SFT_H */

@@ -1,0 +1,125 @@
+// The C ABI entry points: argument validation, then the layer. Every function body runs inside guard(),
+// so an exception from any depth becomes a status plus a thread-local message.
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "api/status.h"
+#include "api/validate.h"
+#include "layer/moe_layer.h"
+#include "moe_sft.h"
+
+struct moe_sft_layer {
+  explicit moe_sft_layer(const moe_sft_config& cfg) : impl(cfg) {}
+  moe_sft::layer::MoELayer impl;
+};
+
+using moe_sft::as_bf16;
+using moe_sft::api::guard;
+using moe_sft::api::require_array;
+using moe_sft::api::require_non_null;
+using moe_sft::api::require_range;
+
+namespace {
+
+void validate_lora(const moe_sft_lora* lora) {
+  require_non_null(lora, "lora");
+  if (lora->dtype != MOE_SFT_DTYPE_BF16 && lora->dtype != MOE_SFT_DTYPE_F32)
+    throw moe_sft::Error(MOE_SFT_ERR_INVALID_ARGUMENT,
+                         "lora->dtype = " + std::to_string(int(lora->dtype)) +
+                             " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
+  const int64_t size = lora->dtype == MOE_SFT_DTYPE_BF16 ? 2 : 4;
+  const void* arrays[] = {lora->gate_a, lora->gate_b, lora->up_a, lora->up_b, lora->down_a, lora->down_b};
+  const char* names[] = {"lora->gate_a", "lora->gate_b", "lora->up_a", "lora->up_b", "lora->down_a", "lora->down_b"};
+  for (int i = 0; i < 6; ++i) require_array(arrays[i], names[i], 1, size);
+}
+
+void validate_grads(const moe_sft_lora_grads* g) {
+  const float* arrays[] = {g->gate_a, g->gate_b, g->up_a, g->up_b, g->down_a, g->down_b};
+  const char* names[] = {"grads->gate_a", "grads->gate_b", "grads->up_a", "grads->up_b", "grads->down_a", "grads->down_b"};
+  for (int i = 0; i < 6; ++i) require_array(arrays[i], names[i], 1, 4);
+}
+
+}  // namespace
+
+extern "C" {
+
+void moe_sft_config_init(moe_sft_config* cfg) {
+  if (cfg == nullptr) return;
+  std::memset(cfg, 0, sizeof *cfg);
+  cfg->struct_size = sizeof *cfg;
+  cfg->lora_rank = 16;
+  cfg->lora_alpha = 32.0f;
+  cfg->max_cache_depth = 1;
+  cfg->num_threads = 0;
+  cfg->tp_count = 1;
+}
+
+moe_sft_status moe_sft_create(const moe_sft_config* cfg, moe_sft_layer** out) {
+  if (out != nullptr) *out = nullptr;
+  return guard("moe_sft_create", [&] {
+    require_non_null(out, "out");
+    const moe_sft_config config = moe_sft::api::read_config(cfg);
+    moe_sft::api::validate_config(config);
+    *out = new moe_sft_layer(config);
+  });
+}
+
+void moe_sft_destroy(moe_sft_layer* layer) { delete layer; }
+
+moe_sft_status moe_sft_update_lora(moe_sft_layer* layer, const moe_sft_lora* lora) {
+  return guard("moe_sft_update_lora", [&] {
+    require_non_null(layer, "layer");
+    validate_lora(lora);
+    layer->impl.bind_lora(*lora);
+  });
+}
+
+moe_sft_status moe_sft_forward(moe_sft_layer* layer, int64_t qlen, int32_t top_k, const int64_t* expert_ids,
+                               const float* routing_weights, const uint16_t* input, uint16_t* output,
+                               int32_t save_for_backward) {
+  return guard("moe_sft_forward", [&] {
+    require_non_null(layer, "layer");
+    const moe_sft::layer::MoELayer& l = layer->impl;
+    require_range(top_k, 1, 1 << 16, "top_k");
+    require_range(qlen, 0, (int64_t(1) << 50) / (int64_t(top_k) * std::max(l.hidden(), l.intermediate())), "qlen");
+    require_array(expert_ids, "expert_ids", qlen * top_k, 8);
+    require_array(routing_weights, "routing_weights", qlen * top_k, 4);
+    require_array(input, "input", qlen * l.hidden(), 2);
+    require_array(output, "output", qlen * l.hidden(), 2);
+    moe_sft::api::validate_expert_ids(expert_ids, qlen, top_k, l.experts());
+    layer->impl.forward({qlen, top_k, expert_ids, routing_weights, as_bf16(input), as_bf16(output),
+                         save_for_backward != 0});
+  });
+}
+
+moe_sft_status moe_sft_backward(moe_sft_layer* layer, const uint16_t* grad_output, uint16_t* grad_input,
+                                float* grad_routing_weights, const moe_sft_lora_grads* grads, int32_t accumulate) {
+  return guard("moe_sft_backward", [&] {
+    require_non_null(layer, "layer");
+    const moe_sft::layer::MoELayer& l = layer->impl;
+    if (!l.cache().empty()) {  // an empty cache is reported by the layer, with its own status
+      const moe_sft::layer::Routing& routing = l.cache().top().routing;
+      require_array(grad_output, "grad_output", routing.qlen * l.hidden(), 2);
+      require_array(grad_input, "grad_input", routing.qlen * l.hidden(), 2);
+      if (grad_routing_weights != nullptr)
+        require_array(grad_routing_weights, "grad_routing_weights", routing.qlen * routing.top_k, 4);
+    }
+    if (grads != nullptr && l.rank() > 0) validate_grads(grads);
+    layer->impl.backward({as_bf16(grad_output), as_bf16(grad_input), grad_routing_weights, grads, accumulate != 0});
+  });
+}
+
+moe_sft_status moe_sft_cache_depth(const moe_sft_layer* layer, int32_t* depth) {
+  return guard("moe_sft_cache_depth", [&] {
+    require_non_null(layer, "layer");
+    require_non_null(depth, "depth");
+    *depth = int32_t(layer->impl.cache().depth());
+  });
+}
+
+const char* moe_sft_layer_isa(const moe_sft_layer* layer) {
+  return layer == nullptr ? nullptr : layer->impl.kernels().name;
+}
+
+}  // extern "C"

@@ -1,0 +1,24 @@
+// Argument checks for the ABI entry points. Each throws moe_sft::Error(INVALID_ARGUMENT or UNSUPPORTED)
+// with a message naming the argument, the index and the value at fault. They run before anything is
+// written, which is what lets every failing call leave its outputs untouched.
+#pragma once
+#include <cstdint>
+
+#include "moe_sft.h"
+
+namespace moe_sft::api {
+
+void require_non_null(const void* p, const char* name);
+// p non-null and aligned for its element type (null allowed when `count` is 0).
+void require_array(const void* p, const char* name, int64_t count, int64_t element_size);
+void require_range(int64_t value, int64_t lo, int64_t hi, const char* name);  // lo <= value <= hi
+
+// The caller's config, upgraded to this library's struct: fields a shorter (older) struct lacks keep
+// their defaults; a longer (newer) one is refused unless its extra bytes are all zero.
+moe_sft_config read_config(const moe_sft_config* cfg);
+void validate_config(const moe_sft_config& cfg);
+
+// Every id in [-1, experts).
+void validate_expert_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts);
+
+}  // namespace moe_sft::api

@@ -1,0 +1,224 @@
+// Backward pass of the most recent saved forward. With dO = grad_output rows (expert-sorted, unweighted)
+// and w the routing weight of each row:
+//   D   = dO·Wd + s (dO·Bd)·Ad            [rows, I]  grad of h, before the routing weight
+//   grad_routing_weight = <D, h>           (= <dO, y>: the router's gradient, one dot product per row)
+//   dH  = w·D;  dG, dU = activation grads of dH
+//   dX  = dG·Wg + dU·Wu + s (dG·Bg)·Ag + s (dU·Bu)·Au    [rows, H], summed per token into grad_input
+// LoRA grads (summed over each expert's rows):
+//   dAd = s (w·dO·Bd)^T h     dBd = s dO^T (w·h·Ad^T)
+//   dAg = s (dG·Bg)^T x       dBg = s dG^T (x·Ag^T)        (up alike)
+// Phases: 1 gather x and dO rows; 2 rank-r products of dO; 3 per (expert, block of I): D, activation
+// backward, dAd/dBg/dBu; 4 rank-r products of dG/dU; 5 per (expert, block of H): dX, dAg/dAu/dBd;
+// 6 per token: grad_input and grad_routing_weights. Each LoRA-grad slice is written by exactly one task.
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/low_rank.h"
+#include "layer/activation.h"
+#include "layer/moe_layer.h"
+#include "layer/task_grid.h"
+#include "runtime/runtime.h"
+
+namespace moe_sft::layer {
+
+using kernels::GemmArgs;
+using kernels::small_gemm;
+using kernels::Strided;
+
+namespace {
+constexpr int64_t kRowChunk = 32;
+constexpr int64_t kTokenChunk = 16;
+
+int64_t chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
+// Zeroes the grads of experts that got no rows (no task writes them) unless accumulating.
+void clear_idle_expert_grads(const LoraGradView& g, const Routing& routing) {
+  const LoraShape& s = g.s;
+  for (int64_t e = 0; e < routing.experts(); ++e) {
+    if (routing.rows_of(e) > 0) continue;
+    std::fill_n(g.ga(e), s.rank * s.hidden, 0.0f);
+    std::fill_n(g.ua(e), s.rank * s.hidden, 0.0f);
+    std::fill_n(g.gb(e), s.intermediate * s.rank, 0.0f);
+    std::fill_n(g.ub(e), s.intermediate * s.rank, 0.0f);
+    std::fill_n(g.da(e), s.rank * s.intermediate, 0.0f);
+    std::fill_n(g.db(e), s.hidden * s.rank, 0.0f);
+  }
+}
+
+}  // namespace
+
+template <class T>
+void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) {
+  const ForwardRecord& rec = cache_.top();
+  const Routing& routing = rec.routing;
+  const int64_t H = hidden_, I = intermediate_, r = rank_, k = routing.top_k, T_ = routing.qlen;
+  const int64_t R = routing.rows();
+  const float s = lora_scale_;
+  const int64_t cb = kernels_->col_block;
+  const int64_t tile = routing.max_expert_rows() * cb;
+  const bool want_lora_grads = r > 0 && call.lora_grads != nullptr;
+  const bool acc = call.accumulate;
+  LoraGradView G{};
+  if (want_lora_grads) {
+    const moe_sft_lora_grads& lg = *call.lora_grads;
+    G = LoraGradView{lg.gate_a, lg.gate_b, lg.up_a, lg.up_b, lg.down_a, lg.down_b, lora_shape()};
+  }
+  const ExpertGrid grid_i(routing, column_blocks(parts_, cb));
+  const ExpertGrid grid_h(routing, column_blocks(H, cb));
+  const int64_t nbi = grid_i.block_count();
+
+  ScratchLayout layout;
+  auto xs_slot = layout.add<bf16>(want_lora_grads ? size_t(R * H) : 0);  // only dAg/dAu read x
+  auto dos_slot = layout.add<bf16>(size_t(R * H));
+  auto dg_slot = layout.add<bf16>(size_t(R * I));
+  auto du_slot = layout.add<bf16>(size_t(R * I));
+  auto dx_slot = layout.add<float>(size_t(R * H));
+  auto gw_slot = layout.add<float>(size_t(R * nbi));  // per (row, block of I) partial <D, h>
+  auto dob_slot = layout.add<float>(size_t(R * r));   // dO·Bd
+  auto wdob_slot = layout.add<float>(size_t(R * r));  // w·dO·Bd
+  auto wha_slot = layout.add<float>(size_t(R * r));   // w·h·Ad^T
+  auto dgb_slot = layout.add<float>(size_t(R * r));   // dG·Bg
+  auto dub_slot = layout.add<float>(size_t(R * r));   // dU·Bu
+  auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
+  auto sums_slot = layout.add<float>(size_t(threads_ * H));
+
+  auto session = Runtime::instance().session(threads_);
+  ThreadPool& pool = session.pool();
+  std::byte* base = session.arena().frame(layout);
+  bf16* xs = xs_slot.in(base);
+  bf16* dos = dos_slot.in(base);
+  bf16* dg = dg_slot.in(base);
+  bf16* du = du_slot.in(base);
+  float* dx = dx_slot.in(base);
+  float* gw = gw_slot.in(base);
+  float* dob = dob_slot.in(base);
+  float* wdob = wdob_slot.in(base);
+  float* wha = wha_slot.in(base);
+  float* dgb = dgb_slot.in(base);
+  float* dub = dub_slot.in(base);
+  float* tiles = tiles_slot.in(base);
+  float* sums = sums_slot.in(base);
+  auto row_weight = [&](int64_t row) { return rec.weights[size_t(routing.row_pair[row])]; };
+
+  if (want_lora_grads && !acc) clear_idle_expert_grads(G, routing);
+
+  // 1. gather x and dO rows
+  pool.parallel_for(chunks(R, kRowChunk * 4), threads_, [&](int64_t task, int) {
+    for (int64_t row = task * kRowChunk * 4; row < std::min(R, (task + 1) * kRowChunk * 4); ++row) {
+      const int64_t tok = routing.row_pair[row] / k;
+      if (want_lora_grads) std::memcpy(xs + row * H, rec.input.data() + tok * H, size_t(H) * sizeof(bf16));
+      std::memcpy(dos + row * H, call.grad_output + tok * H, size_t(H) * sizeof(bf16));
+    }
+  });
+
+  const std::vector<ExpertTask> row_tasks = row_chunks(routing, kRowChunk);
+  // 2. dO·Bd and the weighted rank-r rows the down grads need
+  if (r > 0)
+    pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
+      const ExpertTask& t = row_tasks[size_t(i)];
+      small_gemm(t.rows(), r, H, dos + t.row_begin * H, Strided{H, 1}, lora.db(t.expert), Strided{r, 1}, 1.0f,
+                 dob + t.row_begin * r, r, false);
+      for (int64_t row = t.row_begin; row < t.row_end; ++row) {
+        const float wt = row_weight(row);
+        for (int64_t j = 0; j < r; ++j) {
+          wdob[row * r + j] = wt * dob[row * r + j];
+          wha[row * r + j] = wt * rec.h_down_a[size_t(row * r + j)];
+        }
+      }
+    });
+
+  // 3. grad of h, router dot products, activation backward; dAd, dBg, dBu — per (expert, block of I)
+  pool.parallel_for(grid_i.size(), threads_, [&](int64_t i, int worker) {
+    const ExpertTask t = grid_i[i];
+    const ColumnBlock& b = *t.block;
+    const ExpertPart& part = parts_[size_t(b.part)];
+    const int64_t m = t.rows(), w = b.width(), e = t.expert;
+    float* dt = tiles + int64_t(worker) * 2 * tile;  // D block
+    float* ht = dt + tile;                          // h block, as the forward rounded it
+    kernels_->gemm_xw(GemmArgs{dos + t.row_begin * H, H, m, &part.down[size_t(e)], b.local, b.local + w, dt, w, false});
+    if (r > 0)
+      small_gemm(m, w, r, dob + t.row_begin * r, Strided{r, 1}, lora.da(e) + b.begin, Strided{I, 1}, s, dt, w, true);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t row = t.row_begin + j, at = row * I + b.begin;
+      const float wt = row_weight(row);
+      float dot = 0.0f;
+      for (int64_t c = 0; c < w; ++c) {
+        const float g = to_float(rec.gate[size_t(at + c)]), u = to_float(rec.up[size_t(at + c)]);
+        const float hv = to_float(to_bf16(activation(g, u)));
+        const float d = dt[j * w + c];
+        dot += d * hv;
+        ht[j * w + c] = hv;
+        const ActivationGrad ag = activation_grad(g, u, wt * d);
+        dg[at + c] = to_bf16(ag.gate);
+        du[at + c] = to_bf16(ag.up);
+      }
+      gw[row * nbi + t.block_index] = dot;
+    }
+    if (want_lora_grads) {
+      small_gemm(r, w, m, wdob + t.row_begin * r, Strided{1, r}, ht, Strided{w, 1}, s, G.da(e) + b.begin, I, acc);
+      small_gemm(w, r, m, dg + t.row_begin * I + b.begin, Strided{1, I}, rec.x_gate_a.data() + t.row_begin * r,
+                 Strided{r, 1}, s, G.gb(e) + b.begin * r, r, acc);
+      small_gemm(w, r, m, du + t.row_begin * I + b.begin, Strided{1, I}, rec.x_up_a.data() + t.row_begin * r,
+                 Strided{r, 1}, s, G.ub(e) + b.begin * r, r, acc);
+    }
+  });
+
+  // 4. dG·Bg, dU·Bu
+  if (r > 0)
+    pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
+      const ExpertTask& t = row_tasks[size_t(i)];
+      small_gemm(t.rows(), r, I, dg + t.row_begin * I, Strided{I, 1}, lora.gb(t.expert), Strided{r, 1}, 1.0f,
+                 dgb + t.row_begin * r, r, false);
+      small_gemm(t.rows(), r, I, du + t.row_begin * I, Strided{I, 1}, lora.ub(t.expert), Strided{r, 1}, 1.0f,
+                 dub + t.row_begin * r, r, false);
+    });
+
+  // 5. grad of the expert input rows; dAg, dAu, dBd — per (expert, block of H)
+  pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int) {
+    const ExpertTask t = grid_h[i];
+    const ColumnBlock& b = *t.block;
+    const int64_t m = t.rows(), w = b.width(), e = t.expert;
+    float* dxt = dx + t.row_begin * H + b.begin;
+    for (size_t p = 0; p < parts_.size(); ++p) {
+      const int64_t off = t.row_begin * I + parts_[p].i_begin;
+      kernels_->gemm_xw(GemmArgs{dg + off, I, m, &parts_[p].gate[size_t(e)], b.begin, b.end, dxt, H, p > 0});
+      kernels_->gemm_xw(GemmArgs{du + off, I, m, &parts_[p].up[size_t(e)], b.begin, b.end, dxt, H, true});
+    }
+    if (r > 0) {
+      small_gemm(m, w, r, dgb + t.row_begin * r, Strided{r, 1}, lora.ga(e) + b.begin, Strided{H, 1}, s, dxt, H, true);
+      small_gemm(m, w, r, dub + t.row_begin * r, Strided{r, 1}, lora.ua(e) + b.begin, Strided{H, 1}, s, dxt, H, true);
+    }
+    if (want_lora_grads) {
+      const bf16* x = xs + t.row_begin * H + b.begin;
+      small_gemm(r, w, m, dgb + t.row_begin * r, Strided{1, r}, x, Strided{H, 1}, s, G.ga(e) + b.begin, H, acc);
+      small_gemm(r, w, m, dub + t.row_begin * r, Strided{1, r}, x, Strided{H, 1}, s, G.ua(e) + b.begin, H, acc);
+      small_gemm(w, r, m, dos + t.row_begin * H + b.begin, Strided{1, H}, wha + t.row_begin * r, Strided{r, 1}, s,
+                 G.db(e) + b.begin * r, r, acc);
+    }
+  });
+
+  // 6. per token: grad_input = sum of its rows' dX; grad_routing_weights = the rows' dot products
+  pool.parallel_for(chunks(T_, kTokenChunk), threads_, [&](int64_t task, int worker) {
+    float* sum = sums + int64_t(worker) * H;
+    for (int64_t tok = task * kTokenChunk; tok < std::min(T_, (task + 1) * kTokenChunk); ++tok) {
+      std::fill(sum, sum + H, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = routing.pair_row[tok * k + j];
+        float gwt = 0.0f;
+        if (row >= 0) {
+          for (int64_t c = 0; c < H; ++c) sum[c] += dx[row * H + c];
+          for (int64_t bi = 0; bi < nbi; ++bi) gwt += gw[row * nbi + bi];
+        }
+        if (call.grad_weights != nullptr) call.grad_weights[tok * k + j] = gwt;
+      }
+      for (int64_t c = 0; c < H; ++c) call.grad_input[tok * H + c] = to_bf16(sum[c]);
+    }
+  });
+
+  cache_.pop();
+}
+
+template void MoELayer::backward_with<float>(const LoraView<float>&, const BackwardCall&);
+template void MoELayer::backward_with<bf16>(const LoraView<bf16>&, const BackwardCall&);
+
+}  // namespace moe_sft::layer

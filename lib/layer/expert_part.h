@@ -1,0 +1,21 @@
+// One tensor-parallel part of the layer: the slice [i_begin, i_end) of the intermediate dimension, with
+// its own packed slices of every expert's base weights (packed from the caller's full arrays at create:
+// the caller never partitions anything). With tp_count = 1 there is one part covering all of I.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels/packed_matrix.h"
+
+namespace moe_sft::layer {
+
+struct ExpertPart {
+  int64_t i_begin = 0, i_end = 0;
+  std::vector<kernels::PackedMatrix> gate;  // per expert: rows [i_begin, i_end) of gate_proj[e], [I_p, H]
+  std::vector<kernels::PackedMatrix> up;    // per expert: rows of up_proj[e], [I_p, H]
+  std::vector<kernels::PackedMatrix> down;  // per expert: columns [i_begin, i_end) of down_proj[e], [H, I_p]
+
+  int64_t width() const { return i_end - i_begin; }
+};
+
+}  // namespace moe_sft::layer

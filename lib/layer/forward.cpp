@@ -1,0 +1,170 @@
+// Forward pass. Phases (each one parallel_for over the shared pool):
+//   1. gather the routed input rows into expert-sorted order            xs [rows, H]
+//   2. LoRA down-projections of x (rank r)                             x·Ag^T, x·Au^T
+//   3. per (expert, block of I): gate and up GEMMs + LoRA, then h = silu(g)·u
+//   4. LoRA down-projection of h                                       h·Ad^T
+//   5. per (expert, block of H): down GEMM over every part + LoRA        y [rows, H]
+//   6. per token: out[t] = sum_j weight[t, j] · y[row(t, j)]
+// Everything a call needs is laid out in the scratch arena before the first write, so a failure to get
+// memory leaves the caller's output untouched.
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/low_rank.h"
+#include "layer/activation.h"
+#include "layer/moe_layer.h"
+#include "layer/task_grid.h"
+#include "runtime/runtime.h"
+
+namespace moe_sft::layer {
+
+using kernels::GemmArgs;
+using kernels::small_gemm;
+using kernels::Strided;
+
+namespace {
+constexpr int64_t kRowChunk = 32;    // rows per task in row-local phases
+constexpr int64_t kTokenChunk = 16;  // tokens per task in gather/scatter phases
+
+int64_t chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+}  // namespace
+
+template <class T>
+void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
+  const int64_t H = hidden_, I = intermediate_, r = rank_, k = call.top_k;
+  const float s = lora_scale_;
+  Routing routing = Routing::build(call.qlen, k, experts_, call.expert_ids);
+  const int64_t R = routing.rows();
+  const int64_t cb = kernels_->col_block;
+  const int64_t tile = routing.max_expert_rows() * cb;
+
+  // Saved tensors live in the cache record when saving, in scratch otherwise.
+  ForwardRecord rec;
+  ScratchLayout layout;
+  auto xs_slot = layout.add<bf16>(size_t(R * H));
+  auto h_slot = layout.add<bf16>(size_t(R * I));
+  auto y_slot = layout.add<float>(size_t(R * H));
+  auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
+  auto sums_slot = layout.add<float>(size_t(threads_ * H));
+  const bool save = call.save_for_backward;
+  auto g_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
+  auto u_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
+  auto xga_slot = layout.add<float>(save ? 0 : size_t(R * r));
+  auto xua_slot = layout.add<float>(save ? 0 : size_t(R * r));
+  auto hda_slot = layout.add<float>(save ? 0 : size_t(R * r));
+  if (save) {
+    rec = cache_.take_spare();
+    rec.weights.assign(call.weights, call.weights + call.qlen * k);
+    rec.input.assign(call.input, call.input + call.qlen * H);
+    rec.gate.resize(size_t(R * I));
+    rec.up.resize(size_t(R * I));
+    rec.x_gate_a.resize(size_t(R * r));
+    rec.x_up_a.resize(size_t(R * r));
+    rec.h_down_a.resize(size_t(R * r));
+  }
+
+  auto session = Runtime::instance().session(threads_);
+  ThreadPool& pool = session.pool();
+  std::byte* base = session.arena().frame(layout);
+  bf16* xs = xs_slot.in(base);
+  bf16* h = h_slot.in(base);
+  float* y = y_slot.in(base);
+  float* tiles = tiles_slot.in(base);
+  float* sums = sums_slot.in(base);
+  bf16* gate = save ? rec.gate.data() : g_slot.in(base);
+  bf16* up = save ? rec.up.data() : u_slot.in(base);
+  float* x_gate_a = save ? rec.x_gate_a.data() : xga_slot.in(base);
+  float* x_up_a = save ? rec.x_up_a.data() : xua_slot.in(base);
+  float* h_down_a = save ? rec.h_down_a.data() : hda_slot.in(base);
+
+  // 1. gather
+  pool.parallel_for(chunks(R, kRowChunk * 4), threads_, [&](int64_t task, int) {
+    for (int64_t row = task * kRowChunk * 4; row < std::min(R, (task + 1) * kRowChunk * 4); ++row)
+      std::memcpy(xs + row * H, call.input + routing.row_pair[row] / k * H, size_t(H) * sizeof(bf16));
+  });
+
+  const std::vector<ExpertTask> row_tasks = row_chunks(routing, kRowChunk);
+  // 2. x·A^T for gate and up
+  if (r > 0)
+    pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
+      const ExpertTask& t = row_tasks[size_t(i)];
+      const bf16* x = xs + t.row_begin * H;
+      small_gemm(t.rows(), r, H, x, Strided{H, 1}, lora.ga(t.expert), Strided{1, H}, 1.0f, x_gate_a + t.row_begin * r, r, false);
+      small_gemm(t.rows(), r, H, x, Strided{H, 1}, lora.ua(t.expert), Strided{1, H}, 1.0f, x_up_a + t.row_begin * r, r, false);
+    });
+
+  // 3. gate/up projections and activation, per (expert, block of I)
+  const ExpertGrid grid_i(routing, column_blocks(parts_, cb));
+  pool.parallel_for(grid_i.size(), threads_, [&](int64_t i, int worker) {
+    const ExpertTask t = grid_i[i];
+    const ColumnBlock& b = *t.block;
+    const ExpertPart& part = parts_[size_t(b.part)];
+    const int64_t m = t.rows(), w = b.width(), e = t.expert;
+    float* gt = tiles + int64_t(worker) * 2 * tile;
+    float* ut = gt + tile;
+    const bf16* x = xs + t.row_begin * H;
+    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gt, w, false});
+    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, ut, w, false});
+    if (r > 0) {
+      small_gemm(m, w, r, x_gate_a + t.row_begin * r, Strided{r, 1}, lora.gb(e) + b.begin * r, Strided{1, r}, s, gt, w, true);
+      small_gemm(m, w, r, x_up_a + t.row_begin * r, Strided{r, 1}, lora.ub(e) + b.begin * r, Strided{1, r}, s, ut, w, true);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t at = (t.row_begin + j) * I + b.begin;
+      for (int64_t c = 0; c < w; ++c) {
+        const bf16 g = to_bf16(gt[j * w + c]), u = to_bf16(ut[j * w + c]);
+        gate[at + c] = g;
+        up[at + c] = u;
+        h[at + c] = to_bf16(activation(to_float(g), to_float(u)));
+      }
+    }
+  });
+
+  // 4. h·Ad^T
+  if (r > 0)
+    pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
+      const ExpertTask& t = row_tasks[size_t(i)];
+      small_gemm(t.rows(), r, I, h + t.row_begin * I, Strided{I, 1}, lora.da(t.expert), Strided{1, I}, 1.0f,
+                 h_down_a + t.row_begin * r, r, false);
+    });
+
+  // 5. down projection, per (expert, block of H), summing the parts' slices of I
+  const ExpertGrid grid_h(routing, column_blocks(H, cb));
+  pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int) {
+    const ExpertTask t = grid_h[i];
+    const ColumnBlock& b = *t.block;
+    const int64_t m = t.rows(), e = t.expert;
+    float* yt = y + t.row_begin * H + b.begin;
+    for (size_t p = 0; p < parts_.size(); ++p)
+      kernels_->gemm_xwt(GemmArgs{h + t.row_begin * I + parts_[p].i_begin, I, m, &parts_[p].down[size_t(e)], b.begin,
+                                  b.end, yt, H, p > 0});
+    if (r > 0)
+      small_gemm(m, b.width(), r, h_down_a + t.row_begin * r, Strided{r, 1}, lora.db(e) + b.begin * r, Strided{1, r}, s,
+                 yt, H, true);
+  });
+
+  // 6. weighted sum of each token's expert outputs
+  pool.parallel_for(chunks(call.qlen, kTokenChunk), threads_, [&](int64_t task, int worker) {
+    float* acc = sums + int64_t(worker) * H;
+    for (int64_t tok = task * kTokenChunk; tok < std::min(call.qlen, (task + 1) * kTokenChunk); ++tok) {
+      std::fill(acc, acc + H, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = routing.pair_row[tok * k + j];
+        if (row < 0) continue;
+        const float wt = call.weights[tok * k + j];
+        for (int64_t c = 0; c < H; ++c) acc[c] += wt * y[row * H + c];
+      }
+      for (int64_t c = 0; c < H; ++c) call.output[tok * H + c] = to_bf16(acc[c]);
+    }
+  });
+
+  if (save) {
+    rec.routing = std::move(routing);
+    cache_.push(std::move(rec));
+  }
+}
+
+template void MoELayer::forward_with<float>(const LoraView<float>&, const ForwardCall&);
+template void MoELayer::forward_with<bf16>(const LoraView<bf16>&, const ForwardCall&);
+
+}  // namespace moe_sft::layer

@@ -1,0 +1,93 @@
+#include "layer/moe_layer.h"
+
+#include <algorithm>
+
+#include "runtime/error.h"
+#include "runtime/runtime.h"
+
+namespace moe_sft::layer {
+
+namespace {
+
+// Splits [0, I) into `count` parts, on multiples of `block` when that leaves no part empty (the kernels
+// then never see a partial block inside a part), evenly otherwise. Divisibility is never required.
+std::vector<int64_t> part_bounds(int64_t I, int64_t count, int64_t block) {
+  std::vector<int64_t> bounds(size_t(count) + 1);
+  const bool blocked = I / block >= count;
+  for (int64_t p = 0; p <= count; ++p) {
+    int64_t even = I * p / count;
+    bounds[size_t(p)] = (blocked && p < count) ? even / block * block : even;
+  }
+  return bounds;
+}
+
+}  // namespace
+
+MoELayer::MoELayer(const moe_sft_config& cfg)
+    : experts_(cfg.expert_num),
+      hidden_(cfg.hidden_size),
+      intermediate_(cfg.intermediate_size),
+      rank_(cfg.lora_rank),
+      lora_scale_(cfg.lora_rank > 0 ? cfg.lora_alpha / float(cfg.lora_rank) : 0.0f),
+      max_cache_depth_(cfg.max_cache_depth),
+      threads_(Runtime::resolve_threads(cfg.num_threads)),
+      kernels_(&kernels::select_kernels()) {
+  const int64_t E = experts_, H = hidden_, I = intermediate_;
+  const std::vector<int64_t> bounds = part_bounds(I, cfg.tp_count, kernels_->col_block);
+  parts_.resize(size_t(cfg.tp_count));
+  for (size_t p = 0; p < parts_.size(); ++p) {
+    parts_[p].i_begin = bounds[p];
+    parts_[p].i_end = bounds[p + 1];
+    parts_[p].gate.resize(size_t(E));
+    parts_[p].up.resize(size_t(E));
+    parts_[p].down.resize(size_t(E));
+  }
+  const bf16* gate = as_bf16(cfg.gate_proj);
+  const bf16* up = as_bf16(cfg.up_proj);
+  const bf16* down = as_bf16(cfg.down_proj);
+  auto session = Runtime::instance().session(threads_);
+  session.pool().parallel_for(int64_t(parts_.size()) * E, threads_, [&](int64_t task, int) {
+    ExpertPart& part = parts_[size_t(task / E)];
+    const int64_t e = task % E, i0 = part.i_begin, w = part.width();
+    part.gate[size_t(e)] = kernels::PackedMatrix(gate + (e * I + i0) * H, w, H, H);
+    part.up[size_t(e)] = kernels::PackedMatrix(up + (e * I + i0) * H, w, H, H);
+    part.down[size_t(e)] = kernels::PackedMatrix(down + e * H * I + i0, H, w, I);
+  });
+  cache_.reserve(max_cache_depth_);  // pushing a finished forward must not be able to fail
+}
+
+void MoELayer::bind_lora(const moe_sft_lora& lora) {
+  if (rank_ == 0) throw Error(MOE_SFT_ERR_INVALID_ARGUMENT, "the layer was created with lora_rank = 0: it has no LoRA weights to bind");
+  lora_ = lora;
+  lora_bound_ = true;
+}
+
+template <class Fn>
+void MoELayer::with_bound_lora(Fn&& fn) const {
+  if (rank_ == 0) {
+    fn(LoraView<float>{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, lora_shape()});
+    return;
+  }
+  if (!lora_bound_)
+    throw Error(MOE_SFT_ERR_INVALID_ARGUMENT,
+                "LoRA weights are not bound: call moe_sft_update_lora first (lora_rank = " +
+                    std::to_string(rank_) + ")");
+  with_lora_view(lora_, lora_shape(), fn);
+}
+
+void MoELayer::forward(const ForwardCall& call) {
+  if (call.save_for_backward && cache_.depth() >= max_cache_depth_)
+    throw Error(MOE_SFT_ERR_CACHE_FULL, "save_for_backward = 1, but " + std::to_string(cache_.depth()) +
+                                            " saved forward(s) already await backward (max_cache_depth = " +
+                                            std::to_string(max_cache_depth_) + ")");
+  with_bound_lora([&](const auto& lora) { forward_with(lora, call); });
+}
+
+void MoELayer::backward(const BackwardCall& call) {
+  if (cache_.empty())
+    throw Error(MOE_SFT_ERR_CACHE_EMPTY,
+                "no saved forward awaits backward (call forward with save_for_backward = 1 first)");
+  with_bound_lora([&](const auto& lora) { backward_with(lora, call); });
+}
+
+}  // namespace moe_sft::layer

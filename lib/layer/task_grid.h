@@ -1,0 +1,75 @@
+// Task grids for the thread pool. Work is cut into (expert, column block) tasks, so one hot expert that
+// got most of the tokens still spreads over every core; consecutive task indices walk one expert's
+// column blocks, so the pool's contiguous per-worker ranges keep an expert's rows in one core's cache.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "layer/expert_part.h"
+#include "layer/routing.h"
+
+namespace moe_sft::layer {
+
+struct ColumnBlock {
+  int part;        // tensor-parallel part the columns belong to (0 for dimensions that are not split)
+  int64_t begin;   // global column range [begin, end) ...
+  int64_t end;
+  int64_t local;   // ... which starts at column `local` of the part's slice
+  int64_t width() const { return end - begin; }
+};
+
+// Blocks of `block` columns over [0, width): one part.
+inline std::vector<ColumnBlock> column_blocks(int64_t width, int64_t block) {
+  std::vector<ColumnBlock> out;
+  for (int64_t c = 0; c < width; c += block) out.push_back({0, c, std::min(c + block, width), c});
+  return out;
+}
+
+// Blocks of the intermediate dimension, never straddling two parts.
+inline std::vector<ColumnBlock> column_blocks(const std::vector<ExpertPart>& parts, int64_t block) {
+  std::vector<ColumnBlock> out;
+  for (size_t p = 0; p < parts.size(); ++p)
+    for (int64_t c = 0; c < parts[p].width(); c += block)
+      out.push_back({int(p), parts[p].i_begin + c, parts[p].i_begin + std::min(c + block, parts[p].width()), c});
+  return out;
+}
+
+struct ExpertTask {
+  int64_t expert, row_begin, row_end;
+  int64_t block_index;
+  const ColumnBlock* block;
+  int64_t rows() const { return row_end - row_begin; }
+};
+
+// Every (expert with rows, column block) pair.
+class ExpertGrid {
+ public:
+  ExpertGrid(const Routing& routing, std::vector<ColumnBlock> blocks) : routing_(routing), blocks_(std::move(blocks)) {
+    for (int64_t e = 0; e < routing.experts(); ++e)
+      if (routing.rows_of(e) > 0) active_.push_back(e);
+  }
+  int64_t size() const { return int64_t(active_.size() * blocks_.size()); }
+  int64_t block_count() const { return int64_t(blocks_.size()); }
+  ExpertTask operator[](int64_t i) const {
+    int64_t e = active_[size_t(i) / blocks_.size()];
+    size_t b = size_t(i) % blocks_.size();
+    return {e, routing_.expert_begin[e], routing_.expert_begin[e + 1], int64_t(b), &blocks_[b]};
+  }
+
+ private:
+  const Routing& routing_;
+  std::vector<ColumnBlock> blocks_;
+  std::vector<int64_t> active_;
+};
+
+// Every expert's rows cut into chunks of at most `chunk` rows (for row-local work such as rank-r products).
+inline std::vector<ExpertTask> row_chunks(const Routing& routing, int64_t chunk) {
+  std::vector<ExpertTask> out;
+  for (int64_t e = 0; e < routing.experts(); ++e)
+    for (int64_t r = routing.expert_begin[e]; r < routing.expert_begin[e + 1]; r += chunk)
+      out.push_back({e, r, std::min(r + chunk, routing.expert_begin[e + 1]), 0, nullptr});
+  return out;
+}
+
+}  // namespace moe_sft::layer
