@@ -56,7 +56,8 @@ def make_problem(E, H, I, k, T, rank, *, lora_dtype=np.float32, seed=0, alpha=No
                     up_b=m((E, I, rank), rank), down_a=m((E, rank, I), I), down_b=m((E, H, rank), rank))
     x = rng.standard_normal((T, H)).astype(bf16)
     if ids is None:
-        ids = np.stack([rng.permutation(E)[:k] if k <= E else rng.integers(0, E, k) for _ in range(T)]).astype(np.int64)
+        rows = [rng.permutation(E)[:k] if k <= E else rng.integers(0, E, k) for _ in range(T)]
+        ids = np.array(rows, dtype=np.int64).reshape(T, k)
     weights = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
     grad_out = rng.standard_normal((T, H)).astype(bf16)
     return Problem(gate, up, down, lora, alpha if alpha is not None else 2.0 * max(rank, 1), x, ids, weights, grad_out)
