@@ -1,53 +1,69 @@
 // Run-time choice of the kernel family: the best one the CPU and OS support, or the one MOE_SFT_ISA forces
-// (for tests and benchmarks), failing clearly when the machine or this build cannot run it.
+// (tests, benchmarks), failing clearly when this machine cannot run it.
 #include <cstdlib>
 #include <string>
 
+#include "kernels/amx/amx.h"
+#include "kernels/avx512_bf16/avx512_bf16.h"
 #include "kernels/gemm.h"
+#include "kernels/generic/generic.h"
+#include "runtime/cpu_features.h"
 #include "runtime/error.h"
 
 namespace moe_sft::kernels {
 
 namespace {
 
-struct Family {
-  const char* name;
-  const KernelSet* (*get)(std::string* why_not);  // nullptr + reason when unavailable here
-};
-
-const KernelSet* get_generic(std::string*) { return &generic_kernels(); }
-
-const KernelSet* not_built(std::string* why_not) {
-  *why_not = "this build has no kernels for it yet";
-  return nullptr;
+const KernelSet* amx_native(const char** why_not) {
+  return amx_native_usable(why_not) ? &amx_native_kernels() : nullptr;
 }
 
-// Best first. Families listed here but not yet built report so instead of silently falling back.
+const KernelSet* avx512_bf16(const char** why_not) {
+  const CpuFeatures& f = cpu_features();
+  if (!(f.avx512f && f.avx512bw && f.avx512vl && f.avx512_bf16)) {
+    *why_not = "this CPU has no AVX-512 BF16 (CPUID)";
+    return nullptr;
+  }
+  if (!f.os_avx512) {
+    *why_not = "the OS does not enable AVX-512 state (XCR0)";
+    return nullptr;
+  }
+  return &avx512_bf16_kernels();
+}
+
+const KernelSet* amx_emulated(const char**) { return &amx_emulated_kernels(); }
+const KernelSet* generic(const char**) { return &generic_kernels(); }
+
+struct Family {
+  const char* name;
+  const KernelSet* (*get)(const char** why_not);
+  bool automatic;  // considered without MOE_SFT_ISA (the emulation is a test vehicle, never chosen by itself)
+};
+
+// Best first.
 const Family kFamilies[] = {
-    {"amx", not_built},
-    {"avx512_bf16", not_built},
-    {"amx-emulated", not_built},
-    {"generic", get_generic},
+    {"amx", amx_native, true},
+    {"avx512_bf16", avx512_bf16, true},
+    {"amx-emulated", amx_emulated, false},
+    {"generic", generic, true},
 };
 
 }  // namespace
 
 const KernelSet& select_kernels() {
   const char* forced = std::getenv("MOE_SFT_ISA");
+  const char* why_not = "";
   if (forced == nullptr || forced[0] == '\0') {
-    std::string ignored;
-    for (const Family& f : kFamilies) {
-      if (std::string(f.name) == "amx-emulated") continue;  // a test vehicle, never picked by itself
-      if (const KernelSet* set = f.get(&ignored)) return *set;
-    }
+    for (const Family& f : kFamilies)
+      if (f.automatic)
+        if (const KernelSet* set = f.get(&why_not)) return *set;
     return generic_kernels();
   }
   std::string known;
   for (const Family& f : kFamilies) {
     if (std::string(f.name) == forced) {
-      std::string why_not;
       if (const KernelSet* set = f.get(&why_not)) return *set;
-      throw Error(MOE_SFT_ERR_UNSUPPORTED, std::string("MOE_SFT_ISA=") + forced + " cannot run: " + why_not);
+      throw Error(MOE_SFT_ERR_UNSUPPORTED, std::string("MOE_SFT_ISA=") + forced + " cannot run here: " + why_not);
     }
     known += known.empty() ? f.name : std::string(", ") + f.name;
   }

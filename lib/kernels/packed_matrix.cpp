@@ -10,7 +10,7 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 }  // namespace
 
 PackedMatrix::PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld)
-    : rows_(rows), cols_(cols), padded_rows_(round_up(rows, kPanelRows)), padded_cols_(round_up(cols, kColAlign)) {
+    : rows_(rows), cols_(cols), padded_rows_(round_up(rows, kColAlign)), padded_cols_(round_up(cols, kColAlign)) {
   size_t bytes = size_t(padded_rows_ * padded_cols_) * sizeof(bf16);
   void* p = std::aligned_alloc(64, round_up(int64_t(bytes), 64));
   if (p == nullptr) throw std::bad_alloc();

@@ -5,8 +5,8 @@
 //   two values side by side: element (r, c) lives at
 //     (r / kPanelRows) * kPanelRows * padded_cols + (c / 2) * 2 * kPanelRows + (r % kPanelRows) * 2 + c % 2
 //
-// rows are padded to kPanelRows and cols to kColAlign with zeros, so kernels never test for tails inside
-// a panel. This one copy serves both x·W^T (contract over cols) and d·W (contract over rows): there is no
+// rows and cols are padded to kColAlign with zeros, so kernels never test for tails inside a panel, and a
+// block re-paired along the rows (repack.h) is made of whole AMX B tiles. This one copy serves both x·W^T (contract over cols) and d·W (contract over rows): there is no
 // second, transposed copy of any weight.
 #pragma once
 #include <cstddef>

@@ -14,7 +14,6 @@
 #include <cstring>
 
 #include "kernels/low_rank.h"
-#include "layer/activation.h"
 #include "layer/moe_layer.h"
 #include "layer/task_grid.h"
 #include "runtime/runtime.h"
@@ -54,7 +53,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   const int64_t H = hidden_, I = intermediate_, r = rank_, k = routing.top_k, T_ = routing.qlen;
   const int64_t R = routing.rows();
   const float s = lora_scale_;
-  const int64_t cb = kernels_->col_block;
+  const int64_t cb = kernels::kColBlock;
   const int64_t tile = routing.max_expert_rows() * cb;
   const bool want_lora_grads = r > 0 && call.lora_grads != nullptr;
   const bool acc = call.accumulate;
@@ -81,6 +80,10 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   auto dub_slot = layout.add<float>(size_t(R * r));   // dU·Bu
   auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
   auto sums_slot = layout.add<float>(size_t(threads_ * H));
+  int64_t widest_part = 0;
+  for (const ExpertPart& part : parts_) widest_part = std::max(widest_part, part.width());
+  const int64_t repack = kernels::xw_scratch_elems(std::max(H, widest_part));  // gemm_xw's per-worker scratch
+  auto repack_slot = layout.add<bf16>(size_t(threads_ * repack));
 
   auto session = Runtime::instance().session(threads_);
   ThreadPool& pool = session.pool();
@@ -98,6 +101,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   float* dub = dub_slot.in(base);
   float* tiles = tiles_slot.in(base);
   float* sums = sums_slot.in(base);
+  bf16* repack_scratch = repack_slot.in(base);
   auto row_weight = [&](int64_t row) { return rec.weights[size_t(routing.row_pair[row])]; };
 
   if (want_lora_grads && !acc) clear_idle_expert_grads(G, routing);
@@ -135,24 +139,14 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     const int64_t m = t.rows(), w = b.width(), e = t.expert;
     float* dt = tiles + int64_t(worker) * 2 * tile;  // D block
     float* ht = dt + tile;                          // h block, as the forward rounded it
-    kernels_->gemm_xw(GemmArgs{dos + t.row_begin * H, H, m, &part.down[size_t(e)], b.local, b.local + w, dt, w, false});
+    kernels_->gemm_xw(GemmArgs{dos + t.row_begin * H, H, m, &part.down[size_t(e)], b.local, b.local + w, dt, w, false,
+                               repack_scratch + worker * repack});
     if (r > 0)
       small_gemm(m, w, r, dob + t.row_begin * r, Strided{r, 1}, lora.da(e) + b.begin, Strided{I, 1}, s, dt, w, true);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t row = t.row_begin + j, at = row * I + b.begin;
-      const float wt = row_weight(row);
-      float dot = 0.0f;
-      for (int64_t c = 0; c < w; ++c) {
-        const float g = to_float(rec.gate[size_t(at + c)]), u = to_float(rec.up[size_t(at + c)]);
-        const float hv = to_float(to_bf16(activation(g, u)));
-        const float d = dt[j * w + c];
-        dot += d * hv;
-        ht[j * w + c] = hv;
-        const ActivationGrad ag = activation_grad(g, u, wt * d);
-        dg[at + c] = to_bf16(ag.gate);
-        du[at + c] = to_bf16(ag.up);
-      }
-      gw[row * nbi + t.block_index] = dot;
+      gw[row * nbi + t.block_index] = kernels_->silu_mul_backward_row(
+          rec.gate.data() + at, rec.up.data() + at, dt + j * w, row_weight(row), w, ht + j * w, dg + at, du + at);
     }
     if (want_lora_grads) {
       small_gemm(r, w, m, wdob + t.row_begin * r, Strided{1, r}, ht, Strided{w, 1}, s, G.da(e) + b.begin, I, acc);
@@ -174,15 +168,16 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     });
 
   // 5. grad of the expert input rows; dAg, dAu, dBd — per (expert, block of H)
-  pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int) {
+  pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int worker) {
     const ExpertTask t = grid_h[i];
     const ColumnBlock& b = *t.block;
     const int64_t m = t.rows(), w = b.width(), e = t.expert;
     float* dxt = dx + t.row_begin * H + b.begin;
+    bf16* scratch = repack_scratch + worker * repack;
     for (size_t p = 0; p < parts_.size(); ++p) {
       const int64_t off = t.row_begin * I + parts_[p].i_begin;
-      kernels_->gemm_xw(GemmArgs{dg + off, I, m, &parts_[p].gate[size_t(e)], b.begin, b.end, dxt, H, p > 0});
-      kernels_->gemm_xw(GemmArgs{du + off, I, m, &parts_[p].up[size_t(e)], b.begin, b.end, dxt, H, true});
+      kernels_->gemm_xw(GemmArgs{dg + off, I, m, &parts_[p].gate[size_t(e)], b.begin, b.end, dxt, H, p > 0, scratch});
+      kernels_->gemm_xw(GemmArgs{du + off, I, m, &parts_[p].up[size_t(e)], b.begin, b.end, dxt, H, true, scratch});
     }
     if (r > 0) {
       small_gemm(m, w, r, dgb + t.row_begin * r, Strided{r, 1}, lora.ga(e) + b.begin, Strided{H, 1}, s, dxt, H, true);

@@ -11,7 +11,6 @@
 #include <cstring>
 
 #include "kernels/low_rank.h"
-#include "layer/activation.h"
 #include "layer/moe_layer.h"
 #include "layer/task_grid.h"
 #include "runtime/runtime.h"
@@ -35,7 +34,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   const float s = lora_scale_;
   Routing routing = Routing::build(call.qlen, k, experts_, call.expert_ids);
   const int64_t R = routing.rows();
-  const int64_t cb = kernels_->col_block;
+  const int64_t cb = kernels::kColBlock;
   const int64_t tile = routing.max_expert_rows() * cb;
 
   // Saved tensors live in the cache record when saving, in scratch otherwise.
@@ -103,20 +102,15 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     float* gt = tiles + int64_t(worker) * 2 * tile;
     float* ut = gt + tile;
     const bf16* x = xs + t.row_begin * H;
-    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gt, w, false});
-    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, ut, w, false});
+    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gt, w, false, nullptr});
+    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, ut, w, false, nullptr});
     if (r > 0) {
       small_gemm(m, w, r, x_gate_a + t.row_begin * r, Strided{r, 1}, lora.gb(e) + b.begin * r, Strided{1, r}, s, gt, w, true);
       small_gemm(m, w, r, x_up_a + t.row_begin * r, Strided{r, 1}, lora.ub(e) + b.begin * r, Strided{1, r}, s, ut, w, true);
     }
     for (int64_t j = 0; j < m; ++j) {
       const int64_t at = (t.row_begin + j) * I + b.begin;
-      for (int64_t c = 0; c < w; ++c) {
-        const bf16 g = to_bf16(gt[j * w + c]), u = to_bf16(ut[j * w + c]);
-        gate[at + c] = g;
-        up[at + c] = u;
-        h[at + c] = to_bf16(activation(to_float(g), to_float(u)));
-      }
+      kernels_->silu_mul_row(gt + j * w, ut + j * w, w, gate + at, up + at, h + at);
     }
   });
 
@@ -137,7 +131,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     float* yt = y + t.row_begin * H + b.begin;
     for (size_t p = 0; p < parts_.size(); ++p)
       kernels_->gemm_xwt(GemmArgs{h + t.row_begin * I + parts_[p].i_begin, I, m, &parts_[p].down[size_t(e)], b.begin,
-                                  b.end, yt, H, p > 0});
+                                  b.end, yt, H, p > 0, nullptr});
     if (r > 0)
       small_gemm(m, b.width(), r, h_down_a + t.row_begin * r, Strided{r, 1}, lora.db(e) + b.begin * r, Strided{1, r}, s,
                  yt, H, true);

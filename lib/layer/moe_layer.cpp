@@ -33,7 +33,7 @@ MoELayer::MoELayer(const moe_sft_config& cfg)
       threads_(Runtime::resolve_threads(cfg.num_threads)),
       kernels_(&kernels::select_kernels()) {
   const int64_t E = experts_, H = hidden_, I = intermediate_;
-  const std::vector<int64_t> bounds = part_bounds(I, cfg.tp_count, kernels_->col_block);
+  const std::vector<int64_t> bounds = part_bounds(I, cfg.tp_count, kernels::kColBlock);
   parts_.resize(size_t(cfg.tp_count));
   for (size_t p = 0; p < parts_.size(); ++p) {
     parts_[p].i_begin = bounds[p];

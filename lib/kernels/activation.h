@@ -1,9 +1,9 @@
-// SiLU-gated activation h = silu(g) * u and its derivative, the one definition forward and backward share
-// (backward recomputes h from the saved g and u, so both must round exactly alike).
+// SiLU-gated activation h = silu(g) * u and its derivative: the scalar definition every kernel family's
+// activation rows follow (backward recomputes h from the saved g and u, so both must round alike).
 #pragma once
 #include <cmath>
 
-namespace moe_sft::layer {
+namespace moe_sft::kernels {
 
 inline float sigmoid(float g) { return 1.0f / (1.0f + std::exp(-g)); }
 
@@ -20,4 +20,4 @@ inline ActivationGrad activation_grad(float g, float u, float dh) {
   return {dh * u * s * (1.0f + g * (1.0f - s)), dh * g * s};
 }
 
-}  // namespace moe_sft::layer
+}  // namespace moe_sft::kernels

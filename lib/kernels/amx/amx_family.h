@@ -1,0 +1,37 @@
+// Builds the AMX kernel family around a tile implementation: the panel GEMM for x·W^T straight from the
+// packed panels, re-pairing + the same panel GEMM for d·W, and the activation rows of the best vector
+// family the CPU has (every AMX CPU has AVX-512 BF16; the emulated family may run anywhere).
+#pragma once
+#include "kernels/amx/gemm_amx.h"
+#include "kernels/gemm.h"
+#include "kernels/repack.h"
+
+namespace moe_sft::kernels::amx {
+
+// Vector helpers the AMX families borrow, picked once from the CPU.
+struct VectorHelpers {
+  void (*repack)(const PackedMatrix&, int64_t, int64_t, bf16*);
+  decltype(KernelSet::silu_mul_row) silu_mul_row;
+  decltype(KernelSet::silu_mul_backward_row) silu_mul_backward_row;
+};
+const VectorHelpers& vector_helpers();
+
+template <class Tiles>
+struct Family {
+  static void gemm_xwt(const GemmArgs& g) {
+    const PackedMatrix& w = *g.w;
+    PanelGemm<Tiles>::run(g.a, g.lda, g.m, w.cols(), w.panel(g.c0 / PackedMatrix::kPanelRows),
+                          PackedMatrix::kPanelRows * w.padded_cols(), g.c1 - g.c0, g.c, g.ldc, g.accumulate);
+  }
+  static void gemm_xw(const GemmArgs& g) {
+    const PackedMatrix& w = *g.w;
+    vector_helpers().repack(w, g.c0, g.c1 - g.c0, g.scratch);
+    PanelGemm<Tiles>::run(g.a, g.lda, g.m, w.rows(), g.scratch, repacked_panel_stride(w), g.c1 - g.c0, g.c, g.ldc,
+                          g.accumulate);
+  }
+  static KernelSet make(const char* name) {
+    return KernelSet{name, gemm_xwt, gemm_xw, vector_helpers().silu_mul_row, vector_helpers().silu_mul_backward_row};
+  }
+};
+
+}  // namespace moe_sft::kernels::amx
