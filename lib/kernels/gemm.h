@@ -9,6 +9,8 @@
 // col_block. gemm_xw may use `scratch` (xw_scratch_elems(W.rows()) bf16, 64-byte aligned) to re-pair W's
 // block along its rows; it never allocates, so a call cannot fail half-way through its writes.
 //
+// low_rank holds the rank-r products of the LoRA terms (low_rank.h).
+//
 // The activation rows are the elementwise epilogues of the SiLU-gated MLP (see activation.h for the math):
 //   silu_mul_row:           g, u (f32) -> g, u rounded to bf16 as saved, h = silu(g)·u in bf16
 //   silu_mul_backward_row:  saved g, u, dh_raw (f32) and weight w -> h (f32, as forward rounded it),
@@ -17,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/low_rank.h"
 #include "kernels/packed_matrix.h"
 #include "runtime/bf16.h"
 
@@ -48,6 +51,7 @@ struct KernelSet {
   void (*silu_mul_row)(const float* g, const float* u, int64_t n, bf16* g_out, bf16* u_out, bf16* h_out);
   float (*silu_mul_backward_row)(const bf16* g, const bf16* u, const float* dh_raw, float w, int64_t n, float* h,
                                  bf16* dg, bf16* du);
+  LowRankKernels low_rank;
 };
 
 // The kernel set for this machine, or the one MOE_SFT_ISA names. Throws moe_sft::Error when the variable

@@ -1,7 +1,12 @@
-// Small dense products for the rank-r LoRA terms: C (=|+=) alpha · A · B with arbitrary element strides,
-// A and B of any element type with a to_float (bf16 or f32). All six LoRA shapes of forward and backward
-// (x·A^T, p·B^T, d·B, q·A, d^T·p, q^T·x) are this one template with different strides. The products are
-// memory-bound (r is small), so the loop order is chosen to stream the larger operand contiguously.
+// Small dense products for the rank-r LoRA terms. Two shapes cover every term of forward and backward:
+//
+//   axpy:  C[M, N] (=|+=) alpha · A · B     A(m, k) = a[m * as.row_stride + k * as.col_stride] (any strides),
+//                                          B's rows contiguous: B(k, n) = b[k * ldb + n]
+//   dot:   C[M, J] (=|+=) alpha · X · Y^T   X (bf16) and Y rows contiguous: C[m, j] = sum_k X[m, k] Y[j, k]
+//
+// Operands are bf16 or f32 (LoRA arrays come in either); accumulation is f32. They are memory-bound (r is
+// small), so each family vectorizes along the contiguous operand. The portable versions here are the
+// reference; KernelSet carries each family's instances.
 #pragma once
 #include <cstdint>
 
@@ -13,34 +18,72 @@ struct Strided {
   int64_t row_stride, col_stride;
 };
 
-// C[m, n] = alpha * sum_k A(m, k) B(k, n) (+ C[m, n] if accumulate), m < M, n < N, k < K;
-// A(m, k) = a[m * as.row_stride + k * as.col_stride], likewise B; C row-major with ldc.
 template <class TA, class TB>
-void small_gemm(int64_t M, int64_t N, int64_t K, const TA* a, Strided as, const TB* b, Strided bs, float alpha,
-                float* c, int64_t ldc, bool accumulate) {
-  if (!accumulate)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) c[m * ldc + n] = 0.0f;
-  if (bs.col_stride == 1) {
-    // axpy order: each A element scales one contiguous row of B into one contiguous row of C.
-    for (int64_t m = 0; m < M; ++m) {
-      float* crow = c + m * ldc;
-      for (int64_t k = 0; k < K; ++k) {
-        float s = alpha * to_float(a[m * as.row_stride + k * as.col_stride]);
-        const TB* brow = b + k * bs.row_stride;
-        for (int64_t n = 0; n < N; ++n) crow[n] += s * to_float(brow[n]);
-      }
+using LowRankAxpy = void (*)(int64_t M, int64_t N, int64_t K, const TA* a, Strided as, const TB* b, int64_t ldb,
+                             float alpha, float* c, int64_t ldc, bool accumulate);
+template <class TY>
+using LowRankDot = void (*)(int64_t M, int64_t J, int64_t K, const bf16* x, int64_t ldx, const TY* y, int64_t ldy,
+                            float alpha, float* c, int64_t ldc, bool accumulate);
+
+struct LowRankKernels {
+  LowRankAxpy<float, float> axpy_ff;
+  LowRankAxpy<float, bf16> axpy_fb;
+  LowRankAxpy<bf16, float> axpy_bf;
+  LowRankAxpy<bf16, bf16> axpy_bb;
+  LowRankDot<float> dot_f;
+  LowRankDot<bf16> dot_b;
+
+  template <class TA, class TB>
+  LowRankAxpy<TA, TB> axpy() const;
+  template <class TY>
+  LowRankDot<TY> dot() const;
+};
+
+template <> inline LowRankAxpy<float, float> LowRankKernels::axpy<float, float>() const { return axpy_ff; }
+template <> inline LowRankAxpy<float, bf16> LowRankKernels::axpy<float, bf16>() const { return axpy_fb; }
+template <> inline LowRankAxpy<bf16, float> LowRankKernels::axpy<bf16, float>() const { return axpy_bf; }
+template <> inline LowRankAxpy<bf16, bf16> LowRankKernels::axpy<bf16, bf16>() const { return axpy_bb; }
+template <> inline LowRankDot<float> LowRankKernels::dot<float>() const { return dot_f; }
+template <> inline LowRankDot<bf16> LowRankKernels::dot<bf16>() const { return dot_b; }
+
+// ---- portable reference implementations ----
+
+template <class TA, class TB>
+void axpy_portable(int64_t M, int64_t N, int64_t K, const TA* a, Strided as, const TB* b, int64_t ldb, float alpha,
+                   float* c, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* crow = c + m * ldc;
+    if (!accumulate)
+      for (int64_t n = 0; n < N; ++n) crow[n] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float s = alpha * to_float(a[m * as.row_stride + k * as.col_stride]);
+      const TB* brow = b + k * ldb;
+      for (int64_t n = 0; n < N; ++n) crow[n] += s * to_float(brow[n]);
     }
-  } else {
-    // dot order: both operands walk k (contiguously in the x·A^T and p·B^T cases).
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k)
-          acc += to_float(a[m * as.row_stride + k * as.col_stride]) * to_float(b[k * bs.row_stride + n * bs.col_stride]);
-        c[m * ldc + n] += alpha * acc;
-      }
   }
+}
+
+template <class TY>
+void dot_portable(int64_t M, int64_t J, int64_t K, const bf16* x, int64_t ldx, const TY* y, int64_t ldy, float alpha,
+                  float* c, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < J; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += to_float(x[m * ldx + k]) * to_float(y[j * ldy + k]);
+      c[m * ldc + j] = (accumulate ? c[m * ldc + j] : 0.0f) + alpha * acc;
+    }
+}
+
+inline LowRankKernels portable_low_rank() {
+  return LowRankKernels{axpy_portable<float, float>, axpy_portable<float, bf16>, axpy_portable<bf16, float>,
+                        axpy_portable<bf16, bf16>,  dot_portable<float>,         dot_portable<bf16>};
+}
+
+// dst[c * rows + r] = src[r * ld + c] in f32: makes a block of B^T row-contiguous for axpy.
+template <class T>
+void transpose_to_f32(const T* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = to_float(src[r * ld + c]);
 }
 
 }  // namespace moe_sft::kernels

@@ -21,7 +21,6 @@
 namespace moe_sft::layer {
 
 using kernels::GemmArgs;
-using kernels::small_gemm;
 using kernels::Strided;
 
 namespace {
@@ -102,6 +101,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   float* tiles = tiles_slot.in(base);
   float* sums = sums_slot.in(base);
   bf16* repack_scratch = repack_slot.in(base);
+  const kernels::LowRankKernels& lr = kernels_->low_rank;
   auto row_weight = [&](int64_t row) { return rec.weights[size_t(routing.row_pair[row])]; };
 
   if (want_lora_grads && !acc) clear_idle_expert_grads(G, routing);
@@ -120,8 +120,8 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   if (r > 0)
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
       const ExpertTask& t = row_tasks[size_t(i)];
-      small_gemm(t.rows(), r, H, dos + t.row_begin * H, Strided{H, 1}, lora.db(t.expert), Strided{r, 1}, 1.0f,
-                 dob + t.row_begin * r, r, false);
+      lr.axpy<bf16, T>()(t.rows(), r, H, dos + t.row_begin * H, Strided{H, 1}, lora.db(t.expert), r, 1.0f,
+                         dob + t.row_begin * r, r, false);
       for (int64_t row = t.row_begin; row < t.row_end; ++row) {
         const float wt = row_weight(row);
         for (int64_t j = 0; j < r; ++j) {
@@ -142,18 +142,18 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     kernels_->gemm_xw(GemmArgs{dos + t.row_begin * H, H, m, &part.down[size_t(e)], b.local, b.local + w, dt, w, false,
                                repack_scratch + worker * repack});
     if (r > 0)
-      small_gemm(m, w, r, dob + t.row_begin * r, Strided{r, 1}, lora.da(e) + b.begin, Strided{I, 1}, s, dt, w, true);
+      lr.axpy<float, T>()(m, w, r, dob + t.row_begin * r, Strided{r, 1}, lora.da(e) + b.begin, I, s, dt, w, true);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t row = t.row_begin + j, at = row * I + b.begin;
       gw[row * nbi + t.block_index] = kernels_->silu_mul_backward_row(
           rec.gate.data() + at, rec.up.data() + at, dt + j * w, row_weight(row), w, ht + j * w, dg + at, du + at);
     }
     if (want_lora_grads) {
-      small_gemm(r, w, m, wdob + t.row_begin * r, Strided{1, r}, ht, Strided{w, 1}, s, G.da(e) + b.begin, I, acc);
-      small_gemm(w, r, m, dg + t.row_begin * I + b.begin, Strided{1, I}, rec.x_gate_a.data() + t.row_begin * r,
-                 Strided{r, 1}, s, G.gb(e) + b.begin * r, r, acc);
-      small_gemm(w, r, m, du + t.row_begin * I + b.begin, Strided{1, I}, rec.x_up_a.data() + t.row_begin * r,
-                 Strided{r, 1}, s, G.ub(e) + b.begin * r, r, acc);
+      lr.axpy<float, float>()(r, w, m, wdob + t.row_begin * r, Strided{1, r}, ht, w, s, G.da(e) + b.begin, I, acc);
+      lr.axpy<bf16, float>()(w, r, m, dg + t.row_begin * I + b.begin, Strided{1, I},
+                             rec.x_gate_a.data() + t.row_begin * r, r, s, G.gb(e) + b.begin * r, r, acc);
+      lr.axpy<bf16, float>()(w, r, m, du + t.row_begin * I + b.begin, Strided{1, I}, rec.x_up_a.data() + t.row_begin * r,
+                             r, s, G.ub(e) + b.begin * r, r, acc);
     }
   });
 
@@ -161,10 +161,10 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   if (r > 0)
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
       const ExpertTask& t = row_tasks[size_t(i)];
-      small_gemm(t.rows(), r, I, dg + t.row_begin * I, Strided{I, 1}, lora.gb(t.expert), Strided{r, 1}, 1.0f,
-                 dgb + t.row_begin * r, r, false);
-      small_gemm(t.rows(), r, I, du + t.row_begin * I, Strided{I, 1}, lora.ub(t.expert), Strided{r, 1}, 1.0f,
-                 dub + t.row_begin * r, r, false);
+      lr.axpy<bf16, T>()(t.rows(), r, I, dg + t.row_begin * I, Strided{I, 1}, lora.gb(t.expert), r, 1.0f,
+                         dgb + t.row_begin * r, r, false);
+      lr.axpy<bf16, T>()(t.rows(), r, I, du + t.row_begin * I, Strided{I, 1}, lora.ub(t.expert), r, 1.0f,
+                         dub + t.row_begin * r, r, false);
     });
 
   // 5. grad of the expert input rows; dAg, dAu, dBd — per (expert, block of H)
@@ -180,15 +180,15 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
       kernels_->gemm_xw(GemmArgs{du + off, I, m, &parts_[p].up[size_t(e)], b.begin, b.end, dxt, H, true, scratch});
     }
     if (r > 0) {
-      small_gemm(m, w, r, dgb + t.row_begin * r, Strided{r, 1}, lora.ga(e) + b.begin, Strided{H, 1}, s, dxt, H, true);
-      small_gemm(m, w, r, dub + t.row_begin * r, Strided{r, 1}, lora.ua(e) + b.begin, Strided{H, 1}, s, dxt, H, true);
+      lr.axpy<float, T>()(m, w, r, dgb + t.row_begin * r, Strided{r, 1}, lora.ga(e) + b.begin, H, s, dxt, H, true);
+      lr.axpy<float, T>()(m, w, r, dub + t.row_begin * r, Strided{r, 1}, lora.ua(e) + b.begin, H, s, dxt, H, true);
     }
     if (want_lora_grads) {
       const bf16* x = xs + t.row_begin * H + b.begin;
-      small_gemm(r, w, m, dgb + t.row_begin * r, Strided{1, r}, x, Strided{H, 1}, s, G.ga(e) + b.begin, H, acc);
-      small_gemm(r, w, m, dub + t.row_begin * r, Strided{1, r}, x, Strided{H, 1}, s, G.ua(e) + b.begin, H, acc);
-      small_gemm(w, r, m, dos + t.row_begin * H + b.begin, Strided{1, H}, wha + t.row_begin * r, Strided{r, 1}, s,
-                 G.db(e) + b.begin * r, r, acc);
+      lr.axpy<float, bf16>()(r, w, m, dgb + t.row_begin * r, Strided{1, r}, x, H, s, G.ga(e) + b.begin, H, acc);
+      lr.axpy<float, bf16>()(r, w, m, dub + t.row_begin * r, Strided{1, r}, x, H, s, G.ua(e) + b.begin, H, acc);
+      lr.axpy<bf16, float>()(w, r, m, dos + t.row_begin * H + b.begin, Strided{1, H}, wha + t.row_begin * r, r, s,
+                             G.db(e) + b.begin * r, r, acc);
     }
   });
 

@@ -18,8 +18,8 @@
 namespace moe_sft::layer {
 
 using kernels::GemmArgs;
-using kernels::small_gemm;
 using kernels::Strided;
+using kernels::transpose_to_f32;
 
 namespace {
 constexpr int64_t kRowChunk = 32;    // rows per task in row-local phases
@@ -45,6 +45,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   auto y_slot = layout.add<float>(size_t(R * H));
   auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
   auto sums_slot = layout.add<float>(size_t(threads_ * H));
+  auto lora_t_slot = layout.add<float>(size_t(threads_ * r * cb));  // a LoRA B block transposed, per worker
   const bool save = call.save_for_backward;
   auto g_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
   auto u_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
@@ -70,6 +71,8 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   float* y = y_slot.in(base);
   float* tiles = tiles_slot.in(base);
   float* sums = sums_slot.in(base);
+  float* lora_t = lora_t_slot.in(base);
+  const kernels::LowRankKernels& lr = kernels_->low_rank;
   bf16* gate = save ? rec.gate.data() : g_slot.in(base);
   bf16* up = save ? rec.up.data() : u_slot.in(base);
   float* x_gate_a = save ? rec.x_gate_a.data() : xga_slot.in(base);
@@ -88,8 +91,8 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
       const ExpertTask& t = row_tasks[size_t(i)];
       const bf16* x = xs + t.row_begin * H;
-      small_gemm(t.rows(), r, H, x, Strided{H, 1}, lora.ga(t.expert), Strided{1, H}, 1.0f, x_gate_a + t.row_begin * r, r, false);
-      small_gemm(t.rows(), r, H, x, Strided{H, 1}, lora.ua(t.expert), Strided{1, H}, 1.0f, x_up_a + t.row_begin * r, r, false);
+      lr.dot<T>()(t.rows(), r, H, x, H, lora.ga(t.expert), H, 1.0f, x_gate_a + t.row_begin * r, r, false);
+      lr.dot<T>()(t.rows(), r, H, x, H, lora.ua(t.expert), H, 1.0f, x_up_a + t.row_begin * r, r, false);
     });
 
   // 3. gate/up projections and activation, per (expert, block of I)
@@ -104,9 +107,12 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     const bf16* x = xs + t.row_begin * H;
     kernels_->gemm_xwt(GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gt, w, false, nullptr});
     kernels_->gemm_xwt(GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, ut, w, false, nullptr});
-    if (r > 0) {
-      small_gemm(m, w, r, x_gate_a + t.row_begin * r, Strided{r, 1}, lora.gb(e) + b.begin * r, Strided{1, r}, s, gt, w, true);
-      small_gemm(m, w, r, x_up_a + t.row_begin * r, Strided{r, 1}, lora.ub(e) + b.begin * r, Strided{1, r}, s, ut, w, true);
+    if (r > 0) {  // + s (x·A^T)·B^T for this block of B's rows, made row-contiguous first
+      float* bt = lora_t + int64_t(worker) * r * cb;
+      transpose_to_f32(lora.gb(e) + b.begin * r, w, r, r, bt);
+      lr.axpy<float, float>()(m, w, r, x_gate_a + t.row_begin * r, Strided{r, 1}, bt, w, s, gt, w, true);
+      transpose_to_f32(lora.ub(e) + b.begin * r, w, r, r, bt);
+      lr.axpy<float, float>()(m, w, r, x_up_a + t.row_begin * r, Strided{r, 1}, bt, w, s, ut, w, true);
     }
     for (int64_t j = 0; j < m; ++j) {
       const int64_t at = (t.row_begin + j) * I + b.begin;
@@ -118,13 +124,13 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   if (r > 0)
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
       const ExpertTask& t = row_tasks[size_t(i)];
-      small_gemm(t.rows(), r, I, h + t.row_begin * I, Strided{I, 1}, lora.da(t.expert), Strided{1, I}, 1.0f,
-                 h_down_a + t.row_begin * r, r, false);
+      lr.dot<T>()(t.rows(), r, I, h + t.row_begin * I, I, lora.da(t.expert), I, 1.0f, h_down_a + t.row_begin * r, r,
+                  false);
     });
 
   // 5. down projection, per (expert, block of H), summing the parts' slices of I
   const ExpertGrid grid_h(routing, column_blocks(H, cb));
-  pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int) {
+  pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int worker) {
     const ExpertTask t = grid_h[i];
     const ColumnBlock& b = *t.block;
     const int64_t m = t.rows(), e = t.expert;
@@ -132,9 +138,11 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     for (size_t p = 0; p < parts_.size(); ++p)
       kernels_->gemm_xwt(GemmArgs{h + t.row_begin * I + parts_[p].i_begin, I, m, &parts_[p].down[size_t(e)], b.begin,
                                   b.end, yt, H, p > 0, nullptr});
-    if (r > 0)
-      small_gemm(m, b.width(), r, h_down_a + t.row_begin * r, Strided{r, 1}, lora.db(e) + b.begin * r, Strided{1, r}, s,
-                 yt, H, true);
+    if (r > 0) {
+      float* bt = lora_t + int64_t(worker) * r * cb;
+      transpose_to_f32(lora.db(e) + b.begin * r, b.width(), r, r, bt);
+      lr.axpy<float, float>()(m, b.width(), r, h_down_a + t.row_begin * r, Strided{r, 1}, bt, b.width(), s, yt, H, true);
+    }
   });
 
   // 6. weighted sum of each token's expert outputs

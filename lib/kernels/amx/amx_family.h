@@ -13,6 +13,7 @@ struct VectorHelpers {
   void (*repack)(const PackedMatrix&, int64_t, int64_t, bf16*);
   decltype(KernelSet::silu_mul_row) silu_mul_row;
   decltype(KernelSet::silu_mul_backward_row) silu_mul_backward_row;
+  LowRankKernels low_rank;
 };
 const VectorHelpers& vector_helpers();
 
@@ -30,7 +31,8 @@ struct Family {
                           g.accumulate);
   }
   static KernelSet make(const char* name) {
-    return KernelSet{name, gemm_xwt, gemm_xw, vector_helpers().silu_mul_row, vector_helpers().silu_mul_backward_row};
+    const VectorHelpers& v = vector_helpers();
+    return KernelSet{name, gemm_xwt, gemm_xw, v.silu_mul_row, v.silu_mul_backward_row, v.low_rank};
   }
 };
 
