@@ -5,6 +5,7 @@ import pytest
 
 import moe_sft
 import reference as R
+from moe_sft import _backend
 
 KNOWN_ISAS = ("generic", "avx512_bf16", "amx-emulated", "amx")
 
@@ -56,3 +57,59 @@ def assert_matches_reference(p, out, grads, tol=1e-2):
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"relative error above {tol}: {bad} (all: {errors})"
     return errors
+
+
+# ---- every test runs once per backend (nanobind, cffi), unless marked backend_independent ----
+
+def _backend_params():
+    """The backends to run: the one MOE_SFT_BACKEND forces, else all; one that cannot load is skipped with
+    its reason (the test extra installs cffi, so CI runs both)."""
+    forced = os.environ.get("MOE_SFT_BACKEND")
+    params = []
+    for name in [forced] if forced else _backend.NAMES:
+        try:
+            _backend.load(name)
+            params.append(name)
+        except ImportError as err:
+            params.append(pytest.param(name, marks=pytest.mark.skip(reason=str(err))))
+    return params
+
+
+BACKENDS = _backend_params()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backend_independent: the test does not go through a Python backend, "
+                                       "so it runs once instead of once per backend")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("backend_independent") is None:
+        # session scope: pytest groups the tests by backend, switching backends once
+        metafunc.parametrize("backend", BACKENDS, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def backend(request):
+    """The backend moe_sft calls through for this test, also exported to the subprocesses tests start."""
+    name = getattr(request, "param", None)
+    if name is None:  # a backend_independent test
+        yield _backend.NAME
+        return
+    saved = (_backend.NAME, os.environ.get("MOE_SFT_BACKEND"))
+    _backend.use(name)
+    os.environ["MOE_SFT_BACKEND"] = name
+    yield name
+    _backend.use(saved[0])
+    if saved[1] is None:
+        del os.environ["MOE_SFT_BACKEND"]
+    else:
+        os.environ["MOE_SFT_BACKEND"] = saved[1]
+
+
+class CurrentBackend:
+    """The pointer-level backend selected for the running test, looked up at each use (a module-level
+    ``from moe_sft._backend import backend`` would keep the one active at import)."""
+
+    def __getattr__(self, name):
+        return getattr(_backend.backend, name)

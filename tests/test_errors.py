@@ -6,7 +6,9 @@ import pytest
 
 import moe_sft
 import reference as R
-from moe_sft._backend import backend as B
+from conftest import CurrentBackend
+
+B = CurrentBackend()
 
 E, H, I, K, T, RANK = 4, 32, 24, 2, 6, 4
 OK, INVALID, CACHE_FULL, CACHE_EMPTY, UNSUPPORTED = 0, 1, 3, 4, 6
@@ -88,8 +90,8 @@ def test_create_rejects(prob, case):
     kw, needles = CREATE_CASES[case]
     args = dict(E=E, H=H, I=I, r=RANK, alpha=prob.alpha, depth=1, threads=0, tp=1, gate=addr(prob.gate),
                 up=addr(prob.up), down=addr(prob.down))
-    down_offset = kw.pop("down_offset", 0)
     args.update(kw)
+    down_offset = args.pop("down_offset", 0)  # not kw.pop: CREATE_CASES is shared by every run of the case
     status, handle = B.create(args["E"], args["H"], args["I"], args["r"], args["alpha"], args["depth"],
                               args["threads"], args["tp"], args["gate"], args["up"], args["down"] + down_offset)
     expect(INVALID, status, "moe_sft_create", *needles)

@@ -5,31 +5,15 @@
     out = layer.forward(x, expert_ids, routing_weights, save_for_backward=True)
     grads = layer.backward(grad_out)
 """
-import os as _os
-
 from . import _backend
 from ._errors import InvalidArgumentError, MoESFTError
 from ._layer import Grads, MoESFT, bfloat16
+from ._paths import get_include, get_library
 
 __version__ = "0.1.0"
 
 __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "get_include", "get_library",
            "library_version", "backend", "__version__"]
-
-_HERE = _os.path.dirname(_os.path.abspath(__file__))
-
-
-def get_include():
-    """Folder holding moe_sft.h (for compiling C programs against the installed library)."""
-    return _os.path.join(_HERE, "include")
-
-
-def get_library():
-    """Path of the installed libmoe_sft shared library."""
-    for name in sorted(_os.listdir(_HERE)):
-        if name.startswith("libmoe_sft.so"):
-            return _os.path.join(_HERE, name)
-    raise FileNotFoundError(f"libmoe_sft.so not found in {_HERE}")
 
 
 def library_version():
@@ -39,5 +23,5 @@ def library_version():
 
 
 def backend():
-    """Name of the backend in use ('nanobind')."""
+    """Name of the backend in use: 'nanobind' or 'cffi' (chosen at import, see MOE_SFT_BACKEND)."""
     return _backend.NAME

@@ -1,0 +1,112 @@
+"""cffi backend: the C ABI of moe_sft.h reached through cffi in ABI mode, with no compiler at import time.
+
+The declarations are the installed header's own CDEF block, given to ffi.cdef() unchanged, so this module
+cannot drift from the ABI; the library is the one installed next to the nanobind module. The functions
+mirror ``_ext.cpp`` exactly (same names, arguments and return values; arrays as integer addresses). cffi
+releases the GIL for the duration of every ABI-mode call, as the nanobind module does for compute calls.
+"""
+import os as _os
+
+import cffi as _cffi
+
+from . import _paths
+
+__all__ = ["create", "destroy", "update_lora", "forward", "backward", "cache_depth", "layer_isa", "status_string",
+           "last_error", "version"]
+
+CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
+CDEF_END = "/* MOE_SFT_CDEF_END */"
+
+
+def declarations(header_path):
+    """The text between the CDEF markers of the header at ``header_path``."""
+    with open(header_path, encoding="utf-8") as f:
+        text = f.read()
+    begin, end = text.find(CDEF_BEGIN), text.find(CDEF_END)
+    if begin < 0 or end < begin:
+        raise ImportError(f"{header_path} has no {CDEF_BEGIN} ... {CDEF_END} block")
+    return text[begin + len(CDEF_BEGIN):end]
+
+
+_ffi = _cffi.FFI()
+_ffi.cdef(declarations(_os.path.join(_paths.get_include(), "moe_sft.h")))
+_lib = _ffi.dlopen(_paths.get_library())
+
+
+def _layer(address):
+    return _ffi.cast("moe_sft_layer *", address)
+
+
+def _text(char_pointer):
+    return _ffi.string(char_pointer).decode("utf-8", "replace") if char_pointer != _ffi.NULL else ""
+
+
+def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_threads, tp_count, gate, up, down):
+    cfg = _ffi.new("moe_sft_config *")
+    _lib.moe_sft_config_init(cfg)
+    cfg.expert_num = experts
+    cfg.hidden_size = hidden
+    cfg.intermediate_size = intermediate
+    cfg.lora_rank = rank
+    cfg.lora_alpha = alpha
+    cfg.max_cache_depth = max_cache_depth
+    cfg.num_threads = num_threads
+    cfg.tp_count = tp_count
+    cfg.gate_proj = _ffi.cast("const uint16_t *", gate)
+    cfg.up_proj = _ffi.cast("const uint16_t *", up)
+    cfg.down_proj = _ffi.cast("const uint16_t *", down)
+    out = _ffi.new("moe_sft_layer **")
+    status = _lib.moe_sft_create(cfg, out)
+    return status, int(_ffi.cast("uintptr_t", out[0]))
+
+
+def destroy(layer):
+    _lib.moe_sft_destroy(_layer(layer))
+
+
+def update_lora(layer, dtype, gate_a, gate_b, up_a, up_b, down_a, down_b):
+    lora = _ffi.new("moe_sft_lora *", {"dtype": dtype})
+    lora.gate_a, lora.gate_b, lora.up_a, lora.up_b, lora.down_a, lora.down_b = (
+        _ffi.cast("const void *", a) for a in (gate_a, gate_b, up_a, up_b, down_a, down_b))
+    return _lib.moe_sft_update_lora(_layer(layer), lora)
+
+
+def forward(layer, qlen, top_k, ids, weights, input_, output, save):
+    return _lib.moe_sft_forward(_layer(layer), qlen, top_k, _ffi.cast("const int64_t *", ids),
+                                _ffi.cast("const float *", weights), _ffi.cast("const uint16_t *", input_),
+                                _ffi.cast("uint16_t *", output), save)
+
+
+def backward(layer, grad_output, grad_input, grad_weights, gate_a, gate_b, up_a, up_b, down_a, down_b, accumulate):
+    """grads: six addresses, or all zero for "no LoRA grads" (NULL)."""
+    addresses = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+    grads = _ffi.NULL
+    if any(addresses):
+        grads = _ffi.new("moe_sft_lora_grads *")
+        grads.gate_a, grads.gate_b, grads.up_a, grads.up_b, grads.down_a, grads.down_b = (
+            _ffi.cast("float *", a) for a in addresses)
+    return _lib.moe_sft_backward(_layer(layer), _ffi.cast("const uint16_t *", grad_output),
+                                 _ffi.cast("uint16_t *", grad_input), _ffi.cast("float *", grad_weights), grads,
+                                 accumulate)
+
+
+def cache_depth(layer):
+    depth = _ffi.new("int32_t *")
+    status = _lib.moe_sft_cache_depth(_layer(layer), depth)
+    return status, depth[0]
+
+
+def layer_isa(layer):
+    return _text(_lib.moe_sft_layer_isa(_layer(layer)))
+
+
+def status_string(status):
+    return _text(_lib.moe_sft_status_string(status))
+
+
+def last_error():
+    return _text(_lib.moe_sft_last_error())
+
+
+def version():
+    return _lib.moe_sft_version()
