@@ -1,4 +1,4 @@
-"""python -m moe_sft {demo, version} | --cflags --libs --cmake-dir --pkgconfig-dir"""
+"""python -m moe_sft {demo, bench, version} | --cflags --libs --cmake-dir --pkgconfig-dir"""
 import os
 import sys
 
@@ -28,9 +28,10 @@ def build_info(flags):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m moe_sft {demo,version} [options]\n"
+        print("usage: python -m moe_sft {demo,bench,version} [options]\n"
               "       python -m moe_sft [--cflags] [--libs] [--cmake-dir] [--pkgconfig-dir]\n"
               "  demo             train LoRA adapters on a built-in synthetic MoE problem (loss must fall)\n"
+              "  bench            moe_sft vs torch vs numpy on DeepSeek-V2-Lite / Qwen3-30B-A3B shapes\n"
               "  version          print package and library versions\n"
               "  --cflags         compiler flags for a C program that includes moe_sft.h\n"
               "  --libs           linker flags for libmoe_sft, with an rpath to the installed library\n"
@@ -48,6 +49,9 @@ def main(argv=None):
     if command == "demo":
         from .demo import main as demo_main
         return demo_main(rest)
+    if command == "bench":
+        from .bench import main as bench_main
+        return bench_main(rest)
     if command == "version":
         import moe_sft
         print(f"moe_sft {moe_sft.__version__} (library {'.'.join(map(str, moe_sft.library_version()))}, "

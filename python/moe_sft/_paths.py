@@ -38,3 +38,11 @@ def get_cmake_dir():
 def get_pkgconfig_dir():
     """Folder holding moe_sft.pc, for PKG_CONFIG_PATH."""
     return os.path.dirname(_find("pkgconfig", "moe_sft.pc"))
+
+
+def get_peak_program():
+    """Path of moe_sft_peak (bench/peak), or None when this build has none (compiler without AVX-512 BF16)."""
+    try:
+        return _find("moe_sft_peak")
+    except FileNotFoundError:
+        return None

@@ -339,8 +339,8 @@ const TransposeIndex& transpose_index() {
 }
 
 // Transposes one 16x16 block: 8 source registers (row-pairs along columns) to 8 outputs (column-pairs
-// along rows), 24 two-source permutes.
-inline void repack_block(const bf16* src, bf16* dst, const TransposeIndex& ix) {
+// along rows), 24 two-source permutes. out[j] holds row pair j: element 2c + a = (row 2j + a, column c).
+inline void transpose_block(const bf16* src, const TransposeIndex& ix, __m512i (&out)[8]) {
   __m512i s[8], v[4][2], w[2][2][2];
   for (int t = 0; t < 8; ++t) s[t] = _mm512_loadu_si512(src + t * 32);
   for (int p = 0; p < 4; ++p)
@@ -350,10 +350,55 @@ inline void repack_block(const bf16* src, bf16* dst, const TransposeIndex& ix) {
       for (int g = 0; g < 2; ++g) w[r][h][g] = _mm512_permutex2var_epi16(v[2 * r][h], ix.level2[g], v[2 * r + 1][h]);
   for (int h = 0; h < 2; ++h)
     for (int g = 0; g < 2; ++g)
-      for (int o = 0; o < 2; ++o) {
-        const int j = 4 * h + 2 * g + o;  // output row pair
-        _mm512_storeu_si512(dst + j * 32, _mm512_permutex2var_epi16(w[0][h][g], ix.level3[o], w[1][h][g]));
+      for (int o = 0; o < 2; ++o) out[4 * h + 2 * g + o] = _mm512_permutex2var_epi16(w[0][h][g], ix.level3[o], w[1][h][g]);
+}
+
+// Software prefetch of the chunk a block walk reads `ahead` source panels later: the chunks sit a whole
+// panel (tens of KiB) apart, too far for the hardware prefetcher to follow.
+inline void prefetch_chunk(const PackedMatrix& w, int64_t panel, int64_t c0, int64_t elements) {
+  const char* p = reinterpret_cast<const char*>(w.panel(panel) + c0 * PackedMatrix::kPanelRows);
+  for (int64_t line = 0; line < elements * int64_t(sizeof(bf16)); line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
+}
+constexpr int64_t kPrefetchPanels = 2;
+
+// d·W for a few rows straight from the packed panels (the small-M path): each 16x16 block is transposed in
+// registers and consumed at once, so no re-paired copy is written and read back. C[r, c] for r < ROWS.
+template <int ROWS>
+void xw_small(const bf16* a, int64_t lda, const PackedMatrix& w, int64_t c0, int64_t width, float* c, int64_t ldc,
+              bool accumulate, const TransposeIndex& ix) {
+  constexpr int64_t P = PackedMatrix::kPanelRows;
+  const int64_t out_panels = (width + P - 1) / P, panels = w.padded_rows() / P;
+  const int64_t full_pairs = w.rows() / 2, pairs = (w.rows() + 1) / 2;
+  __m512 acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t panel = 0; panel * (P / 2) < pairs; ++panel) {
+    if (panel + kPrefetchPanels < panels) prefetch_chunk(w, panel + kPrefetchPanels, c0, out_panels * P * P);
+    const bf16* src = w.panel(panel) + c0 * P;
+    __m512bh av[ROWS][P / 2];  // A's pairs for this panel's 16 contraction rows
+    for (int j = 0; j < P / 2; ++j) {
+      const int64_t kp = panel * (P / 2) + j;
+      for (int r = 0; r < ROWS; ++r) {
+        int32_t pair = 0;
+        if (kp < full_pairs) std::memcpy(&pair, a + r * lda + 2 * kp, sizeof pair);
+        else if (kp < pairs) pair = int32_t(a[r * lda + 2 * kp].bits);  // odd length: one element
+        av[r][j] = (__m512bh)_mm512_set1_epi32(pair);
       }
+    }
+    for (int64_t q = 0; q < out_panels; ++q) {
+      __m512i t[8];
+      transpose_block(src + q * P * P, ix, t);
+      for (int r = 0; r < ROWS; ++r)
+        for (int j = 0; j < P / 2; ++j) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av[r][j], (__m512bh)t[j]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t q = 0; q < out_panels; ++q) {
+      const __mmask16 mask = avx512::tail_mask(width - q * P);
+      float* cp = c + r * ldc + q * P;
+      const __m512 prior = accumulate ? _mm512_maskz_loadu_ps(mask, cp) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(cp, mask, _mm512_add_ps(prior, acc[r][q]));
+    }
 }
 
 }  // namespace
@@ -362,10 +407,17 @@ void repack_transposed_avx512(const PackedMatrix& w, int64_t c0, int64_t width, 
   constexpr int64_t P = PackedMatrix::kPanelRows;
   const TransposeIndex& ix = transpose_index();
   const int64_t stride = repacked_panel_stride(w);
-  for (int64_t q = 0; q * P < width; ++q) {
-    const int64_t pair0 = (c0 + q * P) / 2;  // first column pair of this output panel
-    for (int64_t panel = 0; panel < w.padded_rows() / P; ++panel)
-      repack_block(w.panel(panel) + pair0 * 2 * P, out + q * stride + panel * (P / 2) * 2 * P, ix);
+  const int64_t out_panels = (width + P - 1) / P, panels = w.padded_rows() / P;
+  // Source panel by source panel, so each reads one contiguous chunk (all the output panels' columns).
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    if (panel + kPrefetchPanels < panels) prefetch_chunk(w, panel + kPrefetchPanels, c0, out_panels * P * P);
+    const bf16* src = w.panel(panel) + c0 * P;
+    for (int64_t q = 0; q < out_panels; ++q) {
+      __m512i t[8];
+      transpose_block(src + q * P * P, ix, t);
+      bf16* dst = out + q * stride + panel * P * P;
+      for (int j = 0; j < 8; ++j) _mm512_storeu_si512(dst + j * 32, t[j]);
+    }
   }
 }
 
@@ -380,8 +432,22 @@ void gemm_xwt(const GemmArgs& g) {
                      g.ldc, g.accumulate);
 }
 
+// Below this many rows the re-pairing is not worth writing out: the small-M path consumes it in registers.
+constexpr int64_t kSmallM = 4;
+
 void gemm_xw(const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
+  if (g.m <= kSmallM) {
+    const TransposeIndex& ix = transpose_index();
+    const int64_t width = g.c1 - g.c0;
+    switch (g.m) {
+      case 0: return;
+      case 1: return xw_small<1>(g.a, g.lda, w, g.c0, width, g.c, g.ldc, g.accumulate, ix);
+      case 2: return xw_small<2>(g.a, g.lda, w, g.c0, width, g.c, g.ldc, g.accumulate, ix);
+      case 3: return xw_small<3>(g.a, g.lda, w, g.c0, width, g.c, g.ldc, g.accumulate, ix);
+      default: return xw_small<4>(g.a, g.lda, w, g.c0, width, g.c, g.ldc, g.accumulate, ix);
+    }
+  }
   repack_transposed_avx512(w, g.c0, g.c1 - g.c0, g.scratch);
   avx512::panel_gemm(g.a, g.lda, g.m, w.rows(), g.scratch, repacked_panel_stride(w), g.c1 - g.c0, g.c, g.ldc,
                      g.accumulate);

@@ -1,0 +1,296 @@
+"""Side-by-side benchmark: moe_sft vs torch (eager autograd, bf16) vs numpy (f32), on named MoE shapes.
+
+    python bench/bench_moe.py            (or: python -m moe_sft bench)  [--shapes ...] [--tokens ...] [--json PATH]
+
+For every shape and token count T (uniform random top-k routing) it prints forward and forward+backward
+times, tokens/s, GFLOP/s, % of this machine's bf16 peak (measured by bench/peak, VDPBF16PS on all threads),
+the effective rate at which expert weights are streamed, and the same work in torch and numpy, run in the
+same process, with ratios. FLOPs: fwd = T·k·(6·H·I + 6·r·(H+I)), bwd = T·k·(6·H·I + 12·r·(H+I)).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import numpy as np
+
+from . import _paths
+from ._layer import MoESFT, bfloat16
+
+SHAPES = {
+    "deepseek-v2-lite": dict(E=64, H=2048, I=1408, k=6, r=16),
+    "qwen3-30b-a3b": dict(E=128, H=2048, I=768, k=8, r=16),
+}
+TOKENS = (1, 32, 256, 1024)
+LORA = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
+
+def flops(T, k, H, I, r):
+    fwd = T * k * (6 * H * I + 6 * r * (H + I))
+    return fwd, fwd + T * k * (6 * H * I + 12 * r * (H + I))
+
+
+def machine_peaks(threads):
+    """{'bf16_gflops', 'read_gbs'} from bench/peak, or None where it cannot run."""
+    program = _paths.get_peak_program()
+    if program is None:
+        return None
+    try:
+        out = subprocess.run([program, str(threads)], capture_output=True, text=True, check=True, timeout=300)
+        return json.loads(out.stdout)
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return None  # e.g. a CPU without AVX-512 BF16
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rotating(pairs):
+    """(fwd, fwd_bwd) closures cycling through one pair per batch: every timed run routes to other experts,
+    as consecutive training steps do, so a shape's active weights are not served from the last run's cache."""
+    fwds, fwd_bwds = itertools.cycle([p[0] for p in pairs]), itertools.cycle([p[1] for p in pairs])
+    return (lambda: next(fwds)()), (lambda: next(fwd_bwds)())
+
+
+def timed(fn, reps, budget_s):
+    """Median wall time (s) of fn over up to `reps` runs after one warm-up, stopping early past budget_s."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Problem:
+    """One shape's weights (bf16 base, f32 LoRA with non-zero B) and per-T batches, shared by all contenders."""
+
+    def __init__(self, E, H, I, k, r, seed=0):
+        self.E, self.H, self.I, self.k, self.r = E, H, I, k, r
+        rng = np.random.default_rng(seed)
+
+        def normal(shape, fan_in, dtype):
+            return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)).astype(dtype)
+
+        self.gate = normal((E, I, H), H, bfloat16)
+        self.up = normal((E, I, H), H, bfloat16)
+        self.down = normal((E, H, I), I, bfloat16)
+        self.lora = dict(gate_a=normal((E, r, H), H, np.float32), gate_b=normal((E, I, r), r, np.float32),
+                         up_a=normal((E, r, H), H, np.float32), up_b=normal((E, I, r), r, np.float32),
+                         down_a=normal((E, r, I), I, np.float32), down_b=normal((E, H, r), r, np.float32))
+        self.alpha = 2.0 * r
+        self.rng = rng
+
+    @property
+    def weight_bytes(self):
+        return 3 * self.E * self.H * self.I * 2
+
+    def batch(self, T):
+        x = self.rng.standard_normal((T, self.H), dtype=np.float32).astype(bfloat16)
+        ids = np.stack([self.rng.permutation(self.E)[:self.k] for _ in range(T)]).astype(np.int64)
+        w = self.rng.uniform(0.1, 1.0, (T, self.k)).astype(np.float32)
+        go = self.rng.standard_normal((T, self.H), dtype=np.float32).astype(bfloat16)
+        return x, ids, w, go
+
+
+# ---- contenders: each returns (forward(), forward_backward()) closures for one batch ----
+
+def ours(layer, batch, grads):
+    """grads: a one-element list holding the Grads all batches of one T write into, as a training loop reuses
+    its gradient buffers (allocated by the warm-up run, not timed)."""
+    x, ids, w, go = batch
+
+    def fwd():
+        layer.forward(x, ids, w)
+
+    def fwd_bwd():
+        layer.forward(x, ids, w, save_for_backward=True)
+        grads[0] = layer.backward(go, out=grads[0])
+    return fwd, fwd_bwd
+
+
+def torch_contender(torch, p):
+    """HF-transformers-style eager MoE: a Python loop over the hit experts, index_add of weighted outputs,
+    bf16 everywhere, autograd for backward (LoRA params, input and routing weights require grad)."""
+    def t(a):
+        a = np.ascontiguousarray(a)
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16) if a.dtype == bfloat16 else \
+            torch.from_numpy(a).to(torch.bfloat16)
+    gate, up, down = t(p.gate), t(p.up), t(p.down)
+    lora = {n: t(a).requires_grad_() for n, a in p.lora.items()}
+    s = p.alpha / p.r
+
+    def moe(x, ids, w):
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            xe = x[tok]
+            g = xe @ gate[e].T + s * (xe @ lora["gate_a"][e].T) @ lora["gate_b"][e].T
+            u = xe @ up[e].T + s * (xe @ lora["up_a"][e].T) @ lora["up_b"][e].T
+            h = torch.nn.functional.silu(g) * u
+            y = h @ down[e].T + s * (h @ lora["down_a"][e].T) @ lora["down_b"][e].T
+            out = out.index_add(0, tok, y * w[tok, slot, None])
+        return out
+
+    def make(batch):
+        x, ids, w, go = batch
+        xt, idt, wt, got = t(x), torch.from_numpy(ids), torch.from_numpy(w).to(torch.bfloat16), t(go)
+
+        def fwd():
+            with torch.no_grad():
+                moe(xt, idt, wt)
+
+        def fwd_bwd():
+            xg, wg = xt.clone().requires_grad_(), wt.clone().requires_grad_()
+            for a in lora.values():
+                a.grad = None
+            moe(xg, idt, wg).backward(got)
+        return fwd, fwd_bwd
+    return make
+
+
+def numpy_contender(p):
+    """The same layer in float32 numpy, per expert (BLAS matmuls), forward and hand-written backward."""
+    gate, up, down = (np.asarray(a, np.float32) for a in (p.gate, p.up, p.down))
+    L = p.lora
+    s = p.alpha / p.r
+
+    def make(batch):
+        x, ids, w, go = batch
+        x, go = np.asarray(x, np.float32), np.asarray(go, np.float32)
+
+        def run(backward):
+            out = np.zeros_like(x)
+            gx = np.zeros_like(x) if backward else None
+            for e in np.unique(ids):
+                tok, slot = np.nonzero(ids == e)
+                xe, we = x[tok], w[tok, slot][:, None]
+                xa_g, xa_u = xe @ L["gate_a"][e].T, xe @ L["up_a"][e].T
+                g = xe @ gate[e].T + s * xa_g @ L["gate_b"][e].T
+                u = xe @ up[e].T + s * xa_u @ L["up_b"][e].T
+                sg = 1 / (1 + np.exp(-g))
+                h = g * sg * u
+                ha = h @ L["down_a"][e].T
+                y = h @ down[e].T + s * ha @ L["down_b"][e].T
+                np.add.at(out, tok, we * y)
+                if backward:
+                    dy = we * go[tok]
+                    dyb = dy @ L["down_b"][e]
+                    dh = dy @ down[e] + s * dyb @ L["down_a"][e]
+                    dg, du = dh * u * sg * (1 + g * (1 - sg)), dh * g * sg
+                    dgb, dub = dg @ L["gate_b"][e], du @ L["up_b"][e]
+                    dx = dg @ gate[e] + du @ up[e] + s * (dgb @ L["gate_a"][e] + dub @ L["up_a"][e])
+                    np.add.at(gx, tok, dx)
+                    _ = (s * dy.T @ ha, s * dyb.T @ h, s * dgb.T @ xe, s * dg.T @ xa_g, s * dub.T @ xe,
+                         s * du.T @ xa_u, np.sum(go[tok] * y, axis=1))  # the LoRA and router grads
+            return out
+        return (lambda: run(False)), (lambda: run(True))
+    return make
+
+
+# ---- the table ----
+
+def bench_shape(name, shape, tokens, reps, budget, contenders, peaks, threads, out=print):
+    p = Problem(**shape)
+    E, H, I, k, r = shape["E"], shape["H"], shape["I"], shape["k"], shape["r"]
+    gc.collect()  # the previous shape's arrays must be gone, or their release shows up as negative growth
+    before = rss_bytes()
+    layer = MoESFT(p.gate, p.up, p.down, lora_rank=r, lora_alpha=p.alpha, num_threads=threads)
+    resident = rss_bytes() - before
+    layer.update_lora(*(p.lora[n] for n in LORA))
+    expert_bytes = 3 * H * I * 2
+    out(f"\n## {name}: E={E} H={H} I={I} k={k} r={r}, kernels={layer.isa}, threads={threads}; "
+        f"resident after create {resident / 2**20:.0f} MiB = {resident / p.weight_bytes:.3f}x the bf16 weights")
+    makers = {}
+    if "torch" in contenders:
+        makers["torch"] = torch_contender(contenders["torch"], p)
+    if "numpy" in contenders:
+        makers["numpy"] = numpy_contender(p)
+    cols = ["T", "fwd ms", "f+b ms", "tok/s", "GFLOP/s", "%peak", "wGB/s", "xstream"]
+    for c in makers:
+        cols += [f"{c} fwd", f"{c} f+b", f"x{c}"]
+    out("| " + " | ".join(cols) + " |")
+    out("|" + "---|" * len(cols))
+    rows = []
+    for T in tokens:
+        batches = [p.batch(T) for _ in range(reps + 1)]
+        f_flops, fb_flops = flops(T, k, H, I, r)
+        grads = [None]
+        fwd, fwd_bwd = rotating([ours(layer, b, grads) for b in batches])
+        t_f, t_fb = timed(fwd, reps, budget), timed(fwd_bwd, reps, budget)
+        active = statistics.mean(len(np.unique(b[1])) for b in batches)
+        row = dict(shape=name, T=T, fwd_ms=1e3 * t_f, fwd_bwd_ms=1e3 * t_fb, tokens_per_s=T / t_fb,
+                   gflops=fb_flops / t_fb / 1e9, fwd_gflops=f_flops / t_f / 1e9, active_experts=active,
+                   weight_gbs=2 * active * expert_bytes / t_fb / 1e9)
+        cells = [str(T), f"{row['fwd_ms']:.2f}", f"{row['fwd_bwd_ms']:.2f}", f"{row['tokens_per_s']:.0f}",
+                 f"{row['gflops']:.0f}"]
+        if peaks:
+            row["pct_peak"] = 100 * row["gflops"] / peaks["bf16_gflops"]
+            # time to stream the active experts once (forward) / twice (forward + backward) at read bandwidth
+            stream_f = active * expert_bytes / (peaks["read_gbs"] * 1e9)
+            row["fwd_x_stream"], row["fwd_bwd_x_stream"] = t_f / stream_f, t_fb / (2 * stream_f)
+            cells += [f"{row['pct_peak']:.0f}%", f"{row['weight_gbs']:.1f}",
+                      f"{row['fwd_x_stream']:.2f}/{row['fwd_bwd_x_stream']:.2f}"]
+        else:
+            cells += ["-", f"{row['weight_gbs']:.1f}", "-"]
+        for c, make in makers.items():
+            cf, cfb = rotating([make(b) for b in batches])
+            tc_f, tc_fb = timed(cf, reps, budget), timed(cfb, reps, budget)
+            row[f"{c}_fwd_ms"], row[f"{c}_fwd_bwd_ms"] = 1e3 * tc_f, 1e3 * tc_fb
+            row[f"speedup_vs_{c}"] = tc_fb / t_fb
+            cells += [f"{1e3 * tc_f:.2f}", f"{1e3 * tc_fb:.2f}", f"{tc_f / t_f:.1f}/{tc_fb / t_fb:.1f}"]
+        out("| " + " | ".join(cells) + " |")
+        rows.append(row)
+    layer.close()
+    return dict(resident_bytes=resident, weight_bytes=p.weight_bytes, rows=rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m moe_sft bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per cell (median), after one warm-up")
+    ap.add_argument("--budget", type=float, default=10.0, help="seconds per cell before stopping early")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-numpy", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="write all results here")
+    args = ap.parse_args(argv)
+
+    contenders = {}
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+            contenders["torch"] = torch
+        except ImportError:
+            print("torch not installed: pip install torch==2.13.0 to compare (CPU build)")
+    if not args.no_numpy:
+        contenders["numpy"] = np
+    peaks = machine_peaks(args.threads)
+    if peaks:
+        print(f"machine: {peaks['bf16_gflops']:.0f} GFLOP/s bf16 (VDPBF16PS, {peaks['threads']} threads), "
+              f"{peaks['read_gbs']:.1f} GB/s read bandwidth (bench/peak)")
+    else:
+        print("machine peaks unavailable (bench/peak needs AVX-512 BF16): %peak and xstream columns omitted")
+    print("columns: times are medians; GFLOP/s, %peak and tok/s are for forward+backward; wGB/s = active experts' "
+          "weights x2 / f+b time; xstream = fwd time / time to stream the active experts once, and f+b time / "
+          "twice, at the measured bandwidth; xC = C's time / ours (fwd/f+b)")
+    results = dict(peaks=peaks, torch=getattr(contenders.get("torch"), "__version__", None), shapes={})
+    for name in args.shapes:
+        results["shapes"][name] = bench_shape(name, SHAPES[name], args.tokens, args.reps, args.budget, contenders,
+                                              peaks, args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
