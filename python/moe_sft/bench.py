@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -51,6 +52,25 @@ def machine_peaks(threads):
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_create(shape, threads):
+    """Resident-size growth of creating the layer (its packed weights), measured in this process."""
+    p = Problem(**shape)
+    gc.collect()
+    before = rss_bytes()
+    layer = MoESFT(p.gate, p.up, p.down, lora_rank=shape["r"], lora_alpha=p.alpha, num_threads=threads)
+    grown = rss_bytes() - before
+    layer.close()
+    return grown
+
+
+def resident_after_create(shape, threads):
+    """measure_create in a fresh process: in this one, memory released by earlier shapes and contenders would
+    be reused by the new layer and hide part of its growth."""
+    code = f"from moe_sft.bench import measure_create; print(measure_create({shape!r}, {threads}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
 
 
 def rotating(pairs):
@@ -203,10 +223,8 @@ def numpy_contender(p):
 def bench_shape(name, shape, tokens, reps, budget, contenders, peaks, threads, out=print):
     p = Problem(**shape)
     E, H, I, k, r = shape["E"], shape["H"], shape["I"], shape["k"], shape["r"]
-    gc.collect()  # the previous shape's arrays must be gone, or their release shows up as negative growth
-    before = rss_bytes()
+    resident = resident_after_create(shape, threads)
     layer = MoESFT(p.gate, p.up, p.down, lora_rank=r, lora_alpha=p.alpha, num_threads=threads)
-    resident = rss_bytes() - before
     layer.update_lora(*(p.lora[n] for n in LORA))
     expert_bytes = 3 * H * I * 2
     out(f"\n## {name}: E={E} H={H} I={I} k={k} r={r}, kernels={layer.isa}, threads={threads}; "
