@@ -85,6 +85,11 @@ typedef struct moe_sft_config {
   const uint16_t *gate_proj; /* [E, I, H] bf16, packed at create */
   const uint16_t *up_proj;   /* [E, I, H] bf16, packed at create */
   const uint16_t *down_proj; /* [E, H, I] bf16, packed at create */
+  /* Fields below were added after the first version; a caller's shorter struct_size keeps their defaults. */
+  int32_t check_finite;      /* != 0: stop at the first NaN/Inf with MOE_SFT_ERR_NON_FINITE, naming the stage,
+                                tensor, index and value (see moe_sft_forward/backward). Default: the environment
+                                variable MOE_SFT_CHECK_FINITE=1 turns it on for the process. Base weights are
+                                checked once, at create. Off costs nothing. */
 } moe_sft_config;
 
 /* The six LoRA arrays of all experts, one dtype for all six. Kept by pointer, read at every call. */
@@ -98,8 +103,8 @@ typedef struct moe_sft_lora_grads {
   float *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;
 } moe_sft_lora_grads;
 
-/* Fills cfg with defaults (lora_alpha 32, lora_rank 16, max_cache_depth 1, num_threads 0, tp_count 1) and
- * sets struct_size. Thread-safe. */
+/* Fills cfg with defaults (lora_alpha 32, lora_rank 16, max_cache_depth 1, num_threads 0, tp_count 1,
+ * check_finite from MOE_SFT_CHECK_FINITE) and sets struct_size. Thread-safe. */
 void moe_sft_config_init(moe_sft_config *cfg);
 
 /* Validates cfg, packs the base weights, and returns a new layer in *out (set to NULL on error). */
@@ -113,12 +118,17 @@ moe_sft_status moe_sft_update_lora(moe_sft_layer *layer, const moe_sft_lora *lor
 
 /* out[qlen, H] = the layer applied to input[qlen, H]. qlen >= 0 has no upper bound; top_k >= 1.
  * expert_ids[t, j] in [-1, E): -1 contributes nothing, a repeated id contributes twice.
- * save_for_backward != 0 pushes what backward needs onto the layer's LIFO cache. */
+ * save_for_backward != 0 pushes what backward needs onto the layer's LIFO cache.
+ * With check_finite, these are checked in order, stopping at the first NaN/Inf (MOE_SFT_ERR_NON_FINITE):
+ * 1 input, 2 routing weights (of slots with an expert), 3 LoRA weights, 4 gate/up projection output,
+ * 5 activation output, 6 down projection output, 7 layer output. Nothing is written on that error. */
 moe_sft_status moe_sft_forward(moe_sft_layer *layer, int64_t qlen, int32_t top_k,
                                const int64_t *expert_ids, const float *routing_weights,
                                const uint16_t *input, uint16_t *output, int32_t save_for_backward);
 
 /* Backward of the most recent saved forward, which it consumes (only on success).
+ * With check_finite, checked in order: 1 grad_output, 2 grad of the intermediate (gate/up projection grads),
+ * 3 grad_input, 4 grad_routing_weights, 5 the LoRA grads computed by this call (before accumulating).
  * grad_output, grad_input: [qlen, H] bf16 of that forward. grad_routing_weights [qlen, top_k] f32 or NULL.
  * grads: LoRA grads or NULL (skip them); accumulate != 0 adds into them instead of overwriting.
  * grad_input and grad_routing_weights are always overwritten; -1 slots get 0. */

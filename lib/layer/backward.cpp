@@ -11,9 +11,12 @@
 // backward, dAd/dBg/dBu; 4 rank-r products of dG/dU; 5 per (expert, block of H): dX, dAg/dAu/dBd;
 // 6 per token: grad_input and grad_routing_weights. Each LoRA-grad slice is written by exactly one task.
 #include <algorithm>
+#include <array>
+#include <string>
 #include <cstring>
 
 #include "kernels/low_rank.h"
+#include "layer/finite_check.h"
 #include "layer/moe_layer.h"
 #include "layer/task_grid.h"
 #include "runtime/runtime.h"
@@ -28,6 +31,26 @@ constexpr int64_t kRowChunk = 32;
 constexpr int64_t kTokenChunk = 16;
 
 int64_t chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
+// The backward's check_finite stages, in the order they are checked.
+constexpr Stage kGradOutput{1, 5, "grad_output"}, kGradIntermediate{2, 5, "grad of the intermediate"},
+    kGradInput{3, 5, "grad_input"}, kGradWeights{4, 5, "grad_routing_weights"}, kLoraGrads{5, 5, "LoRA grads"};
+
+// The six grad arrays with their names and [rows, cols] per expert, for checking and committing them.
+struct GradArray {
+  float* data;
+  const char* name;
+  int64_t rows, cols;
+};
+std::array<GradArray, 6> grad_arrays(const LoraGradView& g) {
+  const LoraShape& s = g.s;
+  return {{{g.gate_a, "LoRA grad gate_a", s.rank, s.hidden},
+           {g.gate_b, "LoRA grad gate_b", s.intermediate, s.rank},
+           {g.up_a, "LoRA grad up_a", s.rank, s.hidden},
+           {g.up_b, "LoRA grad up_b", s.intermediate, s.rank},
+           {g.down_a, "LoRA grad down_a", s.rank, s.intermediate},
+           {g.down_b, "LoRA grad down_b", s.hidden, s.rank}}};
+}
 
 // Zeroes the grads of experts that got no rows (no task writes them) unless accumulating.
 void clear_idle_expert_grads(const LoraGradView& g, const Routing& routing) {
@@ -55,11 +78,17 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   const int64_t cb = kernels::kColBlock;
   const int64_t tile = routing.max_expert_rows() * cb;
   const bool want_lora_grads = r > 0 && call.lora_grads != nullptr;
-  const bool acc = call.accumulate;
-  LoraGradView G{};
+  // With check_finite, every output is computed into scratch and copied out only after it passed the checks.
+  const bool check = check_finite_;
+  const bool acc = call.accumulate && !check;
+  LoraGradView caller_grads{};
   if (want_lora_grads) {
     const moe_sft_lora_grads& lg = *call.lora_grads;
-    G = LoraGradView{lg.gate_a, lg.gate_b, lg.up_a, lg.up_b, lg.down_a, lg.down_b, lora_shape()};
+    caller_grads = LoraGradView{lg.gate_a, lg.gate_b, lg.up_a, lg.up_b, lg.down_a, lg.down_b, lora_shape()};
+  }
+  if (check) {
+    const NonFinite hit = first_non_finite(call.grad_output, T_ * H);
+    if (hit.found) throw_non_finite(hit.value, "grad_output", token_column(hit.index, H), kGradOutput);
   }
   const ExpertGrid grid_i(routing, column_blocks(parts_, cb));
   const ExpertGrid grid_h(routing, column_blocks(H, cb));
@@ -83,6 +112,10 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   for (const ExpertPart& part : parts_) widest_part = std::max(widest_part, part.width());
   const int64_t repack = kernels::xw_scratch_elems(std::max(H, widest_part));  // gemm_xw's per-worker scratch
   auto repack_slot = layout.add<bf16>(size_t(threads_ * repack));
+  auto staged_gi_slot = layout.add<bf16>(check ? size_t(T_ * H) : 0);
+  auto staged_gw_slot = layout.add<float>(check ? size_t(T_ * k) : 0);
+  const size_t lora_grad_elems = size_t(experts_ * r * 2 * (H + I) + experts_ * r * (H + I));
+  auto staged_lora_slot = layout.add<float>(check && want_lora_grads ? lora_grad_elems : 0);
 
   auto session = Runtime::instance().session(threads_);
   ThreadPool& pool = session.pool();
@@ -102,6 +135,15 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   float* sums = sums_slot.in(base);
   bf16* repack_scratch = repack_slot.in(base);
   const kernels::LowRankKernels& lr = kernels_->low_rank;
+  bf16* grad_input = check ? staged_gi_slot.in(base) : call.grad_input;
+  float* grad_weights = check ? staged_gw_slot.in(base) : call.grad_weights;
+  LoraGradView G = caller_grads;
+  if (check && want_lora_grads) {  // the same six arrays, laid out back to back in scratch
+    float* p = staged_lora_slot.in(base);
+    const int64_t EA = experts_ * r * H, EB = experts_ * I * r, ED = experts_ * r * I;
+    G = LoraGradView{p, p + EA, p + EA + EB, p + 2 * EA + EB, p + 2 * EA + 2 * EB, p + 2 * EA + 2 * EB + ED,
+                     lora_shape()};
+  }
   auto row_weight = [&](int64_t row) { return rec.weights[size_t(routing.row_pair[row])]; };
 
   if (want_lora_grads && !acc) clear_idle_expert_grads(G, routing);
@@ -157,6 +199,11 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     }
   });
 
+  if (check) {
+    check_rows(dg, I, routing, "grad of gate projection output", kGradIntermediate);
+    check_rows(du, I, routing, "grad of up projection output", kGradIntermediate);
+  }
+
   // 4. dG·Bg, dU·Bu
   if (r > 0)
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
@@ -204,11 +251,35 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
           for (int64_t c = 0; c < H; ++c) sum[c] += dx[row * H + c];
           for (int64_t bi = 0; bi < nbi; ++bi) gwt += gw[row * nbi + bi];
         }
-        if (call.grad_weights != nullptr) call.grad_weights[tok * k + j] = gwt;
+        if (grad_weights != nullptr) grad_weights[tok * k + j] = gwt;
       }
-      for (int64_t c = 0; c < H; ++c) call.grad_input[tok * H + c] = to_bf16(sum[c]);
+      for (int64_t c = 0; c < H; ++c) grad_input[tok * H + c] = to_bf16(sum[c]);
     }
   });
+
+  if (check) {
+    NonFinite hit = first_non_finite(grad_input, T_ * H);
+    if (hit.found) throw_non_finite(hit.value, "grad_input", token_column(hit.index, H), kGradInput);
+    hit = grad_weights != nullptr ? first_non_finite(grad_weights, T_ * k) : NonFinite{};
+    if (hit.found)
+      throw_non_finite(hit.value, "grad_routing_weights",
+                       "token " + std::to_string(hit.index / k) + ", slot " + std::to_string(hit.index % k), kGradWeights);
+    if (want_lora_grads)
+      for (const GradArray& a : grad_arrays(G)) check_expert_array(a.data, experts_, a.rows, a.cols, a.name, kLoraGrads);
+    // All checks passed: only now do the caller's arrays change.
+    std::memcpy(call.grad_input, grad_input, size_t(T_ * H) * sizeof(bf16));
+    if (call.grad_weights != nullptr) std::memcpy(call.grad_weights, grad_weights, size_t(T_ * k) * sizeof(float));
+    if (want_lora_grads) {
+      const auto staged = grad_arrays(G), out = grad_arrays(caller_grads);
+      for (size_t i = 0; i < staged.size(); ++i) {
+        const int64_t n = experts_ * staged[i].rows * staged[i].cols;
+        if (call.accumulate)
+          for (int64_t j = 0; j < n; ++j) out[i].data[j] += staged[i].data[j];
+        else
+          std::memcpy(out[i].data, staged[i].data, size_t(n) * sizeof(float));
+      }
+    }
+  }
 
   cache_.pop();
 }

@@ -8,9 +8,12 @@
 // Everything a call needs is laid out in the scratch arena before the first write, so a failure to get
 // memory leaves the caller's output untouched.
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <cstring>
 
 #include "kernels/low_rank.h"
+#include "layer/finite_check.h"
 #include "layer/moe_layer.h"
 #include "layer/task_grid.h"
 #include "runtime/runtime.h"
@@ -26,13 +29,39 @@ constexpr int64_t kRowChunk = 32;    // rows per task in row-local phases
 constexpr int64_t kTokenChunk = 16;  // tokens per task in gather/scatter phases
 
 int64_t chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
+// The forward's check_finite stages, in the order they are checked.
+constexpr Stage kInput{1, 7, "input"}, kRoutingWeights{2, 7, "routing weights"}, kLoraWeights{3, 7, "LoRA weights"},
+    kGateUp{4, 7, "gate/up projection"}, kActivation{5, 7, "activation"}, kDown{6, 7, "down projection"},
+    kOutput{7, 7, "layer output"};
 }  // namespace
+
+template <class T>
+void MoELayer::check_forward_inputs(const LoraView<T>& lora, const ForwardCall& call, const Routing& routing) const {
+  const int64_t H = hidden_, I = intermediate_, r = rank_, E = experts_, k = call.top_k;
+  NonFinite hit = first_non_finite(call.input, call.qlen * H);
+  if (hit.found) throw_non_finite(hit.value, "input", token_column(hit.index, H), kInput);
+  for (int64_t pair = 0; pair < call.qlen * k; ++pair)  // slots without an expert may hold anything
+    if (routing.pair_row[pair] >= 0 && !std::isfinite(call.weights[pair]))
+      throw_non_finite(call.weights[pair], "routing weights",
+                       "token " + std::to_string(pair / k) + ", slot " + std::to_string(pair % k), kRoutingWeights);
+  if (r == 0) return;
+  const struct {
+    const T* data;
+    const char* name;
+    int64_t rows, cols;
+  } arrays[] = {{lora.gate_a, "LoRA weight gate_a", r, H}, {lora.gate_b, "LoRA weight gate_b", I, r},
+                {lora.up_a, "LoRA weight up_a", r, H},     {lora.up_b, "LoRA weight up_b", I, r},
+                {lora.down_a, "LoRA weight down_a", r, I}, {lora.down_b, "LoRA weight down_b", H, r}};
+  for (const auto& a : arrays) check_expert_array(a.data, E, a.rows, a.cols, a.name, kLoraWeights);
+}
 
 template <class T>
 void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   const int64_t H = hidden_, I = intermediate_, r = rank_, k = call.top_k;
   const float s = lora_scale_;
   Routing routing = Routing::build(call.qlen, k, experts_, call.expert_ids);
+  if (check_finite_) check_forward_inputs(lora, call, routing);
   const int64_t R = routing.rows();
   const int64_t cb = kernels::kColBlock;
   const int64_t tile = routing.max_expert_rows() * cb;
@@ -46,6 +75,8 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
   auto sums_slot = layout.add<float>(size_t(threads_ * H));
   auto lora_t_slot = layout.add<float>(size_t(threads_ * r * cb));  // a LoRA B block transposed, per worker
+  // With check_finite the output is assembled here and copied out only once it passed the check.
+  auto staged_out_slot = layout.add<bf16>(check_finite_ ? size_t(call.qlen * H) : 0);
   const bool save = call.save_for_backward;
   auto g_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
   auto u_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
@@ -72,6 +103,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   float* tiles = tiles_slot.in(base);
   float* sums = sums_slot.in(base);
   float* lora_t = lora_t_slot.in(base);
+  bf16* output = check_finite_ ? staged_out_slot.in(base) : call.output;
   const kernels::LowRankKernels& lr = kernels_->low_rank;
   bf16* gate = save ? rec.gate.data() : g_slot.in(base);
   bf16* up = save ? rec.up.data() : u_slot.in(base);
@@ -120,6 +152,12 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     }
   });
 
+  if (check_finite_) {
+    check_rows(gate, I, routing, "gate projection output", kGateUp);
+    check_rows(up, I, routing, "up projection output", kGateUp);
+    check_rows(h, I, routing, "activation output", kActivation);
+  }
+
   // 4. h·Ad^T
   if (r > 0)
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
@@ -145,6 +183,8 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     }
   });
 
+  if (check_finite_) check_rows(y, H, routing, "down projection output", kDown);
+
   // 6. weighted sum of each token's expert outputs
   pool.parallel_for(chunks(call.qlen, kTokenChunk), threads_, [&](int64_t task, int worker) {
     float* acc = sums + int64_t(worker) * H;
@@ -156,9 +196,15 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
         const float wt = call.weights[tok * k + j];
         for (int64_t c = 0; c < H; ++c) acc[c] += wt * y[row * H + c];
       }
-      for (int64_t c = 0; c < H; ++c) call.output[tok * H + c] = to_bf16(acc[c]);
+      for (int64_t c = 0; c < H; ++c) output[tok * H + c] = to_bf16(acc[c]);
     }
   });
+
+  if (check_finite_) {
+    const NonFinite hit = first_non_finite(output, call.qlen * H);
+    if (hit.found) throw_non_finite(hit.value, "layer output", token_column(hit.index, H), kOutput);
+    std::memcpy(call.output, output, size_t(call.qlen * H) * sizeof(bf16));
+  }
 
   if (save) {
     rec.routing = std::move(routing);

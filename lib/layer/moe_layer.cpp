@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "layer/finite_check.h"
 #include "runtime/error.h"
 #include "runtime/runtime.h"
 
@@ -21,6 +22,18 @@ std::vector<int64_t> part_bounds(int64_t I, int64_t count, int64_t block) {
   return bounds;
 }
 
+// Base weights are frozen: checked once, here, when check_finite is on.
+void check_base_weights(const moe_sft_config& cfg) {
+  const int64_t E = cfg.expert_num, H = cfg.hidden_size, I = cfg.intermediate_size;
+  const struct {
+    const uint16_t* data;
+    const char* name;
+    int64_t rows, cols;
+  } weights[] = {{cfg.gate_proj, "gate_proj", I, H}, {cfg.up_proj, "up_proj", I, H}, {cfg.down_proj, "down_proj", H, I}};
+  for (const auto& w : weights)
+    check_expert_array(as_bf16(w.data), E, w.rows, w.cols, w.name, Stage{1, 1, "base weights, checked at create"});
+}
+
 }  // namespace
 
 MoELayer::MoELayer(const moe_sft_config& cfg)
@@ -31,8 +44,10 @@ MoELayer::MoELayer(const moe_sft_config& cfg)
       lora_scale_(cfg.lora_rank > 0 ? cfg.lora_alpha / float(cfg.lora_rank) : 0.0f),
       max_cache_depth_(cfg.max_cache_depth),
       threads_(Runtime::resolve_threads(cfg.num_threads)),
+      check_finite_(cfg.check_finite != 0),
       kernels_(&kernels::select_kernels()) {
   const int64_t E = experts_, H = hidden_, I = intermediate_;
+  if (check_finite_) check_base_weights(cfg);
   const std::vector<int64_t> bounds = part_bounds(I, cfg.tp_count, kernels::kColBlock);
   parts_.resize(size_t(cfg.tp_count));
   for (size_t p = 0; p < parts_.size(); ++p) {

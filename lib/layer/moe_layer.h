@@ -57,11 +57,14 @@ class MoELayer {
   void backward_with(const LoraView<T>& lora, const BackwardCall& call);  // backward.cpp
   template <class Fn>
   void with_bound_lora(Fn&& fn) const;  // fn(LoraView<bf16 or float>); a null view when rank is 0
+  template <class T>
+  void check_forward_inputs(const LoraView<T>& lora, const ForwardCall& call, const Routing& routing) const;
 
   int64_t experts_, hidden_, intermediate_, rank_;
   float lora_scale_;
   int64_t max_cache_depth_;
   int threads_;
+  bool check_finite_;
   const kernels::KernelSet* kernels_;
   std::vector<ExpertPart> parts_;
   moe_sft_lora lora_{};

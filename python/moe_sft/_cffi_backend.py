@@ -41,7 +41,8 @@ def _text(char_pointer):
     return _ffi.string(char_pointer).decode("utf-8", "replace") if char_pointer != _ffi.NULL else ""
 
 
-def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_threads, tp_count, gate, up, down):
+def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_threads, tp_count, gate, up, down,
+           check_finite):
     cfg = _ffi.new("moe_sft_config *")
     _lib.moe_sft_config_init(cfg)
     cfg.expert_num = experts
@@ -55,6 +56,8 @@ def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_thre
     cfg.gate_proj = _ffi.cast("const uint16_t *", gate)
     cfg.up_proj = _ffi.cast("const uint16_t *", up)
     cfg.down_proj = _ffi.cast("const uint16_t *", down)
+    if check_finite >= 0:  # else the library's default (MOE_SFT_CHECK_FINITE)
+        cfg.check_finite = check_finite
     out = _ffi.new("moe_sft_layer **")
     status = _lib.moe_sft_create(cfg, out)
     return status, int(_ffi.cast("uintptr_t", out[0]))

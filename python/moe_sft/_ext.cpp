@@ -21,7 +21,7 @@ T* ptr(uintptr_t address) {
 
 std::pair<int, uintptr_t> create(int32_t experts, int32_t hidden, int32_t intermediate, int32_t rank, float alpha,
                                  int32_t max_cache_depth, int32_t num_threads, int32_t tp_count, uintptr_t gate,
-                                 uintptr_t up, uintptr_t down) {
+                                 uintptr_t up, uintptr_t down, int32_t check_finite) {
   moe_sft_config cfg;
   moe_sft_config_init(&cfg);
   cfg.expert_num = experts;
@@ -35,6 +35,7 @@ std::pair<int, uintptr_t> create(int32_t experts, int32_t hidden, int32_t interm
   cfg.gate_proj = ptr<const uint16_t>(gate);
   cfg.up_proj = ptr<const uint16_t>(up);
   cfg.down_proj = ptr<const uint16_t>(down);
+  if (check_finite >= 0) cfg.check_finite = check_finite;  // else the library's default (MOE_SFT_CHECK_FINITE)
   moe_sft_layer* layer = nullptr;
   moe_sft_status status = moe_sft_create(&cfg, &layer);
   return {int(status), reinterpret_cast<uintptr_t>(layer)};

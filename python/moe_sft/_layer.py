@@ -82,10 +82,13 @@ class MoESFT:
 
     gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I] (bf16, or floats rounded to bf16). They are packed
     into the layer; the arrays may be dropped afterwards.
+
+    check_finite: stop at the first NaN/Inf with an error naming the stage, tensor, position and value
+    (None: on when the environment has MOE_SFT_CHECK_FINITE=1). Base weights are checked here, once.
     """
 
     def __init__(self, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
-                 num_threads=None, tp_count=1):
+                 num_threads=None, tp_count=1, check_finite=None):
         gate = _as_bf16(gate_proj, "gate_proj")
         if gate.ndim != 3:
             raise invalid(f"gate_proj has shape {gate.shape}; expected 3-D [experts, intermediate, hidden]")
@@ -103,7 +106,7 @@ class MoESFT:
         self._pending = []
         status, handle = _backend.backend.create(E, H, I, self.lora_rank, self.lora_alpha, self.max_cache_depth,
                                                  threads, self.tp_count, _address(gate), _address(up),
-                                                 _address(down))
+                                                 _address(down), -1 if check_finite is None else int(bool(check_finite)))
         _check(status)
         self._handle = handle
 

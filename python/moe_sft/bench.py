@@ -220,7 +220,20 @@ def numpy_contender(p):
 
 # ---- the table ----
 
-def bench_shape(name, shape, tokens, reps, budget, contenders, peaks, threads, out=print):
+def check_finite_cost(p, layer, T, reps, budget, threads):
+    """Forward+backward with check_finite on vs off, same batches: the price of the NaN/Inf checks."""
+    checked = MoESFT(p.gate, p.up, p.down, lora_rank=p.r, lora_alpha=p.alpha, num_threads=threads, check_finite=True)
+    checked.update_lora(*(p.lora[n] for n in LORA))
+    batches = [p.batch(T) for _ in range(reps + 1)]
+    times = []
+    for net in (layer, checked):
+        grads = [None]
+        times.append(timed(rotating([ours(net, b, grads) for b in batches])[1], reps, budget))
+    checked.close()
+    return times
+
+
+def bench_shape(name, shape, tokens, reps, budget, contenders, peaks, threads, check_tokens=(), out=print):
     p = Problem(**shape)
     E, H, I, k, r = shape["E"], shape["H"], shape["I"], shape["k"], shape["r"]
     resident = resident_after_create(shape, threads)
@@ -269,6 +282,11 @@ def bench_shape(name, shape, tokens, reps, budget, contenders, peaks, threads, o
             cells += [f"{1e3 * tc_f:.2f}", f"{1e3 * tc_fb:.2f}", f"{tc_f / t_f:.1f}/{tc_fb / t_fb:.1f}"]
         out("| " + " | ".join(cells) + " |")
         rows.append(row)
+    for T in check_tokens:
+        off, on = check_finite_cost(p, layer, T, reps, budget, threads)
+        out(f"check_finite at T={T}: forward+backward {1e3 * on:.2f} ms vs {1e3 * off:.2f} ms unchecked "
+            f"({100 * (on / off - 1):+.1f}%)")
+        rows.append(dict(shape=name, T=T, check_finite_ms=1e3 * on, unchecked_ms=1e3 * off))
     layer.close()
     return dict(resident_bytes=resident, weight_bytes=p.weight_bytes, rows=rows)
 
@@ -280,6 +298,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="timed runs per cell (median), after one warm-up")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds per cell before stopping early")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--check-finite-tokens", nargs="*", type=int, default=[256],
+                    help="token counts at which to also time forward+backward with check_finite on")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-numpy", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write all results here")
@@ -307,7 +327,7 @@ def main(argv=None):
     results = dict(peaks=peaks, torch=getattr(contenders.get("torch"), "__version__", None), shapes={})
     for name in args.shapes:
         results["shapes"][name] = bench_shape(name, SHAPES[name], args.tokens, args.reps, args.budget, contenders,
-                                              peaks, args.threads)
+                                              peaks, args.threads, args.check_finite_tokens)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
