@@ -27,10 +27,10 @@
  *
  * Threads: all functions may be called from any thread. Compute calls (forward, backward) of all layers in
  * the process run one at a time on a shared worker pool and scratch arena: two threads driving two layers
- * get the same results as running them one after the other. One layer driven from two threads at once is
- * safe (calls are serialized) but the order in which their forwards and backwards pair up on the layer's
- * LIFO cache is then the caller's to arrange. update_lora must not race with a forward/backward of the same
- * layer that reads the bindings; destroy must not race with any other call on the same layer.
+ * get the same results as running them one after the other. Calls on one layer from several threads are
+ * serialized by the layer's own lock (update_lora, forward, backward, cache_depth are each atomic), so the
+ * layer stays consistent; which saved forward a backward consumes (LIFO) then depends on the order the
+ * calls took, which is the caller's to arrange. destroy must not race with any other call on that layer.
  *
  * The block between the CDEF markers is plain C declarations with no preprocessor lines, so that cffi can
  * read it with ffi.cdef() as is. Exported symbols are marked with the visibility pragma around it.

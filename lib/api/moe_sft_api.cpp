@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "api/status.h"
@@ -10,9 +11,12 @@
 #include "layer/moe_layer.h"
 #include "moe_sft.h"
 
+// The handle: the layer plus the lock that makes each call on it atomic (validation that reads its cache,
+// the compute, the cache push or pop), so one layer used from several threads stays consistent.
 struct moe_sft_layer {
   explicit moe_sft_layer(const moe_sft_config& cfg) : impl(cfg) {}
   moe_sft::layer::MoELayer impl;
+  mutable std::mutex mutex;
 };
 
 using moe_sft::as_bf16;
@@ -74,6 +78,7 @@ moe_sft_status moe_sft_update_lora(moe_sft_layer* layer, const moe_sft_lora* lor
   return guard("moe_sft_update_lora", [&] {
     require_non_null(layer, "layer");
     validate_lora(lora);
+    std::lock_guard<std::mutex> lock(layer->mutex);
     layer->impl.bind_lora(*lora);
   });
 }
@@ -83,6 +88,7 @@ moe_sft_status moe_sft_forward(moe_sft_layer* layer, int64_t qlen, int32_t top_k
                                int32_t save_for_backward) {
   return guard("moe_sft_forward", [&] {
     require_non_null(layer, "layer");
+    std::lock_guard<std::mutex> lock(layer->mutex);
     const moe_sft::layer::MoELayer& l = layer->impl;
     require_range(top_k, 1, 1 << 16, "top_k");
     require_range(qlen, 0, (int64_t(1) << 50) / (int64_t(top_k) * std::max(l.hidden(), l.intermediate())), "qlen");
@@ -100,6 +106,7 @@ moe_sft_status moe_sft_backward(moe_sft_layer* layer, const uint16_t* grad_outpu
                                 float* grad_routing_weights, const moe_sft_lora_grads* grads, int32_t accumulate) {
   return guard("moe_sft_backward", [&] {
     require_non_null(layer, "layer");
+    std::lock_guard<std::mutex> lock(layer->mutex);
     const moe_sft::layer::MoELayer& l = layer->impl;
     if (!l.cache().empty()) {  // an empty cache is reported by the layer, with its own status
       const moe_sft::layer::Routing& routing = l.cache().top().routing;
@@ -117,6 +124,7 @@ moe_sft_status moe_sft_cache_depth(const moe_sft_layer* layer, int32_t* depth) {
   return guard("moe_sft_cache_depth", [&] {
     require_non_null(layer, "layer");
     require_non_null(depth, "depth");
+    std::lock_guard<std::mutex> lock(layer->mutex);
     *depth = int32_t(layer->impl.cache().depth());
   });
 }

@@ -1,6 +1,7 @@
 """numpy API over the C ABI: MoESFT, Grads."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -104,6 +105,9 @@ class MoESFT:
         self._handle = 0
         self._lora = None
         self._pending = []
+        # The C layer makes each call atomic; this lock also keeps _pending in the order the C cache was
+        # pushed and popped when one MoESFT is shared by threads.
+        self._lock = threading.Lock()
         status, handle = _backend.backend.create(E, H, I, self.lora_rank, self.lora_alpha, self.max_cache_depth,
                                                  threads, self.tp_count, _address(gate), _address(up),
                                                  _address(down), -1 if check_finite is None else int(bool(check_finite)))
@@ -193,10 +197,11 @@ class MoESFT:
         w = np.ascontiguousarray(w, dtype=np.float32)
         _check_shape(w, "routing_weights", (T, k))
         out = np.empty((T, self.hidden_size), dtype=bfloat16)
-        _check(_backend.backend.forward(handle, T, k, _address(ids), _address(w), _address(xb), _address(out),
-                                        int(bool(save_for_backward))))
-        if save_for_backward:
-            self._pending.append(_Pending(T, k, x_in.dtype if x_in.dtype.kind == "f" else bfloat16))
+        with self._lock:
+            _check(_backend.backend.forward(handle, T, k, _address(ids), _address(w), _address(xb), _address(out),
+                                            int(bool(save_for_backward))))
+            if save_for_backward:
+                self._pending.append(_Pending(T, k, x_in.dtype if x_in.dtype.kind == "f" else bfloat16))
         return out if out.dtype == x_in.dtype or x_in.dtype.kind != "f" else out.astype(x_in.dtype)
 
     def __call__(self, *args, **kwargs):
@@ -209,6 +214,10 @@ class MoESFT:
         ``accumulate=True`` the LoRA grads are added to ``out``'s instead of overwriting them
         (grad input and routing-weight grads are always overwritten). ``lora_grads=False`` skips them.
         """
+        with self._lock:  # pending forward and C cache change together
+            return self._backward(grad_output, out, accumulate, lora_grads)
+
+    def _backward(self, grad_output, out, accumulate, lora_grads):
         handle = self._live()
         if not self._pending:  # let the library report it, with its status and message
             _check(_backend.backend.backward(handle, *([0] * 9), int(bool(accumulate))))
