@@ -24,8 +24,9 @@ class PackedMatrix {
   static constexpr int64_t kColAlign = 32;   // one AMX tile's K in bf16
 
   PackedMatrix() = default;
-  // Packs the rows x cols block of `src` whose element (r, c) is src[r * ld + c].
-  PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld);
+  // Packs the rows x cols block of `src` whose element (r, c) is src[r * ld + c], into memory placed on
+  // NUMA node `numa_node` where there are several (-1: wherever the packing thread runs).
+  PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld, int numa_node = -1);
 
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }

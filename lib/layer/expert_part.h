@@ -1,6 +1,7 @@
 // One tensor-parallel part of the layer: the slice [i_begin, i_end) of the intermediate dimension, with
 // its own packed slices of every expert's base weights (packed from the caller's full arrays at create:
-// the caller never partitions anything). With tp_count = 1 there is one part covering all of I.
+// the caller never partitions anything). With tp_count = 1 there is one part covering all of I. On a
+// machine with several NUMA nodes, part p lives on node p mod nodes.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -11,6 +12,7 @@ namespace moe_sft::layer {
 
 struct ExpertPart {
   int64_t i_begin = 0, i_end = 0;
+  int numa_node = -1;  // node holding this part's weights and running its tasks (-1: one-node machine)
   std::vector<kernels::PackedMatrix> gate;  // per expert: rows [i_begin, i_end) of gate_proj[e], [I_p, H]
   std::vector<kernels::PackedMatrix> up;    // per expert: rows of up_proj[e], [I_p, H]
   std::vector<kernels::PackedMatrix> down;  // per expert: columns [i_begin, i_end) of down_proj[e], [H, I_p]

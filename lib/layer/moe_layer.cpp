@@ -4,6 +4,7 @@
 
 #include "layer/finite_check.h"
 #include "runtime/error.h"
+#include "runtime/numa.h"
 #include "runtime/runtime.h"
 
 namespace moe_sft::layer {
@@ -50,9 +51,11 @@ MoELayer::MoELayer(const moe_sft_config& cfg)
   if (check_finite_) check_base_weights(cfg);
   const std::vector<int64_t> bounds = part_bounds(I, cfg.tp_count, kernels::kColBlock);
   parts_.resize(size_t(cfg.tp_count));
+  const int nodes = numa_topology().nodes();
   for (size_t p = 0; p < parts_.size(); ++p) {
     parts_[p].i_begin = bounds[p];
     parts_[p].i_end = bounds[p + 1];
+    parts_[p].numa_node = nodes > 1 ? int(p) % nodes : -1;
     parts_[p].gate.resize(size_t(E));
     parts_[p].up.resize(size_t(E));
     parts_[p].down.resize(size_t(E));
@@ -64,9 +67,9 @@ MoELayer::MoELayer(const moe_sft_config& cfg)
   session.pool().parallel_for(int64_t(parts_.size()) * E, threads_, [&](int64_t task, int) {
     ExpertPart& part = parts_[size_t(task / E)];
     const int64_t e = task % E, i0 = part.i_begin, w = part.width();
-    part.gate[size_t(e)] = kernels::PackedMatrix(gate + (e * I + i0) * H, w, H, H);
-    part.up[size_t(e)] = kernels::PackedMatrix(up + (e * I + i0) * H, w, H, H);
-    part.down[size_t(e)] = kernels::PackedMatrix(down + e * H * I + i0, H, w, I);
+    part.gate[size_t(e)] = kernels::PackedMatrix(gate + (e * I + i0) * H, w, H, H, part.numa_node);
+    part.up[size_t(e)] = kernels::PackedMatrix(up + (e * I + i0) * H, w, H, H, part.numa_node);
+    part.down[size_t(e)] = kernels::PackedMatrix(down + e * H * I + i0, H, w, I, part.numa_node);
   });
   cache_.reserve(max_cache_depth_);  // pushing a finished forward must not be able to fail
 }

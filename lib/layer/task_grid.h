@@ -42,25 +42,35 @@ struct ExpertTask {
   int64_t rows() const { return row_end - row_begin; }
 };
 
-// Every (expert with rows, column block) pair.
+// Every (expert with rows, column block) pair, ordered part by part, then expert by expert: a worker's
+// contiguous range of tasks stays within one tensor-parallel part (on several NUMA nodes, the part on the
+// worker's node) and walks one expert's blocks in a row.
 class ExpertGrid {
  public:
   ExpertGrid(const Routing& routing, std::vector<ColumnBlock> blocks) : routing_(routing), blocks_(std::move(blocks)) {
     for (int64_t e = 0; e < routing.experts(); ++e)
       if (routing.rows_of(e) > 0) active_.push_back(e);
+    for (size_t b = 0; b < blocks_.size(); ++b)  // blocks come grouped by part
+      if (b == 0 || blocks_[b].part != blocks_[b - 1].part) part_first_block_.push_back(int64_t(b));
+    part_first_block_.push_back(int64_t(blocks_.size()));
   }
   int64_t size() const { return int64_t(active_.size() * blocks_.size()); }
   int64_t block_count() const { return int64_t(blocks_.size()); }
   ExpertTask operator[](int64_t i) const {
-    int64_t e = active_[size_t(i) / blocks_.size()];
-    size_t b = size_t(i) % blocks_.size();
-    return {e, routing_.expert_begin[e], routing_.expert_begin[e + 1], int64_t(b), &blocks_[b]};
+    const int64_t experts = int64_t(active_.size());
+    size_t p = 0;  // the part whose tasks hold i (parts are few: a linear walk)
+    while (i >= experts * part_first_block_[p + 1]) ++p;
+    const int64_t first = part_first_block_[p], width = part_first_block_[p + 1] - first;
+    const int64_t local = i - experts * first;
+    const int64_t e = active_[size_t(local / width)], b = first + local % width;
+    return {e, routing_.expert_begin[e], routing_.expert_begin[e + 1], b, &blocks_[size_t(b)]};
   }
 
  private:
   const Routing& routing_;
   std::vector<ColumnBlock> blocks_;
   std::vector<int64_t> active_;
+  std::vector<int64_t> part_first_block_;  // index of each part's first block, then blocks_.size()
 };
 
 // Every expert's rows cut into chunks of at most `chunk` rows (for row-local work such as rank-r products).

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "runtime/numa.h"
+
 namespace moe_sft {
 
 ThreadPool::ThreadPool(int threads) : ranges_(new Range[std::max(threads, 1)]) {
@@ -44,6 +46,9 @@ void ThreadPool::run_tasks(int worker) {
 }
 
 void ThreadPool::worker_loop(int worker) {
+  // On several NUMA nodes, workers are spread over them in order (the first ones on node 0, ...), so the
+  // contiguous task ranges of parallel_for, ordered part by part, land on the node that holds that part.
+  pin_thread_to_numa_node(worker * numa_topology().nodes() / size());
   uint64_t seen = 0;
   for (;;) {
     {
