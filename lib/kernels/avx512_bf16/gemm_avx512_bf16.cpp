@@ -55,7 +55,11 @@ void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pa
   for (int64_t kp = kp0; kp < kend; ++kp) {
     __m512bh bv[PANELS];
 #pragma GCC unroll 4
-    for (int p = 0; p < PANELS; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + kp * 32);
+    for (int p = 0; p < PANELS; ++p) {
+      // Few rows: B streams from memory with little work per line, so fetch the panels' lines ahead.
+      if (ROWS <= 3) _mm_prefetch(reinterpret_cast<const char*>(b + p * panel_stride + (kp + 16) * 32), _MM_HINT_T0);
+      bv[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + kp * 32);
+    }
 #pragma GCC unroll 6
     for (int r = 0; r < ROWS; ++r) {
       int32_t pair;
