@@ -7,8 +7,10 @@
 
     expert_ids, routing_weights = moe_sft.route(gate_logits, top_k)           # NaN-safe top-k router
     grad_logits = moe_sft.route_backward(gate_logits, expert_ids, grads.routing_weights)
+    print(moe_sft.check_adapter("adapter_model.safetensors"))                 # where are the NaNs?
 """
 from . import _backend
+from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
 from ._errors import InvalidArgumentError, MoESFTError
 from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
@@ -17,7 +19,8 @@ from ._router import route, route_backward
 __version__ = "0.1.0"
 
 __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "route", "route_backward",
-           "get_include", "get_library", "library_version", "backend", "__version__"]
+           "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include", "get_library",
+           "library_version", "backend", "__version__"]
 
 
 def library_version():
