@@ -153,6 +153,50 @@ const char *moe_sft_last_error(void);
 /* MOE_SFT_VERSION_NUMBER of the library actually loaded. */
 uint32_t moe_sft_version(void);
 
+/* Scoring function of the router: softmax over the experts of a row, or a sigmoid of each logit. */
+typedef enum moe_sft_scoring { MOE_SFT_SCORING_SOFTMAX = 0, MOE_SFT_SCORING_SIGMOID = 1 } moe_sft_scoring;
+
+/* Top-k router that no NaN or Inf can break: from gate logits, the experts of every token and their routing
+ * weights, ready for moe_sft_forward. Per row t (scores computed in double):
+ *   scores[e]           = softmax(logits[t, :])[e]  or  sigmoid(logits[t, e])
+ *   expert_ids[t, :]    = the top_k experts by scores[e] + correction_bias[e], best first, ties to the lower id
+ *   routing_weights[t, j] = scores[expert_ids[t, j]] (the bias only selects), divided by the sum over the row's
+ *                         top_k selected scores when renormalize != 0
+ * Every row, whatever it holds, gets top_k distinct ids in [0, expert_num) and weights in [0, 1]; rows
+ * without NaN or Inf are exactly the formulas above. The rules for the others:
+ *   - a NaN logit ranks below every non-NaN one, whatever the bias (NaNs among themselves by id) and scores 0;
+ *   - softmax: NaNs are left out of the softmax. If the largest other logit is +Inf, the +Inf entries share
+ *     the mass equally and the rest score 0; if all the others are -Inf, they share it equally. A row of NaNs
+ *     only is scored as a row of equal logits (1/expert_num each) and selects ids 0 .. top_k-1;
+ *   - sigmoid: +Inf scores 1, -Inf scores 0, NaN scores 0;
+ *   - renormalize: when the selected scores sum to 0, every weight is 1/top_k.
+ * qlen >= 0 rows; expert_num >= 1; 1 <= top_k <= expert_num.
+ * logits_dtype: MOE_SFT_DTYPE_F32 or MOE_SFT_DTYPE_BF16 (16-bit words); logits [qlen, expert_num] of it.
+ * scoring: MOE_SFT_SCORING_SOFTMAX or MOE_SFT_SCORING_SIGMOID.
+ * correction_bias: [expert_num] f32, all finite, or NULL for none; added to the scores for selection only
+ *   (DeepSeek-V3's e_score_correction_bias). Group-limited selection and a routed scaling factor are the
+ *   caller's (scale the weights after the call).
+ * expert_ids: [qlen, top_k] int64 out. routing_weights: [qlen, top_k] f32 out.
+ * Stateless: runs on the calling thread, any number of calls at once, independent of every layer. */
+moe_sft_status moe_sft_route(int64_t qlen, int32_t expert_num, int32_t top_k, moe_sft_dtype logits_dtype,
+                             const void *logits, moe_sft_scoring scoring, int32_t renormalize,
+                             const float *correction_bias, int64_t *expert_ids, float *routing_weights);
+
+/* Backward of moe_sft_route: grad_logits[t, e] = d(sum_j grad_routing_weights[t, j] * routing_weights[t, j])
+ * / d logits[t, e], for the weights moe_sft_route gives the selection expert_ids (held fixed) under the same
+ * rules. Unselected experts get the softmax cross terms (exactly 0 when renormalize != 0: the renormalized
+ * weights are then a softmax over the selected logits alone). A non-finite logit gets 0, and so does every
+ * logit of a row whose weights the rules make constant (an +Inf in a softmax row, a renormalized row whose
+ * selected scores sum to 0).
+ * qlen, expert_num, top_k, logits_dtype, logits, scoring, renormalize: as given to moe_sft_route.
+ * expert_ids: [qlen, top_k] int64, each in [0, expert_num); a repeated id counts twice in the renormalizing sum.
+ * grad_routing_weights: [qlen, top_k] f32. grad_logits: [qlen, expert_num] f32 out, overwritten.
+ * Stateless, as moe_sft_route. */
+moe_sft_status moe_sft_route_backward(int64_t qlen, int32_t expert_num, int32_t top_k, moe_sft_dtype logits_dtype,
+                                      const void *logits, moe_sft_scoring scoring, int32_t renormalize,
+                                      const int64_t *expert_ids, const float *grad_routing_weights,
+                                      float *grad_logits);
+
 /* MOE_SFT_CDEF_END */
 
 #if defined(__GNUC__)

@@ -4,15 +4,22 @@
     layer.update_lora(gate_a, gate_b, up_a, up_b, down_a, down_b)   # kept by reference
     out = layer.forward(x, expert_ids, routing_weights, save_for_backward=True)
     grads = layer.backward(grad_out)
+
+    expert_ids, routing_weights = moe_sft.route(gate_logits, top_k)           # NaN-safe top-k router
+    grad_logits = moe_sft.route_backward(gate_logits, expert_ids, grads.routing_weights)
+    print(moe_sft.check_adapter("adapter_model.safetensors"))                 # where are the NaNs?
 """
 from . import _backend
+from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
 from ._errors import InvalidArgumentError, MoESFTError
 from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
+from ._router import route, route_backward
 
 __version__ = "0.1.0"
 
-__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "get_include", "get_library",
+__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "route", "route_backward",
+           "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include", "get_library",
            "library_version", "backend", "__version__"]
 
 

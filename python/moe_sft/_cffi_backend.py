@@ -11,8 +11,8 @@ import cffi as _cffi
 
 from . import _paths
 
-__all__ = ["create", "destroy", "update_lora", "forward", "backward", "cache_depth", "layer_isa", "status_string",
-           "last_error", "version"]
+__all__ = ["create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "cache_depth",
+           "layer_isa", "status_string", "last_error", "version"]
 
 CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
 CDEF_END = "/* MOE_SFT_CDEF_END */"
@@ -91,6 +91,18 @@ def backward(layer, grad_output, grad_input, grad_weights, gate_a, gate_b, up_a,
     return _lib.moe_sft_backward(_layer(layer), _ffi.cast("const uint16_t *", grad_output),
                                  _ffi.cast("uint16_t *", grad_input), _ffi.cast("float *", grad_weights), grads,
                                  accumulate)
+
+
+def route(qlen, experts, top_k, dtype, logits, scoring, renormalize, bias, ids, weights):
+    return _lib.moe_sft_route(qlen, experts, top_k, dtype, _ffi.cast("const void *", logits), scoring, renormalize,
+                              _ffi.cast("const float *", bias), _ffi.cast("int64_t *", ids),
+                              _ffi.cast("float *", weights))
+
+
+def route_backward(qlen, experts, top_k, dtype, logits, scoring, renormalize, ids, grad_weights, grad_logits):
+    return _lib.moe_sft_route_backward(qlen, experts, top_k, dtype, _ffi.cast("const void *", logits), scoring,
+                                       renormalize, _ffi.cast("const int64_t *", ids),
+                                       _ffi.cast("const float *", grad_weights), _ffi.cast("float *", grad_logits))
 
 
 def cache_depth(layer):

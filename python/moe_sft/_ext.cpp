@@ -71,6 +71,19 @@ std::pair<int, int32_t> cache_depth(uintptr_t layer) {
   return {status, depth};
 }
 
+int route(int64_t qlen, int32_t experts, int32_t top_k, int dtype, uintptr_t logits, int scoring, int renormalize,
+          uintptr_t bias, uintptr_t ids, uintptr_t weights) {
+  return moe_sft_route(qlen, experts, top_k, moe_sft_dtype(dtype), ptr<const void>(logits), moe_sft_scoring(scoring),
+                       renormalize, ptr<const float>(bias), ptr<int64_t>(ids), ptr<float>(weights));
+}
+
+int route_backward(int64_t qlen, int32_t experts, int32_t top_k, int dtype, uintptr_t logits, int scoring,
+                   int renormalize, uintptr_t ids, uintptr_t grad_weights, uintptr_t grad_logits) {
+  return moe_sft_route_backward(qlen, experts, top_k, moe_sft_dtype(dtype), ptr<const void>(logits),
+                                moe_sft_scoring(scoring), renormalize, ptr<const int64_t>(ids),
+                                ptr<const float>(grad_weights), ptr<float>(grad_logits));
+}
+
 }  // namespace
 
 NB_MODULE(_moe_sft_ext, m) {
@@ -81,6 +94,8 @@ NB_MODULE(_moe_sft_ext, m) {
   m.def("update_lora", &update_lora, release);
   m.def("forward", &forward, release);
   m.def("backward", &backward, release);
+  m.def("route", &route, release);
+  m.def("route_backward", &route_backward, release);
   m.def("cache_depth", &cache_depth);
   m.def("layer_isa", [](uintptr_t layer) {
     const char* name = moe_sft_layer_isa(ptr<const moe_sft_layer>(layer));

@@ -1,0 +1,106 @@
+// C ABI entry points of the router: validation of every argument and input value, then layer/router.
+// Everything is checked before the first write, so a failing call leaves its outputs untouched.
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "api/status.h"
+#include "api/validate.h"
+#include "layer/router.h"
+#include "moe_sft.h"
+
+using moe_sft::api::guard;
+using moe_sft::api::require_array;
+using moe_sft::api::require_range;
+using moe_sft::layer::RouterShape;
+
+namespace {
+
+[[noreturn]] void invalid(const std::string& message) {
+  throw moe_sft::Error(MOE_SFT_ERR_INVALID_ARGUMENT, message);
+}
+
+std::string format_value(float v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.9g", double(v));
+  return text;
+}
+
+// The arguments both calls share; returns the shape and the logits' element size.
+RouterShape validate_shape(int64_t qlen, int32_t expert_num, int32_t top_k, moe_sft_dtype logits_dtype,
+                           const void* logits, moe_sft_scoring scoring, int32_t renormalize) {
+  require_range(expert_num, 1, INT32_MAX, "expert_num");
+  require_range(top_k, 1, expert_num, "top_k");
+  // Bounds every [qlen, expert_num] index (and its byte offset) well inside int64.
+  require_range(qlen, 0, (int64_t(1) << 50) / expert_num, "qlen");
+  if (logits_dtype != MOE_SFT_DTYPE_BF16 && logits_dtype != MOE_SFT_DTYPE_F32)
+    invalid("logits_dtype = " + std::to_string(int(logits_dtype)) +
+            " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
+  if (scoring != MOE_SFT_SCORING_SOFTMAX && scoring != MOE_SFT_SCORING_SIGMOID)
+    invalid("scoring = " + std::to_string(int(scoring)) +
+            " is not a scoring function (MOE_SFT_SCORING_SOFTMAX = 0, MOE_SFT_SCORING_SIGMOID = 1)");
+  require_array(logits, "logits", qlen * expert_num, logits_dtype == MOE_SFT_DTYPE_BF16 ? 2 : 4);
+  return {qlen, expert_num, top_k,
+          scoring == MOE_SFT_SCORING_SIGMOID ? moe_sft::layer::Scoring::sigmoid : moe_sft::layer::Scoring::softmax,
+          renormalize != 0};
+}
+
+// A non-finite bias would poison the selection of every row at once: refused rather than ranked.
+void validate_bias(const float* bias, int32_t expert_num) {
+  if (bias == nullptr) return;
+  require_array(bias, "correction_bias", expert_num, 4);
+  for (int32_t e = 0; e < expert_num; ++e)
+    if (!std::isfinite(bias[e]))
+      invalid("correction_bias[" + std::to_string(e) + "] = " + format_value(bias[e]) + " is not finite");
+}
+
+void validate_selected_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts) {
+  for (int64_t t = 0; t < qlen; ++t)
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t id = ids[t * top_k + j];
+      if (id < 0 || id >= experts)
+        invalid("expert_ids[" + std::to_string(t) + ", " + std::to_string(j) + "] = " + std::to_string(id) +
+                " is out of range [0, " + std::to_string(experts) + ") (the router selects real experts only)");
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+moe_sft_status moe_sft_route(int64_t qlen, int32_t expert_num, int32_t top_k, moe_sft_dtype logits_dtype,
+                             const void* logits, moe_sft_scoring scoring, int32_t renormalize,
+                             const float* correction_bias, int64_t* expert_ids, float* routing_weights) {
+  return guard("moe_sft_route", [&] {
+    const RouterShape shape = validate_shape(qlen, expert_num, top_k, logits_dtype, logits, scoring, renormalize);
+    require_array(expert_ids, "expert_ids", qlen * top_k, 8);
+    require_array(routing_weights, "routing_weights", qlen * top_k, 4);
+    validate_bias(correction_bias, expert_num);
+    if (logits_dtype == MOE_SFT_DTYPE_BF16)
+      moe_sft::layer::route(shape, static_cast<const moe_sft::bf16*>(logits), correction_bias, expert_ids,
+                            routing_weights);
+    else
+      moe_sft::layer::route(shape, static_cast<const float*>(logits), correction_bias, expert_ids, routing_weights);
+  });
+}
+
+moe_sft_status moe_sft_route_backward(int64_t qlen, int32_t expert_num, int32_t top_k, moe_sft_dtype logits_dtype,
+                                      const void* logits, moe_sft_scoring scoring, int32_t renormalize,
+                                      const int64_t* expert_ids, const float* grad_routing_weights,
+                                      float* grad_logits) {
+  return guard("moe_sft_route_backward", [&] {
+    const RouterShape shape = validate_shape(qlen, expert_num, top_k, logits_dtype, logits, scoring, renormalize);
+    require_array(expert_ids, "expert_ids", qlen * top_k, 8);
+    require_array(grad_routing_weights, "grad_routing_weights", qlen * top_k, 4);
+    require_array(grad_logits, "grad_logits", qlen * expert_num, 4);
+    validate_selected_ids(expert_ids, qlen, top_k, expert_num);
+    if (logits_dtype == MOE_SFT_DTYPE_BF16)
+      moe_sft::layer::route_backward(shape, static_cast<const moe_sft::bf16*>(logits), expert_ids,
+                                     grad_routing_weights, grad_logits);
+    else
+      moe_sft::layer::route_backward(shape, static_cast<const float*>(logits), expert_ids, grad_routing_weights,
+                                     grad_logits);
+  });
+}
+
+}  // extern "C"
