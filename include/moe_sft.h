@@ -177,6 +177,8 @@ typedef enum moe_sft_scoring { MOE_SFT_SCORING_SOFTMAX = 0, MOE_SFT_SCORING_SIGM
  *   (DeepSeek-V3's e_score_correction_bias). Group-limited selection and a routed scaling factor are the
  *   caller's (scale the weights after the call).
  * expert_ids: [qlen, top_k] int64 out. routing_weights: [qlen, top_k] f32 out.
+ * With MOE_SFT_CHECK_FINITE=1 in the environment (check_finite's process default), a NaN/Inf logit is
+ * reported instead: MOE_SFT_ERR_NON_FINITE naming the token, expert and value, nothing written.
  * Stateless: runs on the calling thread, any number of calls at once, independent of every layer. */
 moe_sft_status moe_sft_route(int64_t qlen, int32_t expert_num, int32_t top_k, moe_sft_dtype logits_dtype,
                              const void *logits, moe_sft_scoring scoring, int32_t renormalize,

@@ -148,3 +148,13 @@ def test_environment_default(isa, prob, monkeypatch):
     forward_fails(make_layer(prob), prob, "input at token 1, column 2")
     monkeypatch.setenv("MOE_SFT_CHECK_FINITE", "0")
     make_layer(prob).forward(prob.x, prob.ids, prob.weights)
+
+
+def test_router_reports_poisoned_logits_when_checking(monkeypatch):
+    logits = np.zeros((4, 6), np.float32)
+    logits[2, 5] = np.nan
+    ids, w = moe_sft.route(logits, 2)  # check off: routed safely
+    assert np.isfinite(w).all() and (ids >= 0).all()
+    monkeypatch.setenv("MOE_SFT_CHECK_FINITE", "1")
+    fails(lambda: moe_sft.route(logits, 2), "non-finite value nan in logits at token 2, expert 5",
+          "(stage 1 of 1: router input)")

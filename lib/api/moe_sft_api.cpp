@@ -1,6 +1,5 @@
 // The C ABI entry points: argument validation, then the layer. Every function body runs inside guard(),
 // so an exception from any depth becomes a status plus a thread-local message.
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -58,8 +57,7 @@ void moe_sft_config_init(moe_sft_config* cfg) {
   cfg->max_cache_depth = 1;
   cfg->num_threads = 0;
   cfg->tp_count = 1;
-  const char* check = std::getenv("MOE_SFT_CHECK_FINITE");
-  cfg->check_finite = check != nullptr && check[0] != '\0' && check[0] != '0';
+  cfg->check_finite = moe_sft::api::check_finite_default();
 }
 
 moe_sft_status moe_sft_create(const moe_sft_config* cfg, moe_sft_layer** out) {

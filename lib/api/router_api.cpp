@@ -6,6 +6,7 @@
 
 #include "api/status.h"
 #include "api/validate.h"
+#include "layer/finite_check.h"
 #include "layer/router.h"
 #include "moe_sft.h"
 
@@ -64,6 +65,20 @@ void validate_selected_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int6
     }
 }
 
+// With MOE_SFT_CHECK_FINITE on, a poisoned row is an error naming it (the router would route it safely,
+// but the NaN came from somewhere upstream, and check_finite is there to find where).
+void report_non_finite_logits(moe_sft_dtype dtype, const void* logits, int64_t qlen, int32_t expert_num) {
+  const int64_t n = qlen * expert_num;
+  const moe_sft::layer::NonFinite hit =
+      dtype == MOE_SFT_DTYPE_BF16 ? moe_sft::layer::first_non_finite(static_cast<const moe_sft::bf16*>(logits), n)
+                                  : moe_sft::layer::first_non_finite(static_cast<const float*>(logits), n);
+  if (hit.found)
+    moe_sft::layer::throw_non_finite(
+        hit.value, "logits", "token " + std::to_string(hit.index / expert_num) + ", expert " +
+                                 std::to_string(hit.index % expert_num),
+        moe_sft::layer::Stage{1, 1, "router input"});
+}
+
 }  // namespace
 
 extern "C" {
@@ -76,6 +91,7 @@ moe_sft_status moe_sft_route(int64_t qlen, int32_t expert_num, int32_t top_k, mo
     require_array(expert_ids, "expert_ids", qlen * top_k, 8);
     require_array(routing_weights, "routing_weights", qlen * top_k, 4);
     validate_bias(correction_bias, expert_num);
+    if (moe_sft::api::check_finite_default()) report_non_finite_logits(logits_dtype, logits, qlen, expert_num);
     if (logits_dtype == MOE_SFT_DTYPE_BF16)
       moe_sft::layer::route(shape, static_cast<const moe_sft::bf16*>(logits), correction_bias, expert_ids,
                             routing_weights);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -90,6 +91,11 @@ void validate_config(const moe_sft_config& c) {
   require_array(c.gate_proj, "cfg->gate_proj", weights, 2);
   require_array(c.up_proj, "cfg->up_proj", weights, 2);
   require_array(c.down_proj, "cfg->down_proj", weights, 2);
+}
+
+bool check_finite_default() {
+  const char* v = std::getenv("MOE_SFT_CHECK_FINITE");
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
 }
 
 void validate_expert_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts) {

@@ -18,6 +18,9 @@ void require_range(int64_t value, int64_t lo, int64_t hi, const char* name);  //
 moe_sft_config read_config(const moe_sft_config* cfg);
 void validate_config(const moe_sft_config& cfg);
 
+// The process default of check_finite: MOE_SFT_CHECK_FINITE set to anything but "" or "0".
+bool check_finite_default();
+
 // Every id in [-1, experts).
 void validate_expert_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts);
 
