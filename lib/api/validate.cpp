@@ -52,15 +52,18 @@ void require_range(int64_t value, int64_t lo, int64_t hi, const char* name) {
 
 moe_sft_config read_config(const moe_sft_config* cfg) {
   require_non_null(cfg, "cfg");
-  // Size of the first published moe_sft_config; fields appended later keep their defaults for callers
-  // compiled against an older header.
+  // The published sizes: the first version ended with down_proj; each later version appends fields. A
+  // caller compiled against an older header passes a shorter struct and gets the defaults for the rest; a
+  // newer caller's struct is accepted only if every field this library does not know is zero (its padding
+  // included, which moe_sft_config_init zeroes).
   constexpr size_t kFirstVersionSize = offsetof(moe_sft_config, down_proj) + sizeof(cfg->down_proj);
+  constexpr size_t kKnownBytes = offsetof(moe_sft_config, check_finite) + sizeof(cfg->check_finite);
   if (cfg->struct_size == 0)
     invalid("cfg->struct_size = 0: initialize the config with moe_sft_config_init before setting fields");
-  if (cfg->struct_size < kFirstVersionSize)
-    invalid("cfg->struct_size = " + std::to_string(cfg->struct_size) + " is smaller than any moe_sft_config (" +
-            std::to_string(kFirstVersionSize) + " bytes)");
-  const size_t known = std::min(cfg->struct_size, sizeof(moe_sft_config));
+  if (cfg->struct_size != kFirstVersionSize && cfg->struct_size < sizeof(moe_sft_config))
+    invalid("cfg->struct_size = " + std::to_string(cfg->struct_size) + " is not the size of any moe_sft_config (" +
+            std::to_string(kFirstVersionSize) + " or at least " + std::to_string(sizeof(moe_sft_config)) + ")");
+  const size_t known = std::min(cfg->struct_size, kKnownBytes);
   const unsigned char* bytes = reinterpret_cast<const unsigned char*>(cfg);
   for (size_t i = known; i < cfg->struct_size; ++i)
     if (bytes[i] != 0)

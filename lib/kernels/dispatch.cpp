@@ -20,12 +20,9 @@ const KernelSet* amx_native(const char** why_not) {
 
 const KernelSet* avx512_bf16(const char** why_not) {
   const CpuFeatures& f = cpu_features();
-  if (!(f.avx512f && f.avx512bw && f.avx512vl && f.avx512_bf16)) {
-    *why_not = "this CPU has no AVX-512 BF16 (CPUID)";
-    return nullptr;
-  }
-  if (!f.os_avx512) {
-    *why_not = "the OS does not enable AVX-512 state (XCR0)";
+  if (!f.avx512_bf16_usable()) {
+    *why_not = f.os_avx512 || !f.avx512f ? "this CPU lacks one of AVX-512 F/BW/VL/DQ/BF16 or FMA (CPUID)"
+                                          : "the OS does not enable AVX-512 state (XCR0)";
     return nullptr;
   }
   return &avx512_bf16_kernels();

@@ -90,8 +90,10 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     const NonFinite hit = first_non_finite(call.grad_output, T_ * H);
     if (hit.found) throw_non_finite(hit.value, "grad_output", token_column(hit.index, H), kGradOutput);
   }
+  // Every allocation a call makes happens before its first write to the caller's arrays.
   const ExpertGrid grid_i(routing, column_blocks(parts_, cb));
   const ExpertGrid grid_h(routing, column_blocks(H, cb));
+  const std::vector<ExpertTask> row_tasks = row_chunks(routing, kRowChunk);
   const int64_t nbi = grid_i.block_count();
 
   ScratchLayout layout;
@@ -113,7 +115,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   const int64_t repack = kernels::xw_scratch_elems(std::max(H, widest_part));  // gemm_xw's per-worker scratch
   auto repack_slot = layout.add<bf16>(size_t(threads_ * repack));
   auto staged_gi_slot = layout.add<bf16>(check ? size_t(T_ * H) : 0);
-  auto staged_gw_slot = layout.add<float>(check ? size_t(T_ * k) : 0);
+  auto staged_gw_slot = layout.add<float>(check && call.grad_weights != nullptr ? size_t(T_ * k) : 0);
   const size_t lora_grad_elems = size_t(experts_ * r * 2 * (H + I) + experts_ * r * (H + I));
   auto staged_lora_slot = layout.add<float>(check && want_lora_grads ? lora_grad_elems : 0);
 
@@ -136,7 +138,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   bf16* repack_scratch = repack_slot.in(base);
   const kernels::LowRankKernels& lr = kernels_->low_rank;
   bf16* grad_input = check ? staged_gi_slot.in(base) : call.grad_input;
-  float* grad_weights = check ? staged_gw_slot.in(base) : call.grad_weights;
+  float* grad_weights = check && call.grad_weights != nullptr ? staged_gw_slot.in(base) : call.grad_weights;
   LoraGradView G = caller_grads;
   if (check && want_lora_grads) {  // the same six arrays, laid out back to back in scratch
     float* p = staged_lora_slot.in(base);
@@ -157,7 +159,6 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     }
   });
 
-  const std::vector<ExpertTask> row_tasks = row_chunks(routing, kRowChunk);
   // 2. dO·Bd and the weighted rank-r rows the down grads need
   if (r > 0)
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
@@ -267,8 +268,10 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     if (want_lora_grads)
       for (const GradArray& a : grad_arrays(G)) check_expert_array(a.data, experts_, a.rows, a.cols, a.name, kLoraGrads);
     // All checks passed: only now do the caller's arrays change.
-    std::memcpy(call.grad_input, grad_input, size_t(T_ * H) * sizeof(bf16));
-    if (call.grad_weights != nullptr) std::memcpy(call.grad_weights, grad_weights, size_t(T_ * k) * sizeof(float));
+    if (T_ > 0) {  // (empty arrays may be NULL)
+      std::memcpy(call.grad_input, grad_input, size_t(T_ * H) * sizeof(bf16));
+      if (call.grad_weights != nullptr) std::memcpy(call.grad_weights, grad_weights, size_t(T_ * k) * sizeof(float));
+    }
     if (want_lora_grads) {
       const auto staged = grad_arrays(G), out = grad_arrays(caller_grads);
       for (size_t i = 0; i < staged.size(); ++i) {

@@ -94,6 +94,12 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     rec.h_down_a.resize(size_t(R * r));
   }
 
+  // Every allocation a call makes happens before its first write to the caller's arrays.
+  const std::vector<ExpertTask> row_tasks = row_chunks(routing, kRowChunk);
+  const ExpertGrid grid_i(routing, column_blocks(parts_, cb));
+  const ExpertGrid grid_h(routing, column_blocks(H, cb));
+  if (save) cache_.reserve(cache_.depth() + 1);  // so that the final push cannot fail
+
   auto session = Runtime::instance().session(threads_);
   ThreadPool& pool = session.pool();
   std::byte* base = session.arena().frame(layout);
@@ -117,7 +123,6 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
       std::memcpy(xs + row * H, call.input + routing.row_pair[row] / k * H, size_t(H) * sizeof(bf16));
   });
 
-  const std::vector<ExpertTask> row_tasks = row_chunks(routing, kRowChunk);
   // 2. x·A^T for gate and up
   if (r > 0)
     pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
@@ -128,7 +133,6 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     });
 
   // 3. gate/up projections and activation, per (expert, block of I)
-  const ExpertGrid grid_i(routing, column_blocks(parts_, cb));
   pool.parallel_for(grid_i.size(), threads_, [&](int64_t i, int worker) {
     const ExpertTask t = grid_i[i];
     const ColumnBlock& b = *t.block;
@@ -167,7 +171,6 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     });
 
   // 5. down projection, per (expert, block of H), summing the parts' slices of I
-  const ExpertGrid grid_h(routing, column_blocks(H, cb));
   pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int worker) {
     const ExpertTask t = grid_h[i];
     const ColumnBlock& b = *t.block;
@@ -203,7 +206,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   if (check_finite_) {
     const NonFinite hit = first_non_finite(output, call.qlen * H);
     if (hit.found) throw_non_finite(hit.value, "layer output", token_column(hit.index, H), kOutput);
-    std::memcpy(call.output, output, size_t(call.qlen * H) * sizeof(bf16));
+    if (call.qlen > 0) std::memcpy(call.output, output, size_t(call.qlen * H) * sizeof(bf16));  // may be NULL if empty
   }
 
   if (save) {

@@ -71,7 +71,6 @@ MoELayer::MoELayer(const moe_sft_config& cfg)
     part.up[size_t(e)] = kernels::PackedMatrix(up + (e * I + i0) * H, w, H, H, part.numa_node);
     part.down[size_t(e)] = kernels::PackedMatrix(down + e * H * I + i0, H, w, I, part.numa_node);
   });
-  cache_.reserve(max_cache_depth_);  // pushing a finished forward must not be able to fail
 }
 
 void MoELayer::bind_lora(const moe_sft_lora& lora) {

@@ -23,9 +23,11 @@ CpuFeatures detect() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = (c >> 27) & 1;
+  f.fma = (c >> 12) & 1;
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
   f.avx512f = (b >> 16) & 1;
+  f.avx512dq = (b >> 17) & 1;
   f.avx512bw = (b >> 30) & 1;
   f.avx512vl = (b >> 31) & 1;
   f.avx512_vnni = (c >> 11) & 1;

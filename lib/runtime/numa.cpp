@@ -28,13 +28,20 @@ std::string read_file(const std::string& path) {
 
 NumaTopology detect() {
   NumaTopology t;
+#if defined(__linux__)
+  cpu_set_t allowed;  // the process's own affinity (taskset, cgroups): pinning must stay inside it
+  CPU_ZERO(&allowed);
+  const bool have_allowed = sched_getaffinity(0, sizeof allowed, &allowed) == 0;
   const std::string online = read_file("/sys/devices/system/node/online");
   for (int node : parse_cpu_list(online.c_str())) {
-    std::vector<int> cpus =
-        parse_cpu_list(read_file("/sys/devices/system/node/node" + std::to_string(node) + "/cpulist").c_str());
-    if (cpus.empty()) continue;  // a memory-only node: no threads to place there
+    std::vector<int> cpus;
+    for (int cpu : parse_cpu_list(read_file("/sys/devices/system/node/node" + std::to_string(node) + "/cpulist").c_str()))
+      if (!have_allowed || (cpu < CPU_SETSIZE && CPU_ISSET(cpu, &allowed))) cpus.push_back(cpu);
+    if (cpus.empty()) continue;  // memory-only, or none of its CPUs is ours: no threads to place there
+    t.node_ids.push_back(node);
     t.node_cpus.push_back(std::move(cpus));
   }
+#endif
   return t;
 }
 
@@ -67,11 +74,14 @@ const NumaTopology& numa_topology() {
 
 void prefer_numa_node(void* p, size_t bytes, int node) {
 #if defined(__linux__) && defined(SYS_mbind)
-  if (node < 0 || numa_topology().nodes() < 2 || node >= 64) return;
+  const NumaTopology& t = numa_topology();
+  if (node < 0 || t.nodes() < 2) return;
+  const int id = t.node_ids[size_t(node % t.nodes())];
+  if (id >= 64) return;  // beyond the one-word node mask passed below
   const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
   const uintptr_t begin = (uintptr_t(p) + page - 1) / page * page, end = (uintptr_t(p) + bytes) / page * page;
   if (end <= begin) return;
-  const unsigned long mask = 1ul << node;
+  const unsigned long mask = 1ul << id;
   constexpr int kMpolPreferred = 1;
   syscall(SYS_mbind, begin, end - begin, kMpolPreferred, &mask, sizeof mask * 8, 0);  // best effort
 #else

@@ -30,6 +30,10 @@ class Runtime {
   };
   Session session(int threads) { return Session(*this, threads); }
 
+  // fork() support (registered with pthread_atfork): see runtime.cpp.
+  void lock_for_fork();
+  void unlock_after_fork(bool in_child);
+
  private:
   Runtime() = default;
   std::mutex mutex_;

@@ -2,21 +2,35 @@
 
 #include <algorithm>
 
+#include <string>
+#include <system_error>
+
+#include "runtime/error.h"
 #include "runtime/numa.h"
 
 namespace moe_sft {
 
 ThreadPool::ThreadPool(int threads) : ranges_(new Range[std::max(threads, 1)]) {
-  for (int w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
+  workers_.reserve(size_t(std::max(threads, 1)));
+  try {
+    for (int w = 1; w < threads; ++w) workers_.emplace_back([this, w, threads] { worker_loop(w, threads); });
+  } catch (const std::system_error& e) {  // e.g. EAGAIN under a pids or RLIMIT_NPROC limit
+    stop_and_join();
+    throw Error(MOE_SFT_ERR_UNSUPPORTED, "cannot start " + std::to_string(threads) + " worker threads (" +
+                                             e.what() + "): lower num_threads");
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_and_join(); }
+
+void ThreadPool::stop_and_join() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 bool ThreadPool::claim(int worker, int64_t* task) {
@@ -45,10 +59,10 @@ void ThreadPool::run_tasks(int worker) {
   }
 }
 
-void ThreadPool::worker_loop(int worker) {
+void ThreadPool::worker_loop(int worker, int threads) {
   // On several NUMA nodes, workers are spread over them in order (the first ones on node 0, ...), so the
   // contiguous task ranges of parallel_for, ordered part by part, land on the node that holds that part.
-  pin_thread_to_numa_node(worker * numa_topology().nodes() / size());
+  pin_thread_to_numa_node(worker * numa_topology().nodes() / threads);
   uint64_t seen = 0;
   for (;;) {
     {

@@ -9,7 +9,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -17,11 +16,27 @@
 
 namespace moe_sft {
 
+// A non-owning reference to a callable taking (task, worker): unlike std::function it never allocates, so
+// starting a parallel loop cannot fail half-way through a call that has begun writing its outputs.
+class TaskRef {
+ public:
+  template <class Fn>
+  TaskRef(const Fn& fn)  // NOLINT: implicit, so that a lambda can be passed where a TaskRef is expected
+      : object_(&fn), call_([](const void* f, int64_t task, int worker) { (*static_cast<const Fn*>(f))(task, worker); }) {}
+  void operator()(int64_t task, int worker) const { call_(object_, task, worker); }
+
+ private:
+  const void* object_;
+  void (*call_)(const void*, int64_t, int);
+};
+
 class ThreadPool {
  public:
-  using Body = std::function<void(int64_t task, int worker)>;
+  using Body = TaskRef;
 
-  explicit ThreadPool(int threads);  // threads >= 1, including the caller
+  // threads >= 1, including the caller. Throws Error(UNSUPPORTED) if the OS refuses a thread (every thread
+  // already started is stopped and joined first).
+  explicit ThreadPool(int threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -38,7 +53,8 @@ class ThreadPool {
     int64_t end = 0;
   };
 
-  void worker_loop(int worker);
+  void worker_loop(int worker, int threads);
+  void stop_and_join();
   void run_tasks(int worker);
   bool claim(int worker, int64_t* task);
 

@@ -118,10 +118,12 @@ class MoESFT:
         self.close()
 
     def close(self):
-        """Frees the layer now (also done when it is garbage-collected)."""
+        """Frees the layer now (also done when it is garbage-collected). Waits for a call in flight."""
         if getattr(self, "_handle", 0):
-            _backend.backend.destroy(self._handle)
-            self._handle = 0
+            with self._lock:
+                if self._handle:
+                    _backend.backend.destroy(self._handle)
+                    self._handle = 0
 
     def __enter__(self):
         return self
@@ -137,12 +139,14 @@ class MoESFT:
     @property
     def isa(self):
         """Kernel family this layer runs on (e.g. 'generic')."""
-        return _backend.backend.layer_isa(self._live())
+        with self._lock:
+            return _backend.backend.layer_isa(self._live())
 
     @property
     def cache_depth(self):
         """Saved forwards awaiting backward."""
-        status, depth = _backend.backend.cache_depth(self._live())
+        with self._lock:
+            status, depth = _backend.backend.cache_depth(self._live())
         _check(status)
         return depth
 
@@ -169,16 +173,16 @@ class MoESFT:
             _check_shape(a, name, shape)
             if not a.flags.c_contiguous:
                 raise invalid(f"{name} must be C-contiguous (it is read in place, never copied)")
-        a = arrays
-        _check(_backend.backend.update_lora(self._live(), _DTYPE_CODE[dtype], *(_address(a[n]) for n in Grads.LORA_FIELDS)))
-        self._lora = arrays  # keep them alive while the layer holds their addresses
+        with self._lock:  # the binding in C and the references kept here change together
+            _check(_backend.backend.update_lora(self._live(), _DTYPE_CODE[dtype],
+                                                *(_address(arrays[n]) for n in Grads.LORA_FIELDS)))
+            self._lora = arrays  # keep them alive while the layer holds their addresses
 
     def forward(self, x, expert_ids, routing_weights, save_for_backward=False):
         """out[t] = sum_j routing_weights[t, j] * expert_{expert_ids[t, j]}(x[t]); returns x's dtype.
 
         x: [T, H] bf16 or float; expert_ids: [T, k] int64/int32 with -1 for "no expert"; routing_weights [T, k].
         """
-        handle = self._live()
         x_in = np.asarray(x)
         xb = _as_bf16(x_in, "x")
         if xb.ndim != 2 or xb.shape[1] != self.hidden_size:
@@ -190,6 +194,8 @@ class MoESFT:
         if ids.ndim != 2 or ids.shape[0] != T:
             raise invalid(f"expert_ids has shape {ids.shape}; expected [{T}, top_k]")
         k = ids.shape[1]
+        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise invalid(f"expert_ids holds {ids.max()}, beyond int64: it would wrap to a negative id")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         w = np.asarray(routing_weights)
         if w.dtype.kind != "f":
@@ -198,6 +204,7 @@ class MoESFT:
         _check_shape(w, "routing_weights", (T, k))
         out = np.empty((T, self.hidden_size), dtype=bfloat16)
         with self._lock:
+            handle = self._live()
             _check(_backend.backend.forward(handle, T, k, _address(ids), _address(w), _address(xb), _address(out),
                                             int(bool(save_for_backward))))
             if save_for_backward:
@@ -218,7 +225,7 @@ class MoESFT:
             return self._backward(grad_output, out, accumulate, lora_grads)
 
     def _backward(self, grad_output, out, accumulate, lora_grads):
-        handle = self._live()
+        handle = self._live()  # under self._lock
         if not self._pending:  # let the library report it, with its status and message
             _check(_backend.backend.backward(handle, *([0] * 9), int(bool(accumulate))))
         pending = self._pending[-1]

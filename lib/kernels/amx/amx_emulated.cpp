@@ -12,7 +12,7 @@ namespace amx {
 const VectorHelpers& vector_helpers() {
   static const VectorHelpers helpers = [] {
     const CpuFeatures& f = cpu_features();
-    if (f.avx512bw && f.avx512_bf16 && f.os_avx512)
+    if (f.avx512_bf16_usable())
       return VectorHelpers{repack_transposed_avx512, avx512::silu_mul_row, avx512::silu_mul_backward_row,
                            avx512_bf16_kernels().low_rank};
     return VectorHelpers{repack_transposed_scalar, silu_mul_row_generic, silu_mul_backward_row_generic,

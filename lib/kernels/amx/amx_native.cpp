@@ -15,6 +15,35 @@
 #include "runtime/bf16.h"
 #include "runtime/cpu_features.h"
 
+namespace moe_sft::kernels {
+
+// Runs on every CPU during dispatch: defined before the AMX target region.
+bool amx_native_usable(const char** why_not) {
+  const CpuFeatures& f = cpu_features();
+  if (!f.amx_tile || !f.amx_bf16) {
+    *why_not = "this CPU has no AMX-BF16 (CPUID)";
+    return false;
+  }
+  if (!f.os_amx) {
+    *why_not = "the OS does not enable AMX tile state (XCR0)";
+    return false;
+  }
+#if defined(__linux__)
+  // Linux hands out AMX tile data state only on request, once per process (ARCH_REQ_XCOMP_PERM).
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  if (!permitted) {
+    *why_not = "the kernel refused AMX tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM)";
+    return false;
+  }
+  return true;
+#else
+  *why_not = "AMX permission is only requested on Linux";
+  return false;
+#endif
+}
+
+}  // namespace moe_sft::kernels
+
 // Everything defined below is compiled for AMX, including the kernel templates, so that the tile operations
 // inline into them. Shared headers are included above, outside the region, so that no inline function of
 // theirs gets an AMX-only copy the linker could hand to code that runs on any CPU.
@@ -110,30 +139,6 @@ void gemm_xw_native(const GemmArgs& g) {
 }
 
 }  // namespace
-
-bool amx_native_usable(const char** why_not) {
-  const CpuFeatures& f = cpu_features();
-  if (!f.amx_tile || !f.amx_bf16) {
-    *why_not = "this CPU has no AMX-BF16 (CPUID)";
-    return false;
-  }
-  if (!f.os_amx) {
-    *why_not = "the OS does not enable AMX tile state (XCR0)";
-    return false;
-  }
-#if defined(__linux__)
-  // Linux hands out AMX tile data state only on request, once per process (ARCH_REQ_XCOMP_PERM).
-  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  if (!permitted) {
-    *why_not = "the kernel refused AMX tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM)";
-    return false;
-  }
-  return true;
-#else
-  *why_not = "AMX permission is only requested on Linux";
-  return false;
-#endif
-}
 
 const KernelSet& amx_native_kernels() {
   static const KernelSet set = [] {
