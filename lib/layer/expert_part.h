@@ -13,6 +13,7 @@ namespace moe_sft::layer {
 struct ExpertPart {
   int64_t i_begin = 0, i_end = 0;
   int numa_node = -1;  // node holding this part's weights and running its tasks (-1: one-node machine)
+  kernels::PackedStorage storage;           // one block holding all the matrices below
   std::vector<kernels::PackedMatrix> gate;  // per expert: rows [i_begin, i_end) of gate_proj[e], [I_p, H]
   std::vector<kernels::PackedMatrix> up;    // per expert: rows of up_proj[e], [I_p, H]
   std::vector<kernels::PackedMatrix> down;  // per expert: columns [i_begin, i_end) of down_proj[e], [H, I_p]

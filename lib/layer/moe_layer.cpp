@@ -53,12 +53,16 @@ MoELayer::MoELayer(const moe_sft_config& cfg)
   parts_.resize(size_t(cfg.tp_count));
   const int nodes = numa_topology().nodes();
   for (size_t p = 0; p < parts_.size(); ++p) {
-    parts_[p].i_begin = bounds[p];
-    parts_[p].i_end = bounds[p + 1];
-    parts_[p].numa_node = nodes > 1 ? int(p) % nodes : -1;
-    parts_[p].gate.resize(size_t(E));
-    parts_[p].up.resize(size_t(E));
-    parts_[p].down.resize(size_t(E));
+    ExpertPart& part = parts_[p];
+    part.i_begin = bounds[p];
+    part.i_end = bounds[p + 1];
+    part.numa_node = nodes > 1 ? int(p) % nodes : -1;
+    part.gate.resize(size_t(E));
+    part.up.resize(size_t(E));
+    part.down.resize(size_t(E));
+    const int64_t per_expert = 2 * kernels::PackedMatrix::storage_elems(part.width(), H) +
+                               kernels::PackedMatrix::storage_elems(H, part.width());
+    part.storage = kernels::PackedStorage(E * per_expert, part.numa_node);
   }
   const bf16* gate = as_bf16(cfg.gate_proj);
   const bf16* up = as_bf16(cfg.up_proj);
@@ -67,9 +71,11 @@ MoELayer::MoELayer(const moe_sft_config& cfg)
   session.pool().parallel_for(int64_t(parts_.size()) * E, threads_, [&](int64_t task, int) {
     ExpertPart& part = parts_[size_t(task / E)];
     const int64_t e = task % E, i0 = part.i_begin, w = part.width();
-    part.gate[size_t(e)] = kernels::PackedMatrix(gate + (e * I + i0) * H, w, H, H, part.numa_node);
-    part.up[size_t(e)] = kernels::PackedMatrix(up + (e * I + i0) * H, w, H, H, part.numa_node);
-    part.down[size_t(e)] = kernels::PackedMatrix(down + e * H * I + i0, H, w, I, part.numa_node);
+    const int64_t gate_elems = kernels::PackedMatrix::storage_elems(w, H);
+    bf16* at = part.storage.data() + e * (2 * gate_elems + kernels::PackedMatrix::storage_elems(H, w));
+    part.gate[size_t(e)] = kernels::PackedMatrix(gate + (e * I + i0) * H, w, H, H, at);
+    part.up[size_t(e)] = kernels::PackedMatrix(up + (e * I + i0) * H, w, H, H, at + gate_elems);
+    part.down[size_t(e)] = kernels::PackedMatrix(down + e * H * I + i0, H, w, I, at + 2 * gate_elems);
   });
 }
 
