@@ -17,7 +17,7 @@ from moe_sft import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUNCTIONS = {"create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "cache_depth",
-             "layer_isa", "status_string", "last_error", "version"}
+             "layer_isa", "isa", "status_string", "last_error", "version"}
 
 
 def _cffi():

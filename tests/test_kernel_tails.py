@@ -69,3 +69,21 @@ def test_forcing_an_unavailable_family_fails_clearly(monkeypatch):
         moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=0)
     assert err.value.status == "MOE_SFT_ERR_UNSUPPORTED"
     assert f"MOE_SFT_ISA={missing[0]} cannot run here" in str(err.value)
+    with pytest.raises(moe_sft.MoESFTError, match="cannot run here") as err:
+        moe_sft.isa()
+    assert err.value.status == "MOE_SFT_ERR_UNSUPPORTED"
+
+
+def test_isa_reports_the_family_new_layers_get(isa):
+    assert moe_sft.isa() == isa  # the fixture forced it with MOE_SFT_ISA
+    p = R.make_problem(1, 8, 8, 1, 1, 0)
+    assert moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=0).isa == isa
+
+
+def test_isa_without_forcing_picks_the_best_available(monkeypatch):
+    monkeypatch.delenv("MOE_SFT_ISA", raising=False)
+    best = [i for i in ("amx", "avx512_bf16", "generic") if i in AVAILABLE_ISAS][0]
+    assert moe_sft.isa() == best
+    monkeypatch.setenv("MOE_SFT_ISA", "vax")
+    with pytest.raises(moe_sft.InvalidArgumentError, match="MOE_SFT_ISA=vax is not a kernel family"):
+        moe_sft.isa()

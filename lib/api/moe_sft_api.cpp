@@ -127,6 +127,13 @@ moe_sft_status moe_sft_cache_depth(const moe_sft_layer* layer, int32_t* depth) {
   });
 }
 
+moe_sft_status moe_sft_isa(const char** name) {
+  return guard("moe_sft_isa", [&] {
+    require_non_null(name, "name");
+    *name = moe_sft::kernels::select_kernels().name;
+  });
+}
+
 const char* moe_sft_layer_isa(const moe_sft_layer* layer) {
   return layer == nullptr ? nullptr : layer->impl.kernels().name;
 }

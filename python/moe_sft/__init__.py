@@ -11,7 +11,7 @@
 """
 from . import _backend
 from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
-from ._errors import InvalidArgumentError, MoESFTError
+from ._errors import InvalidArgumentError, MoESFTError, error_for
 from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
 from ._router import route, route_backward
@@ -20,7 +20,16 @@ __version__ = "0.1.0"
 
 __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "route", "route_backward",
            "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include", "get_library",
-           "library_version", "backend", "__version__"]
+           "library_version", "backend", "isa", "__version__"]
+
+
+def isa():
+    """Kernel family new layers get here and now ("amx", "avx512_bf16", "amx-emulated", "generic"), honouring
+    MOE_SFT_ISA; raises MoESFTError when that names a family this machine cannot run."""
+    status, name = _backend.backend.isa()
+    if status != 0:
+        raise error_for(status, _backend.backend.last_error())
+    return name
 
 
 def library_version():

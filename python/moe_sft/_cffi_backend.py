@@ -12,7 +12,7 @@ import cffi as _cffi
 from . import _paths
 
 __all__ = ["create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "cache_depth",
-           "layer_isa", "status_string", "last_error", "version"]
+           "layer_isa", "isa", "status_string", "last_error", "version"]
 
 CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
 CDEF_END = "/* MOE_SFT_CDEF_END */"
@@ -113,6 +113,12 @@ def cache_depth(layer):
 
 def layer_isa(layer):
     return _text(_lib.moe_sft_layer_isa(_layer(layer)))
+
+
+def isa():
+    name = _ffi.new("const char **")
+    status = _lib.moe_sft_isa(name)
+    return status, _text(name[0])
 
 
 def status_string(status):

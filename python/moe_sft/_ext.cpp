@@ -101,6 +101,11 @@ NB_MODULE(_moe_sft_ext, m) {
     const char* name = moe_sft_layer_isa(ptr<const moe_sft_layer>(layer));
     return std::string(name ? name : "");
   });
+  m.def("isa", [] {
+    const char* name = nullptr;
+    const int status = moe_sft_isa(&name);
+    return std::make_pair(status, std::string(name ? name : ""));
+  });
   m.def("status_string", [](int status) { return std::string(moe_sft_status_string(moe_sft_status(status))); });
   m.def("last_error", [] { return std::string(moe_sft_last_error()); });
   m.def("version", [] { return moe_sft_version(); });
