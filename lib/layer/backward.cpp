@@ -27,10 +27,6 @@ using kernels::GemmArgs;
 using kernels::Strided;
 
 namespace {
-constexpr int64_t kRowChunk = 32;
-constexpr int64_t kTokenChunk = 16;
-
-int64_t chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 
 // The backward's check_finite stages, in the order they are checked.
 constexpr Stage kGradOutput{1, 5, "grad_output"}, kGradIntermediate{2, 5, "grad of the intermediate"},

@@ -25,10 +25,6 @@ using kernels::Strided;
 using kernels::transpose_to_f32;
 
 namespace {
-constexpr int64_t kRowChunk = 32;    // rows per task in row-local phases
-constexpr int64_t kTokenChunk = 16;  // tokens per task in gather/scatter phases
-
-int64_t chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 
 // The forward's check_finite stages, in the order they are checked.
 constexpr Stage kInput{1, 7, "input"}, kRoutingWeights{2, 7, "routing weights"}, kLoraWeights{3, 7, "LoRA weights"},

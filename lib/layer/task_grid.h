@@ -11,6 +11,11 @@
 
 namespace moe_sft::layer {
 
+constexpr int64_t kRowChunk = 32;    // rows per task in row-local phases (rank-r products, gathers use 4x)
+constexpr int64_t kTokenChunk = 16;  // tokens per task in the per-token sums
+
+inline int64_t chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
 struct ColumnBlock {
   int part;        // tensor-parallel part the columns belong to (0 for dimensions that are not split)
   int64_t begin;   // global column range [begin, end) ...
