@@ -48,18 +48,19 @@ std::array<GradArray, 6> grad_arrays(const LoraGradView& g) {
            {g.down_b, "LoRA grad down_b", s.hidden, s.rank}}};
 }
 
-// Zeroes the grads of experts that got no rows (no task writes them) unless accumulating.
-void clear_idle_expert_grads(const LoraGradView& g, const Routing& routing) {
+// Zeroes the grads of experts that got no rows (no task writes them) unless accumulating. At small T that
+// is nearly every expert's grads (tens of MiB), so it is spread over the pool.
+void clear_idle_expert_grads(const LoraGradView& g, const Routing& routing, ThreadPool& pool, int threads) {
   const LoraShape& s = g.s;
-  for (int64_t e = 0; e < routing.experts(); ++e) {
-    if (routing.rows_of(e) > 0) continue;
+  pool.parallel_for(routing.experts(), threads, [&](int64_t e, int) {
+    if (routing.rows_of(e) > 0) return;
     std::fill_n(g.ga(e), s.rank * s.hidden, 0.0f);
     std::fill_n(g.ua(e), s.rank * s.hidden, 0.0f);
     std::fill_n(g.gb(e), s.intermediate * s.rank, 0.0f);
     std::fill_n(g.ub(e), s.intermediate * s.rank, 0.0f);
     std::fill_n(g.da(e), s.rank * s.intermediate, 0.0f);
     std::fill_n(g.db(e), s.hidden * s.rank, 0.0f);
-  }
+  });
 }
 
 }  // namespace
@@ -144,7 +145,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   }
   auto row_weight = [&](int64_t row) { return rec.weights[size_t(routing.row_pair[row])]; };
 
-  if (want_lora_grads && !acc) clear_idle_expert_grads(G, routing);
+  if (want_lora_grads && !acc) clear_idle_expert_grads(G, routing, pool, threads_);
 
   // 1. gather x and dO rows
   pool.parallel_for(chunks(R, kRowChunk * 4), threads_, [&](int64_t task, int) {
