@@ -81,7 +81,8 @@ typedef struct moe_sft_config {
   float lora_alpha;          /* LoRA scale s = lora_alpha / lora_rank */
   int32_t max_cache_depth;   /* >= 0: forwards with save_for_backward=1 that may await backward */
   int32_t num_threads;       /* 0 = all cores */
-  int32_t tp_count;          /* parts the intermediate dim is split into; 1 for now */
+  int32_t tp_count;          /* 1 <= tp_count <= I: parts the intermediate dim is split into, each with its own
+                                packed slice (NUMA node p mod nodes); results equal tp_count = 1 */
   const uint16_t *gate_proj; /* [E, I, H] bf16, packed at create */
   const uint16_t *up_proj;   /* [E, I, H] bf16, packed at create */
   const uint16_t *down_proj; /* [E, H, I] bf16, packed at create */
