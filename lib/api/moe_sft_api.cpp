@@ -28,10 +28,7 @@ namespace {
 
 void validate_lora(const moe_sft_lora* lora) {
   require_non_null(lora, "lora");
-  if (lora->dtype != MOE_SFT_DTYPE_BF16 && lora->dtype != MOE_SFT_DTYPE_F32)
-    throw moe_sft::Error(MOE_SFT_ERR_INVALID_ARGUMENT,
-                         "lora->dtype = " + std::to_string(int(lora->dtype)) +
-                             " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
+  moe_sft::api::require_dtype(lora->dtype, "lora->dtype");
   const int64_t size = lora->dtype == MOE_SFT_DTYPE_BF16 ? 2 : 4;
   const void* arrays[] = {lora->gate_a, lora->gate_b, lora->up_a, lora->up_b, lora->down_a, lora->down_b};
   const char* names[] = {"lora->gate_a", "lora->gate_b", "lora->up_a", "lora->up_b", "lora->down_a", "lora->down_b"};

@@ -11,15 +11,12 @@
 #include "moe_sft.h"
 
 using moe_sft::api::guard;
+using moe_sft::api::invalid;
 using moe_sft::api::require_array;
 using moe_sft::api::require_range;
 using moe_sft::layer::RouterShape;
 
 namespace {
-
-[[noreturn]] void invalid(const std::string& message) {
-  throw moe_sft::Error(MOE_SFT_ERR_INVALID_ARGUMENT, message);
-}
 
 std::string format_value(float v) {
   char text[32];
@@ -34,9 +31,7 @@ RouterShape validate_shape(int64_t qlen, int32_t expert_num, int32_t top_k, moe_
   require_range(top_k, 1, expert_num, "top_k");
   // Bounds every [qlen, expert_num] index (and its byte offset) well inside int64.
   require_range(qlen, 0, (int64_t(1) << 50) / expert_num, "qlen");
-  if (logits_dtype != MOE_SFT_DTYPE_BF16 && logits_dtype != MOE_SFT_DTYPE_F32)
-    invalid("logits_dtype = " + std::to_string(int(logits_dtype)) +
-            " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
+  moe_sft::api::require_dtype(logits_dtype, "logits_dtype");
   if (scoring != MOE_SFT_SCORING_SOFTMAX && scoring != MOE_SFT_SCORING_SIGMOID)
     invalid("scoring = " + std::to_string(int(scoring)) +
             " is not a scoring function (MOE_SFT_SCORING_SOFTMAX = 0, MOE_SFT_SCORING_SIGMOID = 1)");
@@ -53,16 +48,6 @@ void validate_bias(const float* bias, int32_t expert_num) {
   for (int32_t e = 0; e < expert_num; ++e)
     if (!std::isfinite(bias[e]))
       invalid("correction_bias[" + std::to_string(e) + "] = " + format_value(bias[e]) + " is not finite");
-}
-
-void validate_selected_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts) {
-  for (int64_t t = 0; t < qlen; ++t)
-    for (int64_t j = 0; j < top_k; ++j) {
-      const int64_t id = ids[t * top_k + j];
-      if (id < 0 || id >= experts)
-        invalid("expert_ids[" + std::to_string(t) + ", " + std::to_string(j) + "] = " + std::to_string(id) +
-                " is out of range [0, " + std::to_string(experts) + ") (the router selects real experts only)");
-    }
 }
 
 // With MOE_SFT_CHECK_FINITE on, a poisoned row is an error naming it (the router would route it safely,
@@ -109,7 +94,7 @@ moe_sft_status moe_sft_route_backward(int64_t qlen, int32_t expert_num, int32_t 
     require_array(expert_ids, "expert_ids", qlen * top_k, 8);
     require_array(grad_routing_weights, "grad_routing_weights", qlen * top_k, 4);
     require_array(grad_logits, "grad_logits", qlen * expert_num, 4);
-    validate_selected_ids(expert_ids, qlen, top_k, expert_num);
+    moe_sft::api::validate_expert_ids(expert_ids, qlen, top_k, expert_num, /*lowest=*/0);
     if (logits_dtype == MOE_SFT_DTYPE_BF16)
       moe_sft::layer::route_backward(shape, static_cast<const moe_sft::bf16*>(logits), expert_ids,
                                      grad_routing_weights, grad_logits);

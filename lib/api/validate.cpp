@@ -14,8 +14,6 @@ namespace moe_sft::api {
 
 namespace {
 
-[[noreturn]] void invalid(const std::string& message) { throw Error(MOE_SFT_ERR_INVALID_ARGUMENT, message); }
-
 // Bound on every element count: keeps all index arithmetic (in int64, and byte sizes) from overflowing.
 constexpr int64_t kMaxElements = int64_t(1) << 50;
 
@@ -28,6 +26,14 @@ void require_product_fits(std::initializer_list<int64_t> dims, const char* what)
 }
 
 }  // namespace
+
+void invalid(const std::string& message) { throw Error(MOE_SFT_ERR_INVALID_ARGUMENT, message); }
+
+void require_dtype(moe_sft_dtype dtype, const char* name) {
+  if (dtype != MOE_SFT_DTYPE_BF16 && dtype != MOE_SFT_DTYPE_F32)
+    invalid(std::string(name) + " = " + std::to_string(int(dtype)) +
+            " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
+}
 
 void require_non_null(const void* p, const char* name) {
   if (p == nullptr) invalid(std::string(name) + " is NULL");
@@ -101,13 +107,14 @@ bool check_finite_default() {
   return v != nullptr && v[0] != '\0' && v[0] != '0';
 }
 
-void validate_expert_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts) {
+void validate_expert_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts, int64_t lowest) {
   for (int64_t t = 0; t < qlen; ++t)
     for (int64_t j = 0; j < top_k; ++j) {
       const int64_t id = ids[t * top_k + j];
-      if (id < -1 || id >= experts)
+      if (id < lowest || id >= experts)
         invalid("expert_ids[" + std::to_string(t) + ", " + std::to_string(j) + "] = " + std::to_string(id) +
-                " is out of range [-1, " + std::to_string(experts) + ") (-1 means no expert)");
+                " is out of range [" + std::to_string(lowest) + ", " + std::to_string(experts) + ")" +
+                (lowest < 0 ? " (-1 means no expert)" : " (the router selects real experts only)"));
     }
 }
 

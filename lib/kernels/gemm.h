@@ -5,8 +5,8 @@
 //   gemm_xw:   C[m, c0:c1] (=|+=) A[m, :W.rows] · W[:, c0:c1]       output columns index W's cols
 //
 // A is bf16 row-major (lda); C is f32 row-major (ldc) and `c` points at C[0, c0]: the kernel writes exactly
-// c1 - c0 columns of m rows there. c0 must be a multiple of KernelSet::col_block and c1 - c0 at most
-// col_block. gemm_xw may use `scratch` (xw_scratch_elems(W.rows()) bf16, 64-byte aligned) to re-pair W's
+// c1 - c0 columns of m rows there. c0 must be a multiple of kColBlock and c1 - c0 at most kColBlock.
+// gemm_xw may use `scratch` (xw_scratch_elems(W.rows()) bf16, 64-byte aligned) to re-pair W's
 // block along its rows; it never allocates, so a call cannot fail half-way through its writes.
 //
 // low_rank holds the rank-r products of the LoRA terms (low_rank.h).

@@ -45,7 +45,6 @@ class ScratchArena {
   // Base of a frame of at least layout.bytes() bytes, valid until the next frame() call. Contents are
   // undefined (NaN in debug mode). Throws std::bad_alloc when it cannot grow.
   std::byte* frame(const ScratchLayout& layout);
-  size_t capacity() const { return capacity_; }
 
  private:
   std::byte* data_ = nullptr;
