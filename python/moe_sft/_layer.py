@@ -42,6 +42,27 @@ def _check_shape(a, name, shape):
         raise invalid(f"{name} has shape {a.shape}; expected {tuple(shape)}")
 
 
+def _as_f32(a, name, shape):
+    """A C-contiguous float32 copy or view of a float array of exactly ``shape``."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise invalid(f"{name} has dtype {a.dtype}; expected a float type")
+    _check_shape(a, name, shape)
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _expert_ids(expert_ids, T):
+    """expert_ids as a C-contiguous int64 [T, k] array, and k."""
+    ids = np.asarray(expert_ids)
+    if ids.dtype.kind not in "iu":
+        raise invalid(f"expert_ids has dtype {ids.dtype}; expected int64 or int32")
+    if ids.ndim != 2 or ids.shape[0] != T:
+        raise invalid(f"expert_ids has shape {ids.shape}; expected [{T}, top_k]")
+    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise invalid(f"expert_ids holds {ids.max()}, beyond int64: it would wrap to a negative id")
+    return np.ascontiguousarray(ids, dtype=np.int64), ids.shape[1]
+
+
 def _out_array(a, name, shape, dtype):
     """A caller-provided output: must already be exactly right, it is written in place."""
     if not isinstance(a, np.ndarray):
@@ -188,20 +209,8 @@ class MoESFT:
         if xb.ndim != 2 or xb.shape[1] != self.hidden_size:
             raise invalid(f"x has shape {xb.shape}; expected [tokens, {self.hidden_size}]")
         T = xb.shape[0]
-        ids = np.asarray(expert_ids)
-        if ids.dtype.kind not in "iu":
-            raise invalid(f"expert_ids has dtype {ids.dtype}; expected int64 or int32")
-        if ids.ndim != 2 or ids.shape[0] != T:
-            raise invalid(f"expert_ids has shape {ids.shape}; expected [{T}, top_k]")
-        k = ids.shape[1]
-        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
-            raise invalid(f"expert_ids holds {ids.max()}, beyond int64: it would wrap to a negative id")
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        w = np.asarray(routing_weights)
-        if w.dtype.kind != "f":
-            raise invalid(f"routing_weights has dtype {w.dtype}; expected a float type")
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        _check_shape(w, "routing_weights", (T, k))
+        ids, k = _expert_ids(expert_ids, T)
+        w = _as_f32(routing_weights, "routing_weights", (T, k))
         out = np.empty((T, self.hidden_size), dtype=bfloat16)
         with self._lock:
             handle = self._live()

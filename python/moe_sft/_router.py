@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _backend
 from ._errors import invalid
-from ._layer import _address, _check, bfloat16
+from ._layer import _address, _as_f32, _check, _expert_ids, bfloat16
 
 _SCORING = {"softmax": 0, "sigmoid": 1}
 _BF16, _F32 = 0, 1
@@ -47,15 +47,6 @@ def _top_k(top_k, experts):
     return k
 
 
-def _floats(a, name, shape):
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise invalid(f"{name} has dtype {a.dtype}; expected a float type")
-    if a.shape != tuple(shape):
-        raise invalid(f"{name} has shape {a.shape}; expected {tuple(shape)}")
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
 def route(logits, top_k, scoring="softmax", renormalize=True, correction_bias=None):
     """Top-k routing of gate logits [T, E] (float32 or bfloat16; other floats are rounded to float32).
 
@@ -69,7 +60,7 @@ def route(logits, top_k, scoring="softmax", renormalize=True, correction_bias=No
     T, E = a.shape
     k = _top_k(top_k, E)
     code = _scoring(scoring)
-    bias = None if correction_bias is None else _floats(correction_bias, "correction_bias", (E,))
+    bias = None if correction_bias is None else _as_f32(correction_bias, "correction_bias", (E,))
     ids = np.empty((T, k), np.int64)
     weights = np.empty((T, k), np.float32)
     _check(_backend.backend.route(T, E, k, dtype, _address(a), code, int(bool(renormalize)),
@@ -84,14 +75,9 @@ def route_backward(logits, expert_ids, grad_routing_weights, scoring="softmax", 
     Non-finite logits get 0."""
     a, dtype = _logits(logits)
     T, E = a.shape
-    ids = np.asarray(expert_ids)
-    if ids.dtype.kind not in "iu":
-        raise invalid(f"expert_ids has dtype {ids.dtype}; expected int64 or int32")
-    if ids.ndim != 2 or ids.shape[0] != T:
-        raise invalid(f"expert_ids has shape {ids.shape}; expected [{T}, top_k]")
-    k = _top_k(ids.shape[1], E)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    grad = _floats(grad_routing_weights, "grad_routing_weights", (T, k))
+    ids, k = _expert_ids(expert_ids, T)
+    k = _top_k(k, E)
+    grad = _as_f32(grad_routing_weights, "grad_routing_weights", (T, k))
     code = _scoring(scoring)
     grad_logits = np.empty((T, E), np.float32)
     _check(_backend.backend.route_backward(T, E, k, dtype, _address(a), code, int(bool(renormalize)), _address(ids),
