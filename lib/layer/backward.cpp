@@ -32,34 +32,15 @@ namespace {
 constexpr Stage kGradOutput{1, 5, "grad_output"}, kGradIntermediate{2, 5, "grad of the intermediate"},
     kGradInput{3, 5, "grad_input"}, kGradWeights{4, 5, "grad_routing_weights"}, kLoraGrads{5, 5, "LoRA grads"};
 
-// The six grad arrays with their names and [rows, cols] per expert, for checking and committing them.
-struct GradArray {
-  float* data;
-  const char* name;
-  int64_t rows, cols;
-};
-std::array<GradArray, 6> grad_arrays(const LoraGradView& g) {
-  const LoraShape& s = g.s;
-  return {{{g.gate_a, "LoRA grad gate_a", s.rank, s.hidden},
-           {g.gate_b, "LoRA grad gate_b", s.intermediate, s.rank},
-           {g.up_a, "LoRA grad up_a", s.rank, s.hidden},
-           {g.up_b, "LoRA grad up_b", s.intermediate, s.rank},
-           {g.down_a, "LoRA grad down_a", s.rank, s.intermediate},
-           {g.down_b, "LoRA grad down_b", s.hidden, s.rank}}};
-}
-
 // Zeroes the grads of experts that got no rows (no task writes them) unless accumulating. At small T that
 // is nearly every expert's grads (tens of MiB), so it is spread over the pool.
 void clear_idle_expert_grads(const LoraGradView& g, const Routing& routing, ThreadPool& pool, int threads) {
-  const LoraShape& s = g.s;
+  const auto dims = lora_array_dims(g.s);
+  const auto arrays = g.arrays();
   pool.parallel_for(routing.experts(), threads, [&](int64_t e, int) {
     if (routing.rows_of(e) > 0) return;
-    std::fill_n(g.ga(e), s.rank * s.hidden, 0.0f);
-    std::fill_n(g.ua(e), s.rank * s.hidden, 0.0f);
-    std::fill_n(g.gb(e), s.intermediate * s.rank, 0.0f);
-    std::fill_n(g.ub(e), s.intermediate * s.rank, 0.0f);
-    std::fill_n(g.da(e), s.rank * s.intermediate, 0.0f);
-    std::fill_n(g.db(e), s.hidden * s.rank, 0.0f);
+    for (size_t i = 0; i < dims.size(); ++i)
+      std::fill_n(arrays[i] + e * dims[i].per_expert(), dims[i].per_expert(), 0.0f);
   });
 }
 
@@ -113,8 +94,10 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   auto repack_slot = layout.add<bf16>(size_t(threads_ * repack));
   auto staged_gi_slot = layout.add<bf16>(check ? size_t(T_ * H) : 0);
   auto staged_gw_slot = layout.add<float>(check && call.grad_weights != nullptr ? size_t(T_ * k) : 0);
-  const size_t lora_grad_elems = size_t(experts_ * r * 2 * (H + I) + experts_ * r * (H + I));
-  auto staged_lora_slot = layout.add<float>(check && want_lora_grads ? lora_grad_elems : 0);
+  const auto lora_dims = lora_array_dims(lora_shape());
+  int64_t lora_grad_elems = 0;
+  for (const LoraArrayDims& d : lora_dims) lora_grad_elems += experts_ * d.per_expert();
+  auto staged_lora_slot = layout.add<float>(check && want_lora_grads ? size_t(lora_grad_elems) : 0);
 
   auto session = Runtime::instance().session(threads_);
   ThreadPool& pool = session.pool();
@@ -138,10 +121,13 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   float* grad_weights = check && call.grad_weights != nullptr ? staged_gw_slot.in(base) : call.grad_weights;
   LoraGradView G = caller_grads;
   if (check && want_lora_grads) {  // the same six arrays, laid out back to back in scratch
+    std::array<float*, 6> staged;
     float* p = staged_lora_slot.in(base);
-    const int64_t EA = experts_ * r * H, EB = experts_ * I * r, ED = experts_ * r * I;
-    G = LoraGradView{p, p + EA, p + EA + EB, p + 2 * EA + EB, p + 2 * EA + 2 * EB, p + 2 * EA + 2 * EB + ED,
-                     lora_shape()};
+    for (size_t i = 0; i < staged.size(); ++i) {
+      staged[i] = p;
+      p += experts_ * lora_dims[i].per_expert();
+    }
+    G = LoraGradView{staged[0], staged[1], staged[2], staged[3], staged[4], staged[5], lora_shape()};
   }
   auto row_weight = [&](int64_t row) { return rec.weights[size_t(routing.row_pair[row])]; };
 
@@ -263,20 +249,22 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
       throw_non_finite(hit.value, "grad_routing_weights",
                        "token " + std::to_string(hit.index / k) + ", slot " + std::to_string(hit.index % k), kGradWeights);
     if (want_lora_grads)
-      for (const GradArray& a : grad_arrays(G)) check_expert_array(a.data, experts_, a.rows, a.cols, a.name, kLoraGrads);
+      for (size_t i = 0; i < lora_dims.size(); ++i)
+        check_expert_array(G.arrays()[i], experts_, lora_dims[i].rows, lora_dims[i].cols,
+                           std::string("LoRA grad ") + lora_dims[i].name, kLoraGrads);
     // All checks passed: only now do the caller's arrays change.
     if (T_ > 0) {  // (empty arrays may be NULL)
       std::memcpy(call.grad_input, grad_input, size_t(T_ * H) * sizeof(bf16));
       if (call.grad_weights != nullptr) std::memcpy(call.grad_weights, grad_weights, size_t(T_ * k) * sizeof(float));
     }
     if (want_lora_grads) {
-      const auto staged = grad_arrays(G), out = grad_arrays(caller_grads);
+      const auto staged = G.arrays(), out = caller_grads.arrays();
       for (size_t i = 0; i < staged.size(); ++i) {
-        const int64_t n = experts_ * staged[i].rows * staged[i].cols;
+        const int64_t n = experts_ * lora_dims[i].per_expert();
         if (call.accumulate)
-          for (int64_t j = 0; j < n; ++j) out[i].data[j] += staged[i].data[j];
+          for (int64_t j = 0; j < n; ++j) out[i][j] += staged[i][j];
         else
-          std::memcpy(out[i].data, staged[i].data, size_t(n) * sizeof(float));
+          std::memcpy(out[i], staged[i], size_t(n) * sizeof(float));
       }
     }
   }

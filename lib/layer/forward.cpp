@@ -34,7 +34,7 @@ constexpr Stage kInput{1, 7, "input"}, kRoutingWeights{2, 7, "routing weights"},
 
 template <class T>
 void MoELayer::check_forward_inputs(const LoraView<T>& lora, const ForwardCall& call, const Routing& routing) const {
-  const int64_t H = hidden_, I = intermediate_, r = rank_, E = experts_, k = call.top_k;
+  const int64_t H = hidden_, r = rank_, E = experts_, k = call.top_k;
   NonFinite hit = first_non_finite(call.input, call.qlen * H);
   if (hit.found) throw_non_finite(hit.value, "input", token_column(hit.index, H), kInput);
   for (int64_t pair = 0; pair < call.qlen * k; ++pair)  // slots without an expert may hold anything
@@ -42,14 +42,11 @@ void MoELayer::check_forward_inputs(const LoraView<T>& lora, const ForwardCall& 
       throw_non_finite(call.weights[pair], "routing weights",
                        "token " + std::to_string(pair / k) + ", slot " + std::to_string(pair % k), kRoutingWeights);
   if (r == 0) return;
-  const struct {
-    const T* data;
-    const char* name;
-    int64_t rows, cols;
-  } arrays[] = {{lora.gate_a, "LoRA weight gate_a", r, H}, {lora.gate_b, "LoRA weight gate_b", I, r},
-                {lora.up_a, "LoRA weight up_a", r, H},     {lora.up_b, "LoRA weight up_b", I, r},
-                {lora.down_a, "LoRA weight down_a", r, I}, {lora.down_b, "LoRA weight down_b", H, r}};
-  for (const auto& a : arrays) check_expert_array(a.data, E, a.rows, a.cols, a.name, kLoraWeights);
+  const auto dims = lora_array_dims(lora_shape());
+  const auto arrays = lora.arrays();
+  for (size_t i = 0; i < dims.size(); ++i)
+    check_expert_array(arrays[i], E, dims[i].rows, dims[i].cols, std::string("LoRA weight ") + dims[i].name,
+                       kLoraWeights);
 }
 
 template <class T>

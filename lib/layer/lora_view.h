@@ -2,6 +2,7 @@
 // optimizer's in-place update is always seen). Every slice is taken from the full arrays with their full
 // strides; a tensor-parallel part only offsets into them.
 #pragma once
+#include <array>
 #include <cstdint>
 
 #include "moe_sft.h"
@@ -12,6 +13,22 @@ namespace moe_sft::layer {
 struct LoraShape {
   int64_t hidden, intermediate, rank;
 };
+
+// The six arrays in ABI order, each [E, rows, cols]: A of gate/up [r, H], B of gate/up [I, r], A of down
+// [r, I], B of down [H, r]. The one table every loop over "all six" (checks, zeroing, staging) reads.
+struct LoraArrayDims {
+  const char* name;
+  int64_t rows, cols;
+  int64_t per_expert() const { return rows * cols; }
+};
+inline std::array<LoraArrayDims, 6> lora_array_dims(const LoraShape& s) {
+  return {{{"gate_a", s.rank, s.hidden},
+           {"gate_b", s.intermediate, s.rank},
+           {"up_a", s.rank, s.hidden},
+           {"up_b", s.intermediate, s.rank},
+           {"down_a", s.rank, s.intermediate},
+           {"down_b", s.hidden, s.rank}}};
+}
 
 template <class T>
 struct LoraView {
@@ -25,6 +42,7 @@ struct LoraView {
   const T* ub(int64_t e) const { return up_b + e * s.intermediate * s.rank; }
   const T* da(int64_t e) const { return down_a + e * s.rank * s.intermediate; }
   const T* db(int64_t e) const { return down_b + e * s.hidden * s.rank; }
+  std::array<const T*, 6> arrays() const { return {gate_a, gate_b, up_a, up_b, down_a, down_b}; }
 };
 
 // The grads, same shapes as the arrays (f32).
@@ -38,6 +56,7 @@ struct LoraGradView {
   float* ub(int64_t e) const { return up_b + e * s.intermediate * s.rank; }
   float* da(int64_t e) const { return down_a + e * s.rank * s.intermediate; }
   float* db(int64_t e) const { return down_b + e * s.hidden * s.rank; }
+  std::array<float*, 6> arrays() const { return {gate_a, gate_b, up_a, up_b, down_a, down_b}; }
 };
 
 template <class T>
