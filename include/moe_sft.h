@@ -11,6 +11,7 @@
  *
  * Data contract (row-major, HF nn.Linear convention [out, in]):
  *   gate_proj, up_proj  [E, I, H] bf16          down_proj            [E, H, I] bf16
+ *     (or quantized: see moe_sft_weight_format; LoRA always trains on top of the frozen base weights)
  *   gate_a, up_a        [E, r, H] bf16|f32      gate_b, up_b         [E, I, r] bf16|f32
  *   down_a              [E, r, I] bf16|f32      down_b               [E, H, r] bf16|f32
  *   LoRA grads: same shapes, f32                input/output/grad_output/grad_input [T, H] bf16
@@ -42,7 +43,7 @@
 #include <stdint.h>
 
 #define MOE_SFT_VERSION_MAJOR 0
-#define MOE_SFT_VERSION_MINOR 1
+#define MOE_SFT_VERSION_MINOR 2
 #define MOE_SFT_VERSION_PATCH 0
 /* major * 10000 + minor * 100 + patch; compare with moe_sft_version() to detect a header/library mismatch */
 #define MOE_SFT_VERSION_NUMBER (MOE_SFT_VERSION_MAJOR * 10000 + MOE_SFT_VERSION_MINOR * 100 + MOE_SFT_VERSION_PATCH)
@@ -72,6 +73,36 @@ typedef enum moe_sft_status {
 
 typedef enum moe_sft_dtype { MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1 } moe_sft_dtype;
 
+/* How the layer stores its frozen base weights. For one projection W [N, K] of one expert (gate/up:
+ * N = I, K = H; down: N = H, K = I), with g = group_size and q the stored integers:
+ *
+ *   BF16      W as given.
+ *   INT8      W[n, k] = q[n, k] * scale[n]                      q int8, scale f32, per output channel.
+ *   INT4_AWQ  W[n, k] = (q[n, k] - zero[n, k/g]) * scale[n, k/g]    q, zero in [0, 15], scale f32.
+ *   INT4_K2   W[n, k] = q[n, k] * scale[n, k/g]                 q in [-8, 7], scale bf16 (symmetric; Kimi-K2).
+ *
+ * Made from bf16 at create (prequantized = 0: gate_proj/up_proj/down_proj are bf16 as above and the
+ * layer quantizes them exactly as moe_sft_quantize does) for INT8 and INT4_AWQ; from the caller's
+ * quantized arrays (prequantized = 1) for INT8, INT4_AWQ and INT4_K2. Pre-quantized layouts, per projection,
+ * all experts stacked in front ([E, ...]); scale and zero pointers in the config's gate_/up_/down_ fields:
+ *
+ *   INT8      weights int8 [E, N, K]                 scale f32 [E, N]
+ *   INT4_AWQ  weights uint8 [E, N, K/2]: q[n, k] in the low nibble of byte k/2 for even k, the high
+ *             nibble for odd k (K even)              scale f32 [E, N, K/g]    zero uint8 [E, N, K/g]
+ *   INT4_K2   weights int32 [E, N, K/8], the compressed-tensors "pack-quantized" layout
+ *             (weight_packed): q[n, k] + 8 in bits 4 (k % 8) .. 4 (k % 8) + 3 of word k/8 (K % 8 == 0)
+ *                                                    scale bf16 [E, N, K/g]   (weight_scale)
+ *
+ * g must divide K of every projection (H and I), and with tp_count > 1, I / tp_count rounded to a
+ * multiple of g must leave no part empty. Backward reads the stored integers as forward does: no
+ * bf16 copy of a quantized weight is ever made. */
+typedef enum moe_sft_weight_format {
+  MOE_SFT_WEIGHT_BF16 = 0,
+  MOE_SFT_WEIGHT_INT8 = 1,
+  MOE_SFT_WEIGHT_INT4_AWQ = 2,
+  MOE_SFT_WEIGHT_INT4_K2 = 3
+} moe_sft_weight_format;
+
 typedef struct moe_sft_config {
   size_t struct_size;        /* = sizeof(moe_sft_config); set by moe_sft_config_init, lets fields be added */
   int32_t expert_num;        /* E >= 1 */
@@ -83,14 +114,22 @@ typedef struct moe_sft_config {
   int32_t num_threads;       /* 0 = all cores */
   int32_t tp_count;          /* 1 <= tp_count <= I: parts the intermediate dim is split into, each with its own
                                 packed slice (NUMA node p mod nodes); results equal tp_count = 1 */
-  const uint16_t *gate_proj; /* [E, I, H] bf16, packed at create */
-  const uint16_t *up_proj;   /* [E, I, H] bf16, packed at create */
-  const uint16_t *down_proj; /* [E, H, I] bf16, packed at create */
+  const void *gate_proj;     /* [E, I, H] bf16 (or pre-quantized, see moe_sft_weight_format), packed at create */
+  const void *up_proj;       /* [E, I, H] bf16 (or pre-quantized), packed at create */
+  const void *down_proj;     /* [E, H, I] bf16 (or pre-quantized), packed at create */
   /* Fields below were added after the first version; a caller's shorter struct_size keeps their defaults. */
   int32_t check_finite;      /* != 0: stop at the first NaN/Inf with MOE_SFT_ERR_NON_FINITE, naming the stage,
                                 tensor, index and value (see moe_sft_forward/backward). Default: the environment
                                 variable MOE_SFT_CHECK_FINITE=1 turns it on for the process. Base weights are
                                 checked once, at create. Off costs nothing. */
+  /* Quantized base weights (version 0.2). All zero: bf16 weights, as before. */
+  moe_sft_weight_format weight_format; /* how the layer stores the base weights */
+  int32_t group_size;        /* INT4_AWQ, INT4_K2: elements along K sharing a scale (AWQ's usual 128, K2's 32);
+                                must be 0 for BF16 and INT8 */
+  int32_t prequantized;      /* 0: gate_proj/up_proj/down_proj are bf16 (and every scale/zero pointer NULL);
+                                1: they hold weight_format's quantized layout, with the scales (and zeros) below */
+  const void *gate_scale, *up_scale, *down_scale; /* pre-quantized scales: f32 (INT8, INT4_AWQ) or bf16 (INT4_K2) */
+  const uint8_t *gate_zero, *up_zero, *down_zero; /* pre-quantized INT4_AWQ zero points; NULL for other formats */
 } moe_sft_config;
 
 /* The six LoRA arrays of all experts, one dtype for all six. Kept by pointer, read at every call. */
@@ -105,10 +144,13 @@ typedef struct moe_sft_lora_grads {
 } moe_sft_lora_grads;
 
 /* Fills cfg with defaults (lora_alpha 32, lora_rank 16, max_cache_depth 1, num_threads 0, tp_count 1,
- * check_finite from MOE_SFT_CHECK_FINITE) and sets struct_size. Thread-safe. */
+ * check_finite from MOE_SFT_CHECK_FINITE, weight_format BF16, everything else 0 / NULL) and sets
+ * struct_size. Thread-safe. */
 void moe_sft_config_init(moe_sft_config *cfg);
 
-/* Validates cfg, packs the base weights, and returns a new layer in *out (set to NULL on error). */
+/* Validates cfg, packs (and, from bf16, quantizes) the base weights, and returns a new layer in *out (set
+ * to NULL on error). Resident size: about the stored format's bytes (bf16 2, int8 1, int4 0.5 per weight, plus
+ * the scales), never a second copy. */
 moe_sft_status moe_sft_create(const moe_sft_config *cfg, moe_sft_layer **out);
 
 /* Frees the layer, its packed weights and pending forward caches. NULL is fine. */
@@ -155,6 +197,22 @@ const char *moe_sft_status_string(moe_sft_status status);
 /* Message of this thread's most recent call: what failed, naming argument, index and value; "" after a
  * success. Valid until this thread's next call into the library. */
 const char *moe_sft_last_error(void);
+
+/* Quantizes one bf16 matrix w [rows, cols] (row-major, rows = output channels) into weight_format's
+ * pre-quantized layout (see moe_sft_weight_format), exactly as moe_sft_create does from bf16:
+ *   INT8      scale[n] = max_k |w[n, k]| / 127 (1 for an all-zero row); q = round_half_even(w / scale)
+ *   INT4_AWQ  per group of group_size: lo = min(0, min w), hi = max(0, max w), scale = (hi - lo) / 15
+ *             (1 for an all-zero group), zero = round_half_even(-lo / scale), q = clamp(round_half_even(w / scale)
+ *             + zero, 0, 15)
+ * weights: int8 [rows, cols] or uint8 [rows, cols/2]; scale: f32 [rows] or [rows, cols/group_size];
+ * zero: uint8 [rows, cols/group_size] for INT4_AWQ, NULL otherwise. INT4_K2 cannot be made from bf16
+ * (MOE_SFT_ERR_UNSUPPORTED: K2 checkpoints come quantized); BF16 is not a quantized format. w must be
+ * finite. Stateless and thread-safe; nothing is written on error. */
+moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t group_size, int64_t rows, int64_t cols,
+                                const uint16_t *w, void *weights, float *scale, uint8_t *zero);
+
+/* Name of a weight format ("bf16", "int8", "int4_awq", "int4_k2"); NULL for an unknown value. */
+const char *moe_sft_weight_format_name(moe_sft_weight_format weight_format);
 
 /* MOE_SFT_VERSION_NUMBER of the library actually loaded. */
 uint32_t moe_sft_version(void);
