@@ -4,7 +4,8 @@
 //
 // Writes panels [panel0, panel0 + panels) x column pairs [pair0, pair0 + pairs) of w: pair kp of panel p
 // lands at out + (p - panel0) * out_stride + (kp - pair0) * 32, each value bf16(code·scale + bias).
-// pair0 and pairs are even (int4 keeps two pairs in one 32-byte unit) and within w's padded columns.
+// pair0 and pairs are multiples of 4 (int4 keeps four pairs in one 64-byte unit) and within w's padded
+// columns.
 #pragma once
 #include <cstdint>
 

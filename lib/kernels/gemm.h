@@ -56,6 +56,7 @@ struct KernelSet {
                                  bf16* dg, bf16* du);
   LowRankKernels low_rank;
   DequantizeFn dequantize;
+  void (*gemm_xwt_quantized_few_rows)(const GemmArgs&);  // optional (nullptr): see weight_gemm.h
 };
 
 // The kernel set for this machine, or the one MOE_SFT_ISA names. Throws moe_sft::Error when the variable

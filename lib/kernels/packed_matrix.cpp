@@ -17,6 +17,10 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr int64_t P = PackedMatrix::kPanelRows;
 
+// The byte of an int4 panel holding pair kp's code for bf16 lane `lane` (little-endian 16-bit words, see
+// packed_matrix.h), in its low nibble for even kp, its high nibble for odd kp.
+int64_t int4_byte(int64_t kp, int64_t lane) { return (kp / 4) * 64 + lane * 2 + (kp % 4) / 2; }
+
 // Sizes of a quantized matrix's three arrays (codes, scales, biases), each a whole number of cache lines.
 struct QuantizedLayout {
   int64_t group, groups, code_bytes, scale_bytes, bias_bytes;
@@ -84,7 +88,7 @@ PackedMatrix::PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows,
     for (int64_t c = 0; c < cols; ++c) {  // padding columns keep code 0: int8's zero, or in an int4 padding group
       const int code = src.code(sr, c0 + c);
       const int64_t kp = c / 2, lane = (r % P) * 2 + c % 2;
-      if (is_int4(format_)) panel[(kp / 2) * 32 + lane] |= uint8_t(code << (4 * (kp % 2)));
+      if (is_int4(format_)) panel[int4_byte(kp, lane)] |= uint8_t(code << (4 * (kp % 2)));
       else panel[kp * 2 * P + lane] = uint8_t(int8_t(code));
     }
     for (int64_t g = 0; g * group_ < cols; ++g) {  // padding groups keep scale 0 (int4 slices are whole groups)
@@ -101,7 +105,7 @@ float PackedMatrix::value(int64_t r, int64_t c) const {
   if (format_ == WeightFormat::bf16) return to_float(at(r, c));
   const int64_t p = r / P, lane = (r % P) * 2 + c % 2, kp = c / 2, at = (c / group_) * P + r % P;
   int code;
-  if (is_int4(format_)) code = (codes(p)[(kp / 2) * 32 + lane] >> (4 * (kp % 2))) & 0xF;
+  if (is_int4(format_)) code = (codes(p)[int4_byte(kp, lane)] >> (4 * (kp % 2))) & 0xF;
   else code = int8_t(codes(p)[kp * 2 * P + lane]);
   const float s = format_ == WeightFormat::int4_k2 ? to_float(scales_bf16(p)[at]) : scales_f32(p)[at];
   const float bias = format_ == WeightFormat::int4_awq ? biases(p)[at] : format_ == WeightFormat::int4_k2 ? -8.0f * s : 0.0f;

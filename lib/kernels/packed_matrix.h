@@ -12,12 +12,13 @@
 // Quantized formats keep the same panel order with narrower elements, so a block of panels dequantizes
 // (dequantize.h) into exactly the bf16 layout above, which the bf16 kernels then consume:
 //   int8: one byte per element at the bf16 element's index;
-//   int4: pairs of pairs share 32 bytes: byte (kp / 2) * 32 + (r % 16) * 2 + c % 2 of the panel holds pair
-//         kp's value in its low nibble for even kp, its high nibble for odd kp.
+//   int4: four pairs share 64 bytes, as 32 16-bit words, one per bf16 lane j = (r % 16) * 2 + c % 2: word j
+//         of unit kp / 4 holds pair kp's value in bits 4 (kp % 4) .. 4 (kp % 4) + 3, so one load and a shift
+//         per pair give a whole pair vector's codes, in lane order.
 // Scales follow each panel's codes as [groups][kPanelRows] (f32, or bf16 for int4_k2), and int4_awq adds
 // the matching f32 biases -zero·scale, so every format dequantizes as code·scale + bias (int4_k2's bias
-// is -8·scale, computed). Padding rows have scale 0 and padding columns the code of 0: the padding
-// dequantizes to exact zeros as in the bf16 layout.
+// is -8·scale, computed). Padding rows and padding groups have scale 0 (and bias 0), and int8's padding
+// columns code 0: the padding dequantizes to exact zeros as in the bf16 layout.
 #pragma once
 #include <cstddef>
 #include <cstdint>

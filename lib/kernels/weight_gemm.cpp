@@ -20,12 +20,14 @@ int64_t xwt_scratch_elems(WeightFormat f) { return f == WeightFormat::bf16 ? 0 :
 void gemm_xwt(const KernelSet& kernels, const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
   if (w.format() == WeightFormat::bf16) return kernels.gemm_xwt(g);
+  if (g.m <= kQuantizedFewRows && kernels.gemm_xwt_quantized_few_rows != nullptr && w.group() % 8 == 0)
+    return kernels.gemm_xwt_quantized_few_rows(g);
   const int64_t width = g.c1 - g.c0, panels = (width + P - 1) / P, K = w.cols();
   const int64_t pairs = (K + 1) / 2;
   const int64_t stride = 2 * P * kXwtBlockPairs;  // panel stride of the block
   for (int64_t kp0 = 0; kp0 < pairs; kp0 += kXwtBlockPairs) {
     const int64_t n = std::min(kXwtBlockPairs, pairs - kp0);
-    kernels.dequantize(w, g.c0 / P, panels, kp0, round_up(n, 2), g.scratch, stride);
+    kernels.dequantize(w, g.c0 / P, panels, kp0, round_up(n, 4), g.scratch, stride);
     const PackedMatrix block = PackedMatrix::view(g.scratch, width, std::min(2 * kXwtBlockPairs, K - 2 * kp0),
                                                   round_up(width, PackedMatrix::kColAlign), 2 * kXwtBlockPairs);
     kernels.gemm_xwt(GemmArgs{g.a + 2 * kp0, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate || kp0 > 0,

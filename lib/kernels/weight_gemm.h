@@ -13,6 +13,10 @@
 namespace moe_sft::kernels {
 
 constexpr int64_t kXwtBlockPairs = 128;
+// Up to this many rows, x·W^T of a quantized W takes the family's few-rows kernel where it has one
+// (KernelSet::gemm_xwt_quantized_few_rows): codes decoded in registers, no block written to scratch. It
+// walks int4 units of four pairs, so it serves groups that are a multiple of 8 (all the usual ones).
+constexpr int64_t kQuantizedFewRows = 4;
 
 void gemm_xwt(const KernelSet& kernels, const GemmArgs& args);
 void gemm_xw(const KernelSet& kernels, const GemmArgs& args);

@@ -15,6 +15,7 @@ struct VectorHelpers {
   decltype(KernelSet::silu_mul_backward_row) silu_mul_backward_row;
   LowRankKernels low_rank;
   DequantizeFn dequantize;
+  decltype(KernelSet::gemm_xwt_quantized_few_rows) gemm_xwt_quantized_few_rows;
 };
 const VectorHelpers& vector_helpers();
 
@@ -33,7 +34,8 @@ struct Family {
   }
   static KernelSet make(const char* name) {
     const VectorHelpers& v = vector_helpers();
-    return KernelSet{name, gemm_xwt, gemm_xw, v.silu_mul_row, v.silu_mul_backward_row, v.low_rank, v.dequantize};
+    return KernelSet{name, gemm_xwt, gemm_xw, v.silu_mul_row, v.silu_mul_backward_row, v.low_rank, v.dequantize,
+                     v.gemm_xwt_quantized_few_rows};
   }
 };
 

@@ -44,22 +44,24 @@ HalfScales group_scales(const PackedMatrix& w, int64_t p, int64_t g) {
           {_mm512_permutexvar_ps(lo, b), _mm512_permutexvar_ps(hi, b)}};
 }
 
-// code·scale + bias for both halves of one pair, rounded to bf16 and stored.
-inline void store_pair(__m512i codes_lo, __m512i codes_hi, const HalfScales& hs, bf16* dst) {
-  const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes_lo), hs.scale[0], hs.bias[0]);
-  const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes_hi), hs.scale[1], hs.bias[1]);
+// code·scale + bias for both halves of one pair (codes as exact integers in f32), rounded to bf16 and stored.
+inline void store_pair(__m512 codes_lo, __m512 codes_hi, const HalfScales& hs, bf16* dst) {
+  const __m512 lo = _mm512_fmadd_ps(codes_lo, hs.scale[0], hs.bias[0]);
+  const __m512 hi = _mm512_fmadd_ps(codes_hi, hs.scale[1], hs.bias[1]);
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-inline __m512i widen_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
-inline __m512i widen_i8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+inline __m512 widen_i8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 widen_u16(__m256i words) { return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(words)); }
 
 }  // namespace
 
 void dequantize_avx512(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
                        int64_t out_stride) {
   const bool int4 = is_int4(w.format());
-  const __m512i nibble = _mm512_set1_epi32(0xF);
+  const __m512i nibble = _mm512_set1_epi16(0xF);
   const int64_t group_pairs = w.group() / 2;  // groups are whole pairs (validated at create)
   for (int64_t p = panel0; p < panel0 + panels; ++p) {
     const uint8_t* codes = w.codes(p);
@@ -68,20 +70,15 @@ void dequantize_avx512(const PackedMatrix& w, int64_t panel0, int64_t panels, in
       const int64_t g = kp / group_pairs;
       const int64_t group_end = (g + 1) * group_pairs, end = group_end < pair0 + pairs ? group_end : pair0 + pairs;
       const HalfScales hs = group_scales(w, p, g);
-      if (!int4) {
-        for (; kp < end; ++kp)
+      for (; kp < end; ++kp) {
+        if (int4) {  // pair kp's codes: bits 4 (kp % 4) of the 32 words of unit kp / 4
+          const __m512i words = _mm512_loadu_si512(codes + (kp / 4) * 4 * P);
+          const __m512i v = _mm512_and_si512(_mm512_srl_epi16(words, _mm_cvtsi32_si128(int(4 * (kp % 4)))), nibble);
+          store_pair(widen_u16(_mm512_castsi512_si256(v)), widen_u16(_mm512_extracti64x4_epi64(v, 1)), hs,
+                     dst + kp * 2 * P);
+        } else {
           store_pair(widen_i8(codes + kp * 2 * P), widen_i8(codes + kp * 2 * P + P), hs, dst + kp * 2 * P);
-        continue;
-      }
-      for (; kp < end;) {
-        const uint8_t* unit = codes + (kp / 2) * 2 * P;  // pairs 2j and 2j + 1 share these 32 bytes
-        const __m512i lo = widen_u8(unit), hi = widen_u8(unit + P);
-        if (kp % 2 == 0) {
-          store_pair(_mm512_and_si512(lo, nibble), _mm512_and_si512(hi, nibble), hs, dst + kp * 2 * P);
-          if (++kp == end) break;
         }
-        store_pair(_mm512_srli_epi32(lo, 4), _mm512_srli_epi32(hi, 4), hs, dst + kp * 2 * P);
-        ++kp;
       }
     }
   }

@@ -464,7 +464,7 @@ const KernelSet& avx512_bf16_kernels() {
       "avx512_bf16", gemm_xwt, gemm_xw, avx512::silu_mul_row, avx512::silu_mul_backward_row,
       LowRankKernels{avx512::axpy<float, float>, avx512::axpy<float, bf16>, avx512::axpy<bf16, float>,
                      avx512::axpy<bf16, bf16>, avx512::dot<float>, avx512::dot<bf16>},
-      dequantize_avx512};
+      dequantize_avx512, avx512::gemm_xwt_quantized_few_rows};
   return set;
 }
 
