@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _paths
 from ._layer import MoESFT, bfloat16
+from ._quantize import dequantize, quantize
 
 SHAPES = {
     "deepseek-v2-lite": dict(E=64, H=2048, I=1408, k=6, r=16),
@@ -54,21 +55,34 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_create(shape, threads):
-    """Resident-size growth of creating the layer (its packed weights), measured in this process."""
+def measure_create(shape, threads, weight_format="bf16"):
+    """Resident-size growth of creating the layer (its packed weights), measured in this process. Quantizing
+    from bf16 uses per-expert temporaries that are freed before create returns; they may stay mapped in the
+    allocator, so the growth is measured after a trim."""
     p = Problem(**shape)
     gc.collect()
     before = rss_bytes()
-    layer = MoESFT(p.gate, p.up, p.down, lora_rank=shape["r"], lora_alpha=p.alpha, num_threads=threads)
+    layer = MoESFT(p.gate, p.up, p.down, lora_rank=shape["r"], lora_alpha=p.alpha, num_threads=threads,
+                   weight_format=weight_format)
+    _trim_heap()
     grown = rss_bytes() - before
     layer.close()
     return grown
 
 
-def resident_after_create(shape, threads):
+def _trim_heap():
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the growth then includes whatever the allocator keeps
+
+
+def resident_after_create(shape, threads, weight_format="bf16"):
     """measure_create in a fresh process: in this one, memory released by earlier shapes and contenders would
     be reused by the new layer and hide part of its growth."""
-    code = f"from moe_sft.bench import measure_create; print(measure_create({shape!r}, {threads}))"
+    code = (f"from moe_sft.bench import measure_create; "
+            f"print(measure_create({shape!r}, {threads}, {weight_format!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
 
@@ -291,6 +305,55 @@ def bench_shape(name, shape, tokens, reps, budget, contenders, peaks, threads, c
     return dict(resident_bytes=resident, weight_bytes=p.weight_bytes, rows=rows)
 
 
+def quantization_error(p, weight_format):
+    """||dequantize(quantize(W)) - W|| / ||W|| over the three projections (what the format costs in accuracy)."""
+    num = den = 0.0
+    for w in (p.gate, p.up, p.down):
+        for e in range(w.shape[0]):
+            ref = w[e].astype(np.float64)
+            deq = dequantize(quantize(w[e], weight_format)).astype(np.float64)
+            num += float(np.sum((deq - ref) ** 2))
+            den += float(np.sum(ref ** 2))
+    return (num / den) ** 0.5
+
+
+def bench_formats(name, shape, formats, tokens, reps, budget, threads, out=print):
+    """bf16 and the quantized formats side by side in one run: resident size, quantization error, and
+    forward / forward+backward time at each T with its ratio to bf16 (ratios > 1: slower than bf16)."""
+    p = Problem(**shape)
+    out(f"\n## {name}: base-weight formats (quantized at create from the same bf16 weights; int4_awq group 128)")
+    cols = ["format", "resident MiB", "x bf16 bytes", "quant. error"]
+    for T in tokens:
+        cols += [f"T={T} fwd ms", f"f+b ms", "x bf16"]
+    out("| " + " | ".join(cols) + " |")
+    out("|" + "---|" * len(cols))
+    batches = {T: [p.batch(T) for _ in range(reps + 1)] for T in tokens}
+    rows, base = [], {}
+    for fmt in formats:
+        resident = resident_after_create(shape, threads, fmt)
+        layer = MoESFT(p.gate, p.up, p.down, lora_rank=p.r, lora_alpha=p.alpha, num_threads=threads,
+                       weight_format=fmt)
+        layer.update_lora(*(p.lora[n] for n in LORA))
+        error = 0.0 if fmt == "bf16" else quantization_error(p, fmt)
+        row = dict(shape=name, weight_format=fmt, resident_bytes=resident, resident_x_bf16=resident / p.weight_bytes,
+                   quantization_error=error)
+        cells = [fmt, f"{resident / 2**20:.0f}", f"{resident / p.weight_bytes:.3f}", f"{error:.2e}"]
+        for T in tokens:
+            grads = [None]
+            fwd, fwd_bwd = rotating([ours(layer, b, grads) for b in batches[T]])
+            t_f, t_fb = timed(fwd, reps, budget), timed(fwd_bwd, reps, budget)
+            if fmt == "bf16":
+                base[T] = (t_f, t_fb)
+            row[f"T{T}_fwd_ms"], row[f"T{T}_fwd_bwd_ms"] = 1e3 * t_f, 1e3 * t_fb
+            row[f"T{T}_x_bf16"] = (t_f / base[T][0], t_fb / base[T][1]) if T in base else None
+            ratio = f"{t_f / base[T][0]:.2f}/{t_fb / base[T][1]:.2f}" if T in base else "-"
+            cells += [f"{1e3 * t_f:.2f}", f"{1e3 * t_fb:.2f}", ratio]
+        layer.close()
+        out("| " + " | ".join(cells) + " |")
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m moe_sft bench", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -300,6 +363,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--check-finite-tokens", nargs="*", type=int, default=[256],
                     help="token counts at which to also time forward+backward with check_finite on")
+    ap.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4_awq"],
+                    help="base-weight formats to compare side by side (first shape only; none to skip)")
+    ap.add_argument("--format-tokens", nargs="+", type=int, default=[1, 1024])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-numpy", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write all results here")
@@ -328,6 +394,11 @@ def main(argv=None):
     for name in args.shapes:
         results["shapes"][name] = bench_shape(name, SHAPES[name], args.tokens, args.reps, args.budget, contenders,
                                               peaks, args.threads, args.check_finite_tokens)
+    if args.formats:
+        name = args.shapes[0]
+        formats = ["bf16"] + [f for f in args.formats if f != "bf16"]  # the ratios' baseline first
+        results["formats"] = bench_formats(name, SHAPES[name], formats, args.format_tokens, args.reps, args.budget,
+                                           args.threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
