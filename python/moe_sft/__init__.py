@@ -16,7 +16,7 @@ from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
 from ._router import route, route_backward
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "route", "route_backward",
            "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include", "get_library",
