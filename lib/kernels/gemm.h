@@ -9,6 +9,8 @@
 // gemm_xw may use `scratch` (xw_scratch_elems(W.rows()) bf16, 64-byte aligned) to re-pair W's
 // block along its rows; it never allocates, so a call cannot fail half-way through its writes.
 //
+// W is bf16 here: weight_gemm.h serves the quantized formats through these kernels and `dequantize`.
+//
 // low_rank holds the rank-r products of the LoRA terms (low_rank.h).
 //
 // The activation rows are the elementwise epilogues of the SiLU-gated MLP (see activation.h for the math):
@@ -19,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/dequantize.h"
 #include "kernels/low_rank.h"
 #include "kernels/packed_matrix.h"
 #include "runtime/bf16.h"
@@ -52,6 +55,7 @@ struct KernelSet {
   float (*silu_mul_backward_row)(const bf16* g, const bf16* u, const float* dh_raw, float w, int64_t n, float* h,
                                  bf16* dg, bf16* du);
   LowRankKernels low_rank;
+  DequantizeFn dequantize;
 };
 
 // The kernel set for this machine, or the one MOE_SFT_ISA names. Throws moe_sft::Error when the variable

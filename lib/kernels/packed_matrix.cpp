@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #endif
 
+#include <cmath>
 #include <cstring>
 #include <new>
 
@@ -14,30 +15,106 @@ namespace moe_sft::kernels {
 namespace {
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 constexpr size_t kHugePage = size_t(2) << 20;
+constexpr int64_t P = PackedMatrix::kPanelRows;
+
+// Sizes of a quantized matrix's three arrays (codes, scales, biases), each a whole number of cache lines.
+struct QuantizedLayout {
+  int64_t group, groups, code_bytes, scale_bytes, bias_bytes;
+  QuantizedLayout(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size) {
+    const int64_t padded_rows = round_up(rows, PackedMatrix::kColAlign), padded_cols = round_up(cols, PackedMatrix::kColAlign);
+    group = has_groups(f) ? group_size : padded_cols;
+    groups = (padded_cols + group - 1) / group;
+    code_bytes = round_up(padded_rows * padded_cols / (is_int4(f) ? 2 : 1), 64);
+    const int64_t scales = padded_rows * groups;
+    scale_bytes = round_up(scales * (f == WeightFormat::int4_k2 ? 2 : 4), 64);
+    bias_bytes = f == WeightFormat::int4_awq ? round_up(scales * 4, 64) : 0;
+  }
+};
+
 }  // namespace
 
-int64_t PackedMatrix::storage_elems(int64_t rows, int64_t cols) {
-  return round_up(round_up(rows, kColAlign) * round_up(cols, kColAlign), 32);
+int64_t PackedMatrix::storage_bytes(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size) {
+  if (f == WeightFormat::bf16) return round_up(round_up(rows, kColAlign) * round_up(cols, kColAlign) * 2, 64);
+  const QuantizedLayout l(f, rows, cols, group_size);
+  return l.code_bytes + l.scale_bytes + l.bias_bytes;
 }
 
-PackedMatrix::PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld, bf16* storage)
+PackedMatrix::PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld, void* storage)
     : rows_(rows), cols_(cols), padded_rows_(round_up(rows, kColAlign)), padded_cols_(round_up(cols, kColAlign)),
       data_(storage) {
-  std::memset(storage, 0, size_t(padded_rows_ * padded_cols_) * sizeof(bf16));
+  bf16* out = static_cast<bf16*>(storage);
+  std::memset(out, 0, size_t(padded_rows_ * padded_cols_) * sizeof(bf16));
   for (int64_t r = 0; r < rows; ++r) {
-    bf16* dst = storage + (r / kPanelRows) * kPanelRows * padded_cols_ + (r % kPanelRows) * 2;
+    bf16* dst = out + (r / P) * P * padded_cols_ + (r % P) * 2;
     const bf16* row = src + r * ld;
-    for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * 2 * kPanelRows + c % 2] = row[c];
+    for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * 2 * P + c % 2] = row[c];
   }
 }
 
-PackedStorage::PackedStorage(int64_t elems, int numa_node) {
-  const size_t bytes = size_t(elems) * sizeof(bf16);
+PackedMatrix PackedMatrix::view(const bf16* data, int64_t rows, int64_t cols, int64_t padded_rows,
+                                int64_t padded_cols) {
+  PackedMatrix m;
+  m.rows_ = rows;
+  m.cols_ = cols;
+  m.padded_rows_ = padded_rows;
+  m.padded_cols_ = padded_cols;
+  m.data_ = data;
+  return m;
+}
+
+PackedMatrix::PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                           void* storage)
+    : format_(src.format), rows_(rows), cols_(cols), padded_rows_(round_up(rows, kColAlign)),
+      padded_cols_(round_up(cols, kColAlign)) {
+  const QuantizedLayout l(format_, rows, cols, src.group);
+  group_ = l.group;
+  groups_ = l.groups;
+  auto* codes = static_cast<uint8_t*>(storage);
+  std::memset(codes, 0, size_t(l.code_bytes + l.scale_bytes + l.bias_bytes));
+  auto* scales = codes + l.code_bytes;
+  auto* biases = reinterpret_cast<float*>(scales + l.scale_bytes);
+  data_ = codes;
+  scales_ = scales;
+  biases_ = format_ == WeightFormat::int4_awq ? biases : nullptr;
+
+  const int64_t g0 = c0 / src.group;  // the slice's first group in src
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t sr = r0 + r;
+    uint8_t* panel = codes + (r / P) * panel_code_bytes();
+    for (int64_t c = 0; c < cols; ++c) {  // padding columns keep code 0: int8's zero, or in an int4 padding group
+      const int code = src.code(sr, c0 + c);
+      const int64_t kp = c / 2, lane = (r % P) * 2 + c % 2;
+      if (is_int4(format_)) panel[(kp / 2) * 32 + lane] |= uint8_t(code << (4 * (kp % 2)));
+      else panel[kp * 2 * P + lane] = uint8_t(int8_t(code));
+    }
+    for (int64_t g = 0; g * group_ < cols; ++g) {  // padding groups keep scale 0 (int4 slices are whole groups)
+      const int64_t at = ((r / P) * groups_ + g) * P + r % P;
+      const float s = src.scale_of(sr, has_groups(format_) ? g0 + g : 0);
+      if (format_ == WeightFormat::int4_k2) reinterpret_cast<bf16*>(scales)[at] = to_bf16(s);  // exact: s came from bf16
+      else reinterpret_cast<float*>(scales)[at] = s;
+      if (format_ == WeightFormat::int4_awq) biases[at] = -float(src.zero_of(sr, g0 + g)) * s;
+    }
+  }
+}
+
+float PackedMatrix::value(int64_t r, int64_t c) const {
+  if (format_ == WeightFormat::bf16) return to_float(at(r, c));
+  const int64_t p = r / P, lane = (r % P) * 2 + c % 2, kp = c / 2, at = (c / group_) * P + r % P;
+  int code;
+  if (is_int4(format_)) code = (codes(p)[(kp / 2) * 32 + lane] >> (4 * (kp % 2))) & 0xF;
+  else code = int8_t(codes(p)[kp * 2 * P + lane]);
+  const float s = format_ == WeightFormat::int4_k2 ? to_float(scales_bf16(p)[at]) : scales_f32(p)[at];
+  const float bias = format_ == WeightFormat::int4_awq ? biases(p)[at] : format_ == WeightFormat::int4_k2 ? -8.0f * s : 0.0f;
+  return std::fma(float(code), s, bias);
+}
+
+PackedStorage::PackedStorage(int64_t bytes_wanted, int numa_node) {
+  const size_t bytes = size_t(bytes_wanted);
   const size_t align = bytes >= kHugePage ? kHugePage : 64;
   const size_t rounded = size_t(round_up(int64_t(bytes), int64_t(align)));
   void* p = std::aligned_alloc(align, rounded == 0 ? align : rounded);
   if (p == nullptr) throw std::bad_alloc();
-  data_.reset(static_cast<bf16*>(p));
+  data_.reset(static_cast<std::byte*>(p));
 #if defined(MADV_HUGEPAGE)
   if (align == kHugePage) madvise(p, rounded, MADV_HUGEPAGE);  // advice only
 #endif

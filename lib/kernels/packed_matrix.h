@@ -1,4 +1,4 @@
-// A frozen bf16 weight matrix W [rows, cols] (rows = outputs of x·W^T, HF nn.Linear convention), packed once
+// A frozen weight matrix W [rows, cols] (rows = outputs of x·W^T, HF nn.Linear convention), packed once
 // into the blocked pair-interleaved ("VNNI") layout that VDPBF16PS and AMX TDPBF16PS consume:
 //
 //   panels of kPanelRows rows; inside a panel, for each pair of columns (2c, 2c+1), the kPanelRows rows'
@@ -6,14 +6,26 @@
 //     (r / kPanelRows) * kPanelRows * padded_cols + (c / 2) * 2 * kPanelRows + (r % kPanelRows) * 2 + c % 2
 //
 // rows and cols are padded to kColAlign with zeros, so kernels never test for tails inside a panel, and a
-// block re-paired along the rows (repack.h) is made of whole AMX B tiles. This one copy serves both x·W^T (contract over cols) and d·W (contract over rows): there is no
-// second, transposed copy of any weight.
+// block re-paired along the rows (repack.h) is made of whole AMX B tiles. This one copy serves both x·W^T
+// (contract over cols) and d·W (contract over rows): there is no second, transposed copy of any weight.
+//
+// Quantized formats keep the same panel order with narrower elements, so a block of panels dequantizes
+// (dequantize.h) into exactly the bf16 layout above, which the bf16 kernels then consume:
+//   int8: one byte per element at the bf16 element's index;
+//   int4: pairs of pairs share 32 bytes: byte (kp / 2) * 32 + (r % 16) * 2 + c % 2 of the panel holds pair
+//         kp's value in its low nibble for even kp, its high nibble for odd kp.
+// Scales follow each panel's codes as [groups][kPanelRows] (f32, or bf16 for int4_k2), and int4_awq adds
+// the matching f32 biases -zero·scale, so every format dequantizes as code·scale + bias (int4_k2's bias
+// is -8·scale, computed). Padding rows have scale 0 and padding columns the code of 0: the padding
+// dequantizes to exact zeros as in the bf16 layout.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 
+#include "kernels/quantize.h"
+#include "kernels/weight_format.h"
 #include "runtime/bf16.h"
 
 namespace moe_sft::kernels {
@@ -24,25 +36,49 @@ class PackedMatrix {
   static constexpr int64_t kColAlign = 32;   // one AMX tile's K in bf16
 
   PackedMatrix() = default;
-  // Elements of storage a rows x cols matrix packs into (a whole number of cache lines).
-  static int64_t storage_elems(int64_t rows, int64_t cols);
-  // Packs the rows x cols block of `src` whose element (r, c) is src[r * ld + c] into `storage`
-  // (storage_elems(rows, cols) of it, 64-byte aligned, owned by the caller, e.g. a PackedStorage).
-  PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld, bf16* storage);
+  // Bytes of storage a rows x cols matrix packs into in format f (a whole number of cache lines);
+  // group_size is the int4 formats' (ignored otherwise).
+  static int64_t storage_bytes(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size);
+  // Packs the rows x cols block of bf16 `src` whose element (r, c) is src[r * ld + c] into `storage`
+  // (storage_bytes of it, 64-byte aligned, owned by the caller, e.g. a PackedStorage).
+  PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld, void* storage);
+  // Packs rows [r0, r0 + rows) x columns [c0, c0 + cols) of a quantized matrix; c0 and cols are whole
+  // groups of src.
+  PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows, int64_t c0, int64_t cols, void* storage);
+  // A bf16 matrix already in the packed layout (a dequantized block): nothing is copied.
+  static PackedMatrix view(const bf16* data, int64_t rows, int64_t cols, int64_t padded_rows, int64_t padded_cols);
 
+  WeightFormat format() const { return format_; }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
   int64_t padded_rows() const { return padded_rows_; }
   int64_t padded_cols() const { return padded_cols_; }
-  const bf16* panel(int64_t p) const { return data_ + p * kPanelRows * padded_cols_; }
+  int64_t panels() const { return padded_rows_ / kPanelRows; }
 
+  // bf16 format only.
+  const bf16* panel(int64_t p) const { return static_cast<const bf16*>(data_) + p * kPanelRows * padded_cols_; }
   bf16 at(int64_t r, int64_t c) const {
     return panel(r / kPanelRows)[(c / 2) * 2 * kPanelRows + (r % kPanelRows) * 2 + c % 2];
   }
 
+  // Quantized formats only.
+  int64_t group() const { return group_; }   // columns per scale (int8: padded_cols, one per row)
+  int64_t groups() const { return groups_; } // scale groups per padded row
+  const uint8_t* codes(int64_t p) const { return static_cast<const uint8_t*>(data_) + p * panel_code_bytes(); }
+  const float* scales_f32(int64_t p) const { return static_cast<const float*>(scales_) + p * groups_ * kPanelRows; }
+  const bf16* scales_bf16(int64_t p) const { return static_cast<const bf16*>(scales_) + p * groups_ * kPanelRows; }
+  const float* biases(int64_t p) const { return biases_ + p * groups_ * kPanelRows; }
+  int64_t panel_code_bytes() const { return kPanelRows * padded_cols_ * (is_int4(format_) ? 1 : 2) / 2; }
+
+  // W[r, c] as stored, for any format (quantized: code·scale + bias, in f32 as the kernels compute it).
+  float value(int64_t r, int64_t c) const;
+
  private:
-  int64_t rows_ = 0, cols_ = 0, padded_rows_ = 0, padded_cols_ = 0;
-  const bf16* data_ = nullptr;
+  WeightFormat format_ = WeightFormat::bf16;
+  int64_t rows_ = 0, cols_ = 0, padded_rows_ = 0, padded_cols_ = 0, group_ = 0, groups_ = 0;
+  const void* data_ = nullptr;
+  const void* scales_ = nullptr;
+  const float* biases_ = nullptr;
 };
 
 // One allocation holding many packed matrices (a layer part's): on 2 MiB pages where the OS allows it
@@ -52,14 +88,14 @@ class PackedMatrix {
 class PackedStorage {
  public:
   PackedStorage() = default;
-  PackedStorage(int64_t elems, int numa_node);
-  bf16* data() const { return data_.get(); }
+  PackedStorage(int64_t bytes, int numa_node);
+  std::byte* data() const { return data_.get(); }
 
  private:
   struct FreeDeleter {
-    void operator()(bf16* p) const { std::free(p); }
+    void operator()(std::byte* p) const { std::free(p); }
   };
-  std::unique_ptr<bf16[], FreeDeleter> data_;
+  std::unique_ptr<std::byte[], FreeDeleter> data_;
 };
 
 }  // namespace moe_sft::kernels

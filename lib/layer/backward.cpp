@@ -17,6 +17,7 @@
 
 #include "kernels/low_rank.h"
 #include "layer/finite_check.h"
+#include "kernels/weight_gemm.h"
 #include "layer/moe_layer.h"
 #include "layer/task_grid.h"
 #include "runtime/runtime.h"
@@ -90,7 +91,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   auto sums_slot = layout.add<float>(size_t(threads_ * H));
   int64_t widest_part = 0;
   for (const ExpertPart& part : parts_) widest_part = std::max(widest_part, part.width());
-  const int64_t repack = kernels::xw_scratch_elems(std::max(H, widest_part));  // gemm_xw's per-worker scratch
+  const int64_t repack = kernels::xw_scratch_elems(weight_format_, std::max(H, widest_part));  // per worker
   auto repack_slot = layout.add<bf16>(size_t(threads_ * repack));
   auto staged_gi_slot = layout.add<bf16>(check ? size_t(T_ * H) : 0);
   auto staged_gw_slot = layout.add<float>(check && call.grad_weights != nullptr ? size_t(T_ * k) : 0);
@@ -165,7 +166,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     const int64_t m = t.rows(), w = b.width(), e = t.expert;
     float* dt = tiles + int64_t(worker) * 2 * tile;  // D block
     float* ht = dt + tile;                          // h block, as the forward rounded it
-    kernels_->gemm_xw(GemmArgs{dos + t.row_begin * H, H, m, &part.down[size_t(e)], b.local, b.local + w, dt, w, false,
+    kernels::gemm_xw(*kernels_, GemmArgs{dos + t.row_begin * H, H, m, &part.down[size_t(e)], b.local, b.local + w, dt, w, false,
                                repack_scratch + worker * repack});
     if (r > 0)
       lr.axpy<float, T>()(m, w, r, dob + t.row_begin * r, Strided{r, 1}, lora.da(e) + b.begin, I, s, dt, w, true);
@@ -207,8 +208,8 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     bf16* scratch = repack_scratch + worker * repack;
     for (size_t p = 0; p < parts_.size(); ++p) {
       const int64_t off = t.row_begin * I + parts_[p].i_begin;
-      kernels_->gemm_xw(GemmArgs{dg + off, I, m, &parts_[p].gate[size_t(e)], b.begin, b.end, dxt, H, p > 0, scratch});
-      kernels_->gemm_xw(GemmArgs{du + off, I, m, &parts_[p].up[size_t(e)], b.begin, b.end, dxt, H, true, scratch});
+      kernels::gemm_xw(*kernels_, GemmArgs{dg + off, I, m, &parts_[p].gate[size_t(e)], b.begin, b.end, dxt, H, p > 0, scratch});
+      kernels::gemm_xw(*kernels_, GemmArgs{du + off, I, m, &parts_[p].up[size_t(e)], b.begin, b.end, dxt, H, true, scratch});
     }
     if (r > 0) {
       lr.axpy<float, T>()(m, w, r, dgb + t.row_begin * r, Strided{r, 1}, lora.ga(e) + b.begin, H, s, dxt, H, true);

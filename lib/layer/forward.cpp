@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "kernels/low_rank.h"
+#include "kernels/weight_gemm.h"
 #include "layer/finite_check.h"
 #include "layer/moe_layer.h"
 #include "layer/task_grid.h"
@@ -68,6 +69,8 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
   auto sums_slot = layout.add<float>(size_t(threads_ * H));
   auto lora_t_slot = layout.add<float>(size_t(threads_ * r * cb));  // a LoRA B block transposed, per worker
+  const int64_t dequant = kernels::xwt_scratch_elems(weight_format_);  // per worker, quantized weights only
+  auto dequant_slot = layout.add<bf16>(size_t(threads_ * dequant));
   // With check_finite the output is assembled here and copied out only once it passed the check.
   auto staged_out_slot = layout.add<bf16>(check_finite_ ? size_t(call.qlen * H) : 0);
   const bool save = call.save_for_backward;
@@ -102,6 +105,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   float* tiles = tiles_slot.in(base);
   float* sums = sums_slot.in(base);
   float* lora_t = lora_t_slot.in(base);
+  bf16* dequant_scratch = dequant_slot.in(base);
   bf16* output = check_finite_ ? staged_out_slot.in(base) : call.output;
   const kernels::LowRankKernels& lr = kernels_->low_rank;
   bf16* gate = save ? rec.gate.data() : g_slot.in(base);
@@ -134,8 +138,9 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     float* gt = tiles + int64_t(worker) * 2 * tile;
     float* ut = gt + tile;
     const bf16* x = xs + t.row_begin * H;
-    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gt, w, false, nullptr});
-    kernels_->gemm_xwt(GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, ut, w, false, nullptr});
+    bf16* scratch = dequant_scratch + worker * dequant;
+    kernels::gemm_xwt(*kernels_, GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gt, w, false, scratch});
+    kernels::gemm_xwt(*kernels_, GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, ut, w, false, scratch});
     if (r > 0) {  // + s (x·A^T)·B^T for this block of B's rows, made row-contiguous first
       float* bt = lora_t + int64_t(worker) * r * cb;
       transpose_to_f32(lora.gb(e) + b.begin * r, w, r, r, bt);
@@ -170,8 +175,8 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
     const int64_t m = t.rows(), e = t.expert;
     float* yt = y + t.row_begin * H + b.begin;
     for (size_t p = 0; p < parts_.size(); ++p)
-      kernels_->gemm_xwt(GemmArgs{h + t.row_begin * I + parts_[p].i_begin, I, m, &parts_[p].down[size_t(e)], b.begin,
-                                  b.end, yt, H, p > 0, nullptr});
+      kernels::gemm_xwt(*kernels_, GemmArgs{h + t.row_begin * I + parts_[p].i_begin, I, m, &parts_[p].down[size_t(e)],
+                                            b.begin, b.end, yt, H, p > 0, dequant_scratch + worker * dequant});
     if (r > 0) {
       float* bt = lora_t + int64_t(worker) * r * cb;
       transpose_to_f32(lora.db(e) + b.begin * r, b.width(), r, r, bt);

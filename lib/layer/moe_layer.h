@@ -65,6 +65,7 @@ class MoELayer {
   int64_t max_cache_depth_;
   int threads_;
   bool check_finite_;
+  kernels::WeightFormat weight_format_;
   const kernels::KernelSet* kernels_;
   std::vector<ExpertPart> parts_;
   moe_sft_lora lora_{};

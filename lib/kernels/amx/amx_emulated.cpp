@@ -14,9 +14,9 @@ const VectorHelpers& vector_helpers() {
     const CpuFeatures& f = cpu_features();
     if (f.avx512_bf16_usable())
       return VectorHelpers{repack_transposed_avx512, avx512::silu_mul_row, avx512::silu_mul_backward_row,
-                           avx512_bf16_kernels().low_rank};
+                           avx512_bf16_kernels().low_rank, dequantize_avx512};
     return VectorHelpers{repack_transposed_scalar, silu_mul_row_generic, silu_mul_backward_row_generic,
-                         portable_low_rank()};
+                         portable_low_rank(), dequantize_scalar};
   }();
   return helpers;
 }

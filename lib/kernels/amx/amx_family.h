@@ -14,6 +14,7 @@ struct VectorHelpers {
   decltype(KernelSet::silu_mul_row) silu_mul_row;
   decltype(KernelSet::silu_mul_backward_row) silu_mul_backward_row;
   LowRankKernels low_rank;
+  DequantizeFn dequantize;
 };
 const VectorHelpers& vector_helpers();
 
@@ -32,7 +33,7 @@ struct Family {
   }
   static KernelSet make(const char* name) {
     const VectorHelpers& v = vector_helpers();
-    return KernelSet{name, gemm_xwt, gemm_xw, v.silu_mul_row, v.silu_mul_backward_row, v.low_rank};
+    return KernelSet{name, gemm_xwt, gemm_xw, v.silu_mul_row, v.silu_mul_backward_row, v.low_rank, v.dequantize};
   }
 };
 

@@ -463,7 +463,8 @@ const KernelSet& avx512_bf16_kernels() {
   static const KernelSet set{
       "avx512_bf16", gemm_xwt, gemm_xw, avx512::silu_mul_row, avx512::silu_mul_backward_row,
       LowRankKernels{avx512::axpy<float, float>, avx512::axpy<float, bf16>, avx512::axpy<bf16, float>,
-                     avx512::axpy<bf16, bf16>, avx512::dot<float>, avx512::dot<bf16>}};
+                     avx512::axpy<bf16, bf16>, avx512::dot<float>, avx512::dot<bf16>},
+      dequantize_avx512};
   return set;
 }
 

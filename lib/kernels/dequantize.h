@@ -1,0 +1,23 @@
+// Dequantizing a block of a quantized PackedMatrix into the bf16 packed layout, so the bf16 micro-kernels
+// of every family run on it unchanged (the block is small, lives in a worker's scratch and is amortized
+// over all rows of A; no bf16 copy of a whole weight is ever made).
+//
+// Writes panels [panel0, panel0 + panels) x column pairs [pair0, pair0 + pairs) of w: pair kp of panel p
+// lands at out + (p - panel0) * out_stride + (kp - pair0) * 32, each value bf16(code·scale + bias).
+// pair0 and pairs are even (int4 keeps two pairs in one 32-byte unit) and within w's padded columns.
+#pragma once
+#include <cstdint>
+
+#include "kernels/packed_matrix.h"
+
+namespace moe_sft::kernels {
+
+using DequantizeFn = void (*)(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs,
+                              bf16* out, int64_t out_stride);
+
+void dequantize_scalar(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
+                       int64_t out_stride);
+void dequantize_avx512(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
+                       int64_t out_stride);  // needs AVX-512 BF16
+
+}  // namespace moe_sft::kernels
