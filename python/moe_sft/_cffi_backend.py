@@ -37,6 +37,12 @@ def _layer(address):
     return _ffi.cast("moe_sft_layer *", address)
 
 
+def _format(weight_format):
+    """An int as moe_sft_weight_format: cffi refuses negative ints for an enum of non-negative values (the C
+    library reports any value outside the enum, as it does for the nanobind module's plain int conversion)."""
+    return _ffi.cast("moe_sft_weight_format", weight_format)
+
+
 def _text(char_pointer):
     return _ffi.string(char_pointer).decode("utf-8", "replace") if char_pointer != _ffi.NULL else ""
 
@@ -59,7 +65,7 @@ def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_thre
         _ffi.cast("const void *", a) for a in (gate, up, down, gate_scale, up_scale, down_scale))
     if check_finite >= 0:  # else the library's default (MOE_SFT_CHECK_FINITE)
         cfg.check_finite = check_finite
-    cfg.weight_format = weight_format
+    cfg.weight_format = _format(weight_format)
     cfg.group_size = group_size
     cfg.prequantized = prequantized
     cfg.gate_zero, cfg.up_zero, cfg.down_zero = (
@@ -112,14 +118,14 @@ def route_backward(qlen, experts, top_k, dtype, logits, scoring, renormalize, id
 
 
 def quantize(weight_format, group_size, rows, cols, w, weights, scale, zero):
-    return _lib.moe_sft_quantize(weight_format, group_size, rows, cols, _ffi.cast("const uint16_t *", w),
+    return _lib.moe_sft_quantize(_format(weight_format), group_size, rows, cols, _ffi.cast("const uint16_t *", w),
                                  _ffi.cast("void *", weights), _ffi.cast("float *", scale),
                                  _ffi.cast("uint8_t *", zero))
 
 
 def weight_format_name(weight_format):
     """None for a value that names no format."""
-    name = _lib.moe_sft_weight_format_name(weight_format)
+    name = _lib.moe_sft_weight_format_name(_format(weight_format))
     return _text(name) if name != _ffi.NULL else None
 
 

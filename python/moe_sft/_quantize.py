@@ -56,10 +56,10 @@ class QuantizedWeight(NamedTuple):
     zero: Optional[np.ndarray]
 
 
-def format_code(weight_format):
-    """The moe_sft_weight_format value of a format name."""
+def format_code(weight_format, name="weight_format"):
+    """The moe_sft_weight_format value of a format name; ``name`` is the argument's, for the error."""
     if not isinstance(weight_format, str) or weight_format not in FORMATS:
-        raise invalid(f"weight_format = {weight_format!r}; expected one of {', '.join(map(repr, FORMATS))}")
+        raise invalid(f"{name} = {weight_format!r}; expected one of {', '.join(map(repr, FORMATS))}")
     return FORMATS.index(weight_format)
 
 
@@ -184,7 +184,7 @@ def prequantized(gate_proj, up_proj, down_proj):
     given = {n: _quantized_weight(p, n) for n, p in zip(PROJECTIONS, (gate_proj, up_proj, down_proj))}
     gate = given["gate_proj"]
     fmt = gate.weight_format
-    format_code(fmt)
+    format_code(fmt, "gate_proj.weight_format")
     if fmt not in _LAYOUTS:
         raise invalid(f"gate_proj.weight_format = {fmt!r} is not a quantized format; from_quantized takes "
                       f"{', '.join(map(repr, _LAYOUTS))} (bf16 weights go to MoESFT(...))")
