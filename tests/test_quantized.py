@@ -67,9 +67,10 @@ def test_reference_layouts_by_hand():
 # ---- moe_sft.quantize: the header's arithmetic, byte for byte ----
 
 def awkward_weights(shape, group_size, seed):
-    """bf16 [.., N, K] ~ N(0, 1/K) with an all-zero row, a row with a single nonzero, an all-zero group, and ties
-    of round half to even: an int8 row whose scale is 1 (max 127) and an AWQ group whose scale is 1 (range
-    [-7.5, 7.5], zero point rint(7.5) = 8), both holding +-0.5, 1.5, 2.5."""
+    """bf16 [.., N, K] ~ N(0, 1/K) with an all-zero row, a row with a single nonzero, an all-zero group, ties of
+    round half to even (an int8 row whose scale is 1, max 127, and an AWQ group whose scale is 1, range
+    [-7.5, 7.5] with zero point rint(7.5) = 8, both holding +-0.5, 1.5, 2.5) and a row of subnormals (its
+    scales subnormal too)."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
     rows = w.reshape(-1, shape[-1])
@@ -81,19 +82,23 @@ def awkward_weights(shape, group_size, seed):
     rows[3, :8] = [127, -127] + ties
     rows[4, :group_size] = 0
     rows[4, :8] = [7.5, -7.5] + ties
-    return w.astype(R.bf16)
+    w = w.astype(R.bf16)
+    magnitude = np.arange(shape[-1]) % 7 - 3  # subnormal bits -3 .. 3, the sign apart
+    bits = np.abs(magnitude) | np.where(magnitude < 0, 0x8000, 0)
+    w.reshape(-1, shape[-1])[5] = bits.astype(np.uint16).view(R.bf16)
+    return w
 
 
 # (format, group_size passed, shape): None = the format's default (int4_awq 128)
 QUANTIZE_CASES = [("int8", None, (7, 64)), ("int8", 0, (3, 5, 40)), ("int4_awq", 16, (6, 64)),
-                  ("int4_awq", 32, (2, 5, 96)), ("int4_awq", None, (5, 256))]
+                  ("int4_awq", 32, (2, 5, 96)), ("int4_awq", None, (6, 256))]
 
 
 @pytest.mark.parametrize("weight_format, group_size, shape", QUANTIZE_CASES,
                          ids=[f"{f}-g{g}-{'x'.join(map(str, s))}" for f, g, s in QUANTIZE_CASES])
 def test_quantize_matches_numpy_byte_for_byte(weight_format, group_size, shape):
     group = 0 if weight_format == "int8" else group_size or 128
-    w = awkward_weights(shape, group or 8, seed=sum(shape))
+    w = awkward_weights(shape, group or 8, seed=sum(shape))  # int8: a zero run of 8, as AWQ's zero group
     expected = R.quantize(weight_format, w, group)
     for given in (w, w.view(np.uint16), w.astype(np.float32)):  # bf16, its bits, floats rounded to bf16
         q = moe_sft.quantize(given, weight_format, group_size)
@@ -104,15 +109,17 @@ def test_quantize_matches_numpy_byte_for_byte(weight_format, group_size, shape):
             else:
                 assert got.dtype == want.dtype and got.shape == want.shape, (field, got.dtype, got.shape)
                 assert np.array_equal(got, want), field
-    # and what they encode is w to within half a step (the numpy format is the header's)
+    # and what they encode is w to within half a step (the numpy format is the header's); subnormal scales are
+    # coarser than that, but their whole rows are below the smallest normal float
     scale = R.f64(expected[1])
     step = scale[..., None] if weight_format == "int8" else np.repeat(scale, group, axis=-1)
-    assert np.all(np.abs(R.dequantize(weight_format, *expected) - R.f64(w)) <= 0.5 * step * (1 + 1e-6))
+    error = np.abs(R.dequantize(weight_format, *expected) - R.f64(w))
+    assert np.all(error <= 0.5 * step * (1 + 1e-6) + np.finfo(np.float32).tiny)
 
 
 def test_quantize_writes_nothing_on_error():
     """The raw moe_sft_quantize: every refusal names the argument, leaves the outputs as they were."""
-    N, K = 5, 64
+    N, K = 6, 64
     w = awkward_weights((N, K), 16, seed=1)
     bad = w.copy()
     bad[2, 5] = np.nan
