@@ -63,9 +63,9 @@ class MoESFT:
         checkpoint, e.g. Kimi-K2's weight_packed / weight_scale as QuantizedWeight("int4_k2", 32, packed,
         scale, None)) of one format and group size, for gate_proj, up_proj [E, I, H] and down_proj [E, H, I].
         The other arguments are MoESFT's."""
+        base = _quantize.prequantized(gate_proj, up_proj, down_proj)
         layer = cls.__new__(cls)
-        layer._create(_quantize.prequantized(gate_proj, up_proj, down_proj), lora_rank, lora_alpha, max_cache_depth,
-                      num_threads, tp_count, check_finite)
+        layer._create(base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
         return layer
 
     def _create(self, base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite):

@@ -76,8 +76,9 @@ def group_size_for(weight_format, group_size, dims):
             raise invalid(f"group_size = {group_size!r} is not an integer") from None
     if not grouped:
         if group_size != 0:
-            raise invalid(f"group_size = {group_size}, but {weight_format} has no groups along K (one scale per "
-                          "output channel for int8): leave it None or 0")
+            per_channel = " (one scale per output channel)" if layout else ""
+            raise invalid(f"group_size = {group_size}, but {weight_format} has no groups along K{per_channel}: "
+                          "leave it None or 0")
         return 0
     if group_size <= 0:
         raise invalid(f"group_size = {group_size}; {weight_format} needs a positive group size along K "
