@@ -37,7 +37,11 @@ def isa(request, monkeypatch):
 
 
 def make_layer(p, **kwargs):
-    layer = moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=p.rank, lora_alpha=p.alpha, **kwargs)
+    return bind_lora(moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=p.rank, lora_alpha=p.alpha, **kwargs), p)
+
+
+def bind_lora(layer, p):
+    """layer with p's LoRA arrays bound (when p has any)."""
     if p.rank:
         layer.update_lora(*(p.lora[n] for n in R.LORA_NAMES))
     return layer

@@ -138,3 +138,87 @@ def rel_err(a, b):
     denom = np.mean(np.abs(b))
     num = np.mean(np.abs(a - b))
     return num / denom if denom > 0 else num
+
+
+# ---- quantized base weights (moe_sft_weight_format in moe_sft.h), each format in numpy ----
+# quantize: the arithmetic moe_sft_quantize documents, every op in float32 and round half to even (np.rint),
+# so that the library's arrays can be compared byte for byte. dequantize: the weights the reference uses.
+
+def _f32(w):
+    """bf16 w as the float32 values the library quantizes."""
+    return np.asarray(w, bf16).astype(np.float32)
+
+
+def _grouped(w, group_size):
+    """bf16 w [.., N, K] as float32 [.., N, K / group_size, group_size]."""
+    w = _f32(w)
+    return w.reshape(w.shape[:-1] + (w.shape[-1] // group_size, group_size))
+
+
+def _pack_nibbles(codes, per_word):
+    """Codes in [0, 15] along the last axis, value j of each run of per_word in bits 4j .. 4j + 3 of a word."""
+    runs = codes.astype(np.uint32).reshape(codes.shape[:-1] + (-1, per_word))
+    return np.bitwise_or.reduce(runs << (4 * np.arange(per_word, dtype=np.uint32)), axis=-1)
+
+
+def _unpack_nibbles(words, per_word):
+    shifts = 4 * np.arange(per_word, dtype=np.uint32)
+    codes = (words.astype(np.uint32)[..., None] >> shifts) & 0xF
+    return codes.reshape(words.shape[:-1] + (-1,)).astype(np.int64)
+
+
+def quantize_int8(w):
+    """int8 q [.., N, K], f32 scale [.., N]: scale = max|w| / 127 per row (1 for a zero row), q = rint(w / scale)."""
+    w = _f32(w)
+    max_abs = np.max(np.abs(w), axis=-1)
+    scale = np.where(max_abs > 0, max_abs / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.rint(w / scale[..., None]).astype(np.int8), scale
+
+
+def quantize_awq(w, group_size):
+    """uint8 [.., N, K/2] (even k in the low nibble), f32 scale and uint8 zero [.., N, K/g]: per group
+    lo = min(0, min w), hi = max(0, max w), scale = (hi - lo) / 15 (1 for a zero group), zero = rint(-lo / scale),
+    q = clip(rint(w / scale) + zero, 0, 15)."""
+    g = _grouped(w, group_size)
+    lo = np.minimum(np.float32(0), g.min(axis=-1))
+    hi = np.maximum(np.float32(0), g.max(axis=-1))
+    scale = np.where(hi > lo, (hi - lo) / np.float32(15), np.float32(1)).astype(np.float32)
+    zero = np.rint(-lo / scale)
+    q = np.clip(np.rint(g / scale[..., None]) + zero[..., None], 0, 15)
+    return _pack_nibbles(q.reshape(q.shape[:-2] + (-1,)), 2).astype(np.uint8), scale, zero.astype(np.uint8)
+
+
+def quantize_k2(w, group_size):
+    """What a Kimi-K2 checkpoint holds (the library never makes it): symmetric int4 per group, scale =
+    bf16(max|w| / 7) (1 for a zero group), q = clip(rint(w / scale), -8, 7), in the compressed-tensors
+    pack-quantized layout: int32 weight_packed [.., N, K/8] with q + 8 in bits 4 (k % 8) of word k / 8, and
+    weight_scale as bf16 bits (uint16) [.., N, K/g]."""
+    g = _grouped(w, group_size)
+    max_abs = np.max(np.abs(g), axis=-1)
+    scale = np.where(max_abs > 0, max_abs / np.float32(7), np.float32(1)).astype(bf16)
+    q = np.clip(np.rint(g / scale.astype(np.float32)[..., None]), -8, 7)
+    packed = _pack_nibbles(q.reshape(q.shape[:-2] + (-1,)) + 8, 8).view(np.int32)
+    return packed, scale.view(np.uint16)
+
+
+def quantize(weight_format, w, group_size):
+    """(weights, scale, zero or None) of bf16 w [.., N, K] in weight_format's layout."""
+    if weight_format == "int8":
+        return quantize_int8(w) + (None,)
+    if weight_format == "int4_awq":
+        return quantize_awq(w, group_size)
+    return quantize_k2(w, group_size) + (None,)
+
+
+def dequantize(weight_format, weights, scale, zero=None):
+    """The float64 weights [.., N, K] that weight_format's arrays encode (moe_sft_weight_format)."""
+    if weight_format == "int8":
+        return f64(weights) * f64(scale)[..., None]
+    if weight_format == "int4_awq":
+        q, offset = _unpack_nibbles(weights, 2), f64(zero)
+    else:
+        q, offset = _unpack_nibbles(np.asarray(weights).view(np.uint32), 8), 8.0
+        scale = np.asarray(scale).view(bf16)
+    group_size = q.shape[-1] // np.shape(scale)[-1]
+    grouped = q.reshape(q.shape[:-1] + (-1, group_size))
+    return ((grouped - f64(offset)[..., None]) * f64(scale)[..., None]).reshape(q.shape)

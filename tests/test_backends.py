@@ -16,8 +16,8 @@ from conftest import make_layer
 from moe_sft import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FUNCTIONS = {"create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "cache_depth",
-             "layer_isa", "isa", "status_string", "last_error", "version"}
+FUNCTIONS = {"create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "quantize",
+             "weight_format_name", "cache_depth", "layer_isa", "isa", "status_string", "last_error", "version"}
 
 
 def _cffi():

@@ -12,6 +12,7 @@ B = CurrentBackend()
 
 E, H, I, K, T, RANK = 4, 32, 24, 2, 6, 4
 OK, INVALID, CACHE_FULL, CACHE_EMPTY, UNSUPPORTED = 0, 1, 3, 4, 6
+BF16 = (0,) * 9  # create's quantization fields: weight_format bf16, group_size 0, not prequantized, no scale/zero
 
 
 def addr(a):
@@ -28,7 +29,8 @@ class Layer:
 
     def __init__(self, p, rank=RANK, depth=1, bind=True):
         self.p = p
-        status, self.h = B.create(E, H, I, rank, p.alpha, depth, 0, 1, addr(p.gate), addr(p.up), addr(p.down), -1)
+        status, self.h = B.create(E, H, I, rank, p.alpha, depth, 0, 1, addr(p.gate), addr(p.up), addr(p.down), -1,
+                                  *BF16)
         assert status == OK, B.last_error()
         if bind and rank:
             assert B.update_lora(self.h, 1, *(addr(p.lora[n]) for n in R.LORA_NAMES)) == OK
@@ -93,7 +95,8 @@ def test_create_rejects(prob, case):
     args.update(kw)
     down_offset = args.pop("down_offset", 0)  # not kw.pop: CREATE_CASES is shared by every run of the case
     status, handle = B.create(args["E"], args["H"], args["I"], args["r"], args["alpha"], args["depth"],
-                              args["threads"], args["tp"], args["gate"], args["up"], args["down"] + down_offset, -1)
+                              args["threads"], args["tp"], args["gate"], args["up"], args["down"] + down_offset, -1,
+                              *BF16)
     expect(INVALID, status, "moe_sft_create", *needles)
     assert handle == 0
 
@@ -171,7 +174,8 @@ def test_backward_rejects_bad_arguments(prob):
 
 def test_forced_isa(monkeypatch, prob):
     monkeypatch.setenv("MOE_SFT_ISA", "vax")
-    status, handle = B.create(E, H, I, RANK, 8.0, 1, 0, 1, addr(prob.gate), addr(prob.up), addr(prob.down), -1)
+    status, handle = B.create(E, H, I, RANK, 8.0, 1, 0, 1, addr(prob.gate), addr(prob.up), addr(prob.down), -1,
+                              *BF16)
     expect(INVALID, status, "MOE_SFT_ISA=vax is not a kernel family", "generic")
     assert handle == 0
 

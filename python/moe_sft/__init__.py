@@ -8,19 +8,24 @@
     expert_ids, routing_weights = moe_sft.route(gate_logits, top_k)           # NaN-safe top-k router
     grad_logits = moe_sft.route_backward(gate_logits, expert_ids, grads.routing_weights)
     print(moe_sft.check_adapter("adapter_model.safetensors"))                 # where are the NaNs?
+
+    layer = moe_sft.MoESFT(gate_proj, up_proj, down_proj, weight_format="int4_awq", group_size=128)  # QLoRA
+    q = [moe_sft.quantize(w, "int8") for w in (gate_proj, up_proj, down_proj)]   # or a checkpoint's arrays
+    layer = moe_sft.MoESFT.from_quantized(*q, lora_rank=16)
 """
 from . import _backend
 from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
 from ._errors import InvalidArgumentError, MoESFTError, error_for
 from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
+from ._quantize import QuantizedWeight, quantize
 from ._router import route, route_backward
 
 __version__ = "0.2.0"
 
-__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "route", "route_backward",
-           "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include", "get_library",
-           "library_version", "backend", "isa", "__version__"]
+__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "quantize", "QuantizedWeight",
+           "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include",
+           "get_library", "library_version", "backend", "isa", "__version__"]
 
 
 def isa():

@@ -11,8 +11,8 @@ import cffi as _cffi
 
 from . import _paths
 
-__all__ = ["create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "cache_depth",
-           "layer_isa", "isa", "status_string", "last_error", "version"]
+__all__ = ["create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "quantize",
+           "weight_format_name", "cache_depth", "layer_isa", "isa", "status_string", "last_error", "version"]
 
 CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
 CDEF_END = "/* MOE_SFT_CDEF_END */"
@@ -37,12 +37,20 @@ def _layer(address):
     return _ffi.cast("moe_sft_layer *", address)
 
 
+def _format(weight_format):
+    """An int as moe_sft_weight_format: cffi refuses negative ints for an enum of non-negative values (the C
+    library reports any value outside the enum, as it does for the nanobind module's plain int conversion)."""
+    return _ffi.cast("moe_sft_weight_format", weight_format)
+
+
 def _text(char_pointer):
     return _ffi.string(char_pointer).decode("utf-8", "replace") if char_pointer != _ffi.NULL else ""
 
 
 def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_threads, tp_count, gate, up, down,
-           check_finite):
+           check_finite, weight_format, group_size, prequantized, gate_scale, up_scale, down_scale, gate_zero, up_zero,
+           down_zero):
+    """The config's fields in its order; addresses of 0 are NULL."""
     cfg = _ffi.new("moe_sft_config *")
     _lib.moe_sft_config_init(cfg)
     cfg.expert_num = experts
@@ -53,11 +61,15 @@ def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_thre
     cfg.max_cache_depth = max_cache_depth
     cfg.num_threads = num_threads
     cfg.tp_count = tp_count
-    cfg.gate_proj = _ffi.cast("const uint16_t *", gate)
-    cfg.up_proj = _ffi.cast("const uint16_t *", up)
-    cfg.down_proj = _ffi.cast("const uint16_t *", down)
+    cfg.gate_proj, cfg.up_proj, cfg.down_proj, cfg.gate_scale, cfg.up_scale, cfg.down_scale = (
+        _ffi.cast("const void *", a) for a in (gate, up, down, gate_scale, up_scale, down_scale))
     if check_finite >= 0:  # else the library's default (MOE_SFT_CHECK_FINITE)
         cfg.check_finite = check_finite
+    cfg.weight_format = _format(weight_format)
+    cfg.group_size = group_size
+    cfg.prequantized = prequantized
+    cfg.gate_zero, cfg.up_zero, cfg.down_zero = (
+        _ffi.cast("const uint8_t *", a) for a in (gate_zero, up_zero, down_zero))
     out = _ffi.new("moe_sft_layer **")
     status = _lib.moe_sft_create(cfg, out)
     return status, int(_ffi.cast("uintptr_t", out[0]))
@@ -103,6 +115,18 @@ def route_backward(qlen, experts, top_k, dtype, logits, scoring, renormalize, id
     return _lib.moe_sft_route_backward(qlen, experts, top_k, dtype, _ffi.cast("const void *", logits), scoring,
                                        renormalize, _ffi.cast("const int64_t *", ids),
                                        _ffi.cast("const float *", grad_weights), _ffi.cast("float *", grad_logits))
+
+
+def quantize(weight_format, group_size, rows, cols, w, weights, scale, zero):
+    return _lib.moe_sft_quantize(_format(weight_format), group_size, rows, cols, _ffi.cast("const uint16_t *", w),
+                                 _ffi.cast("void *", weights), _ffi.cast("float *", scale),
+                                 _ffi.cast("uint8_t *", zero))
+
+
+def weight_format_name(weight_format):
+    """None for a value that names no format."""
+    name = _lib.moe_sft_weight_format_name(_format(weight_format))
+    return _text(name) if name != _ffi.NULL else None
 
 
 def cache_depth(layer):

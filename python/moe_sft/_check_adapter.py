@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from ._errors import invalid
-from ._layer import bfloat16
+from ._arrays import bfloat16
 
 __all__ = ["check_adapter", "AdapterReport", "BadTensor", "BadGroup"]
 

@@ -3,10 +3,13 @@
 // module and the cffi backend present the same pointer-level interface to moe_sft._layer. Every compute
 // call releases the GIL.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
 
 #include "moe_sft.h"
 
@@ -19,9 +22,12 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// The config's fields in its order; addresses of 0 are NULL.
 std::pair<int, uintptr_t> create(int32_t experts, int32_t hidden, int32_t intermediate, int32_t rank, float alpha,
                                  int32_t max_cache_depth, int32_t num_threads, int32_t tp_count, uintptr_t gate,
-                                 uintptr_t up, uintptr_t down, int32_t check_finite) {
+                                 uintptr_t up, uintptr_t down, int32_t check_finite, int32_t weight_format,
+                                 int32_t group_size, int32_t prequantized, uintptr_t gate_scale, uintptr_t up_scale,
+                                 uintptr_t down_scale, uintptr_t gate_zero, uintptr_t up_zero, uintptr_t down_zero) {
   moe_sft_config cfg;
   moe_sft_config_init(&cfg);
   cfg.expert_num = experts;
@@ -32,10 +38,19 @@ std::pair<int, uintptr_t> create(int32_t experts, int32_t hidden, int32_t interm
   cfg.max_cache_depth = max_cache_depth;
   cfg.num_threads = num_threads;
   cfg.tp_count = tp_count;
-  cfg.gate_proj = ptr<const uint16_t>(gate);
-  cfg.up_proj = ptr<const uint16_t>(up);
-  cfg.down_proj = ptr<const uint16_t>(down);
+  cfg.gate_proj = ptr<const void>(gate);
+  cfg.up_proj = ptr<const void>(up);
+  cfg.down_proj = ptr<const void>(down);
   if (check_finite >= 0) cfg.check_finite = check_finite;  // else the library's default (MOE_SFT_CHECK_FINITE)
+  cfg.weight_format = moe_sft_weight_format(weight_format);
+  cfg.group_size = group_size;
+  cfg.prequantized = prequantized;
+  cfg.gate_scale = ptr<const void>(gate_scale);
+  cfg.up_scale = ptr<const void>(up_scale);
+  cfg.down_scale = ptr<const void>(down_scale);
+  cfg.gate_zero = ptr<const uint8_t>(gate_zero);
+  cfg.up_zero = ptr<const uint8_t>(up_zero);
+  cfg.down_zero = ptr<const uint8_t>(down_zero);
   moe_sft_layer* layer = nullptr;
   moe_sft_status status = moe_sft_create(&cfg, &layer);
   return {int(status), reinterpret_cast<uintptr_t>(layer)};
@@ -84,6 +99,18 @@ int route_backward(int64_t qlen, int32_t experts, int32_t top_k, int dtype, uint
                                 ptr<const float>(grad_weights), ptr<float>(grad_logits));
 }
 
+int quantize(int32_t weight_format, int32_t group_size, int64_t rows, int64_t cols, uintptr_t w, uintptr_t weights,
+             uintptr_t scale, uintptr_t zero) {
+  return moe_sft_quantize(moe_sft_weight_format(weight_format), group_size, rows, cols, ptr<const uint16_t>(w),
+                          ptr<void>(weights), ptr<float>(scale), ptr<uint8_t>(zero));
+}
+
+// None for a value that names no format.
+std::optional<std::string> weight_format_name(int32_t weight_format) {
+  const char* name = moe_sft_weight_format_name(moe_sft_weight_format(weight_format));
+  return name ? std::optional<std::string>(name) : std::nullopt;
+}
+
 }  // namespace
 
 NB_MODULE(_moe_sft_ext, m) {
@@ -96,6 +123,8 @@ NB_MODULE(_moe_sft_ext, m) {
   m.def("backward", &backward, release);
   m.def("route", &route, release);
   m.def("route_backward", &route_backward, release);
+  m.def("quantize", &quantize, release);
+  m.def("weight_format_name", &weight_format_name);
   m.def("cache_depth", &cache_depth);
   m.def("layer_isa", [](uintptr_t layer) {
     const char* name = moe_sft_layer_isa(ptr<const moe_sft_layer>(layer));

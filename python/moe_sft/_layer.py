@@ -4,75 +4,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
-from . import _backend
-from ._errors import error_for, invalid
+from . import _backend, _quantize
+from ._arrays import _address, _as_bf16, _as_f32, _check, _check_shape, _expert_ids, _out_array, bfloat16
+from ._errors import invalid
 
-bfloat16 = np.dtype(ml_dtypes.bfloat16)
 _DTYPE_CODE = {bfloat16: 0, np.dtype(np.float32): 1}
-
-
-def _check(status):
-    if status != 0:
-        raise error_for(status, _backend.backend.last_error())
-
-
-def _address(a):
-    return a.__array_interface__["data"][0] if a.size else 0
-
-
-def _as_bf16(a, name, shape=None):
-    """A C-contiguous bf16 view of ``a`` (bf16 as is, uint16 reinterpreted, floats rounded)."""
-    a = np.asarray(a)
-    if a.dtype == np.uint16:
-        a = a.view(bfloat16)
-    elif a.dtype != bfloat16:
-        if a.dtype.kind != "f":
-            raise invalid(f"{name} has dtype {a.dtype}; expected bfloat16, uint16 (bf16 bits) or a float type")
-        a = a.astype(bfloat16)
-    if shape is not None:
-        _check_shape(a, name, shape)
-    return np.ascontiguousarray(a)
-
-
-def _check_shape(a, name, shape):
-    if a.shape != tuple(shape):
-        raise invalid(f"{name} has shape {a.shape}; expected {tuple(shape)}")
-
-
-def _as_f32(a, name, shape):
-    """A C-contiguous float32 copy or view of a float array of exactly ``shape``."""
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise invalid(f"{name} has dtype {a.dtype}; expected a float type")
-    _check_shape(a, name, shape)
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def _expert_ids(expert_ids, T):
-    """expert_ids as a C-contiguous int64 [T, k] array, and k."""
-    ids = np.asarray(expert_ids)
-    if ids.dtype.kind not in "iu":
-        raise invalid(f"expert_ids has dtype {ids.dtype}; expected int64 or int32")
-    if ids.ndim != 2 or ids.shape[0] != T:
-        raise invalid(f"expert_ids has shape {ids.shape}; expected [{T}, top_k]")
-    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
-        raise invalid(f"expert_ids holds {ids.max()}, beyond int64: it would wrap to a negative id")
-    return np.ascontiguousarray(ids, dtype=np.int64), ids.shape[1]
-
-
-def _out_array(a, name, shape, dtype):
-    """A caller-provided output: must already be exactly right, it is written in place."""
-    if not isinstance(a, np.ndarray):
-        raise invalid(f"{name} must be a numpy array, got {type(a).__name__}")
-    _check_shape(a, name, shape)
-    if a.dtype != dtype:
-        raise invalid(f"{name} has dtype {a.dtype}; expected {dtype}")
-    if not a.flags.c_contiguous or not a.flags.writeable:
-        raise invalid(f"{name} must be a writeable C-contiguous array")
-    return a
 
 
 @dataclass
@@ -105,19 +43,35 @@ class MoESFT:
     gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I] (bf16, or floats rounded to bf16). They are packed
     into the layer; the arrays may be dropped afterwards.
 
+    weight_format: how the layer stores them: "bf16", or quantized at create (QLoRA-style) "int8" (per output
+    channel) or "int4_awq" (per group of group_size along K, default 128). Pre-quantized weights (including
+    "int4_k2" checkpoints) go to MoESFT.from_quantized.
+
     check_finite: stop at the first NaN/Inf with an error naming the stage, tensor, position and value
     (None: on when the environment has MOE_SFT_CHECK_FINITE=1). Base weights are checked here, once.
     """
 
     def __init__(self, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
-                 num_threads=None, tp_count=1, check_finite=None):
-        gate = _as_bf16(gate_proj, "gate_proj")
-        if gate.ndim != 3:
-            raise invalid(f"gate_proj has shape {gate.shape}; expected 3-D [experts, intermediate, hidden]")
-        E, I, H = gate.shape
-        up = _as_bf16(up_proj, "up_proj", (E, I, H))
-        down = _as_bf16(down_proj, "down_proj", (E, H, I))
+                 num_threads=None, tp_count=1, check_finite=None, weight_format="bf16", group_size=None):
+        self._create(_quantize.from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size), lora_rank,
+                     lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
+
+    @classmethod
+    def from_quantized(cls, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
+                       num_threads=None, tp_count=1, check_finite=None):
+        """A layer on pre-quantized base weights: three QuantizedWeight (from moe_sft.quantize, or built from a
+        checkpoint, e.g. Kimi-K2's weight_packed / weight_scale as QuantizedWeight("int4_k2", 32, packed,
+        scale, None)) of one format and group size, for gate_proj, up_proj [E, I, H] and down_proj [E, H, I].
+        The other arguments are MoESFT's."""
+        base = _quantize.prequantized(gate_proj, up_proj, down_proj)
+        layer = cls.__new__(cls)
+        layer._create(base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
+        return layer
+
+    def _create(self, base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite):
+        E, H, I = base.experts, base.hidden, base.intermediate
         self.expert_num, self.intermediate_size, self.hidden_size = E, I, H
+        self.weight_format, self.group_size = base.weight_format, base.group_size
         self.lora_rank = int(lora_rank)
         self.lora_alpha = float(lora_alpha)
         self.max_cache_depth = int(max_cache_depth)
@@ -129,9 +83,12 @@ class MoESFT:
         # The C layer makes each call atomic; this lock also keeps _pending in the order the C cache was
         # pushed and popped when one MoESFT is shared by threads.
         self._lock = threading.Lock()
+        addresses = base.addresses()
         status, handle = _backend.backend.create(E, H, I, self.lora_rank, self.lora_alpha, self.max_cache_depth,
-                                                 threads, self.tp_count, _address(gate), _address(up),
-                                                 _address(down), -1 if check_finite is None else int(bool(check_finite)))
+                                                 threads, self.tp_count, *addresses[:3],
+                                                 -1 if check_finite is None else int(bool(check_finite)),
+                                                 _quantize.format_code(base.weight_format), base.group_size,
+                                                 int(base.prequantized), *addresses[3:])
         _check(status)
         self._handle = handle
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _backend
 from ._errors import invalid
-from ._layer import _address, _as_f32, _check, _expert_ids, bfloat16
+from ._arrays import _address, _as_f32, _check, _expert_ids, bfloat16
 
 _SCORING = {"softmax": 0, "sigmoid": 1}
 _BF16, _F32 = 0, 1
