@@ -117,6 +117,17 @@ def test_quantize_matches_numpy_byte_for_byte(weight_format, group_size, shape):
     assert np.all(error <= 0.5 * step * (1 + 1e-6) + np.finfo(np.float32).tiny)
 
 
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("weight_format, group_size", [("int8", 0), ("int4_awq", 16), ("int4_k2", 16)])
+def test_dequantize_is_what_the_arrays_encode(weight_format, group_size):
+    w = (np.random.default_rng(3).standard_normal((2, 6, 64)) / 8).astype(R.bf16)
+    weights, scale, zero = R.quantize(weight_format, w, group_size)
+    q = moe_sft.QuantizedWeight(weight_format, group_size, weights, scale, zero)
+    got = moe_sft.dequantize(q)
+    assert got.dtype == np.float32 and got.shape == w.shape
+    assert np.array_equal(got, R.dequantize(weight_format, weights, scale, zero).astype(np.float32))
+
+
 def test_quantize_writes_nothing_on_error():
     """The raw moe_sft_quantize: every refusal names the argument, leaves the outputs as they were."""
     N, K = 6, 64

@@ -18,12 +18,12 @@ from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
 from ._errors import InvalidArgumentError, MoESFTError, error_for
 from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
-from ._quantize import QuantizedWeight, quantize
+from ._quantize import QuantizedWeight, dequantize, quantize
 from ._router import route, route_backward
 
 __version__ = "0.2.0"
 
-__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "quantize", "QuantizedWeight",
+__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "quantize", "dequantize", "QuantizedWeight",
            "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include",
            "get_library", "library_version", "backend", "isa", "__version__"]
 

@@ -120,6 +120,23 @@ def quantize(w, weight_format, group_size=None):
     return QuantizedWeight(weight_format, group_size, weights, scale, zero)
 
 
+def dequantize(q):
+    """The weights a QuantizedWeight stands for, float32 [.., N, K]: (code - zero)·scale, as the layer computes
+    with them (for inspecting what a format costs; the layer itself never makes this copy)."""
+    layout = _LAYOUTS.get(q.weight_format)
+    if layout is None:
+        raise invalid(f"q.weight_format = {q.weight_format!r} is not a quantized format")
+    scale = np.asarray(q.scale)
+    scale = (scale.view(bfloat16) if scale.dtype == np.uint16 else scale).astype(np.float32)
+    if q.weight_format == "int8":
+        return q.weights.astype(np.float32) * scale[..., None]
+    words = np.asarray(q.weights).view(np.uint8 if layout.per_word == 2 else np.uint32)
+    shifts = (4 * np.arange(layout.per_word)).astype(words.dtype)
+    codes = ((words[..., None] >> shifts) & 0xF).reshape(words.shape[:-1] + (-1,)).astype(np.float32)
+    zero = np.float32(8) if q.zero is None else np.repeat(q.zero.astype(np.float32), q.group_size, axis=-1)
+    return (codes - zero) * np.repeat(scale, q.group_size, axis=-1)
+
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
