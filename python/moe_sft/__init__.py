@@ -23,9 +23,9 @@ from ._router import route, route_backward
 
 __version__ = "0.2.0"
 
-__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "quantize", "dequantize", "QuantizedWeight",
-           "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor", "BadGroup", "get_include",
-           "get_library", "library_version", "backend", "isa", "__version__"]
+__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "quantize", "dequantize",
+           "QuantizedWeight", "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor", "BadGroup",
+           "get_include", "get_library", "library_version", "backend", "isa", "__version__"]
 
 
 def isa():
