@@ -162,8 +162,9 @@ def test_quantize_writes_nothing_on_error():
 # ---- forward and backward on quantized weights vs the float64 reference on the dequantized weights ----
 
 # (E, H, I, k, T, r, group_size). The second: with group 32, tp_count = 3 splits I = 160 into whole groups only
-# (5 of them), so the parts are uneven and down_proj's groups must not straddle them.
-SHAPES = [(4, 64, 96, 2, 12, 4, 16), (3, 96, 160, 2, 9, 4, 32)]
+# (5 of them), so the parts are uneven and down_proj's groups must not straddle them. The third: every expert
+# gets at most a few rows (the kernels' small-M path, codes decoded in registers).
+SHAPES = [(4, 64, 96, 2, 12, 4, 16), (3, 96, 160, 2, 9, 4, 32), (6, 64, 96, 2, 3, 4, 32)]
 VARIANTS = {  # name: (weight_format, prequantized)
     "int8": ("int8", False),
     "int4_awq": ("int4_awq", False),
@@ -194,6 +195,16 @@ def test_matches_reference_on_dequantized_weights(isa, shape, variant, tp):
     E, H, I, k, T, r, group_size = shape
     p = R.make_problem(E, H, I, k, T, r, seed=H + I + tp)
     layer, ref = quantized_layer(p, variant, group_size, tp_count=tp)
+    assert_matches_reference(ref, *run_layer(layer, ref), tol=3e-2)
+
+
+@pytest.mark.parametrize("tp", [1, 3])
+@pytest.mark.parametrize("shape", [(3, 37, 29, 2, 9, 3), (2, 17, 131, 2, 2, 1)],
+                         ids=lambda s: "E{}-H{}-I{}-k{}-T{}-r{}".format(*s))
+def test_int8_odd_shapes(isa, shape, tp):
+    """int8 has no groups: any H and I (odd, not multiples of the kernel blocks), few rows and many."""
+    p = R.make_problem(*shape, seed=sum(shape) + tp)
+    layer, ref = quantized_layer(p, "int8", 0, tp_count=tp)
     assert_matches_reference(ref, *run_layer(layer, ref), tol=3e-2)
 
 
