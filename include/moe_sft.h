@@ -93,8 +93,11 @@ typedef enum moe_sft_dtype { MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1 } moe
  *             (weight_packed): q[n, k] + 8 in bits 4 (k % 8) .. 4 (k % 8) + 3 of word k/8 (K % 8 == 0)
  *                                                    scale bf16 [E, N, K/g]   (weight_scale)
  *
- * g must divide K of every projection (H and I), and with tp_count > 1, I / tp_count rounded to a
- * multiple of g must leave no part empty. Backward reads the stored integers as forward does: no
+ * g must be even and divide K of every projection (H and I), and tp_count <= I / g (parts split I on
+ * whole groups). Pre-quantized scales are taken as they are (zero and negative included; NaN/Inf are
+ * refused only with check_finite); AWQ zero points above 15 are refused. A config the formats do not
+ * allow (K2 from bf16, a missing or extra scale/zero pointer, group_size 0, ...) is
+ * MOE_SFT_ERR_INVALID_ARGUMENT naming the field. Backward reads the stored integers as forward does: no
  * bf16 copy of a quantized weight is ever made. */
 typedef enum moe_sft_weight_format {
   MOE_SFT_WEIGHT_BF16 = 0,
@@ -200,12 +203,14 @@ const char *moe_sft_last_error(void);
 
 /* Quantizes one bf16 matrix w [rows, cols] (row-major, rows = output channels) into weight_format's
  * pre-quantized layout (see moe_sft_weight_format), exactly as moe_sft_create does from bf16:
- *   INT8      scale[n] = max_k |w[n, k]| / 127 (1 for an all-zero row); q = round_half_even(w / scale)
+ *   INT8      scale[n] = max_k |w[n, k]| / 127 (1 for an all-zero row); q = clamp(round_half_even(w / scale),
+ *             -127, 127)
  *   INT4_AWQ  per group of group_size: lo = min(0, min w), hi = max(0, max w), scale = (hi - lo) / 15
  *             (1 for an all-zero group), zero = round_half_even(-lo / scale), q = clamp(round_half_even(w / scale)
  *             + zero, 0, 15)
  * weights: int8 [rows, cols] or uint8 [rows, cols/2]; scale: f32 [rows] or [rows, cols/group_size];
- * zero: uint8 [rows, cols/group_size] for INT4_AWQ, NULL otherwise. INT4_K2 cannot be made from bf16
+ * zero: uint8 [rows, cols/group_size] for INT4_AWQ, NULL otherwise; group_size even, dividing cols (INT4_AWQ)
+ * or 0 (INT8). INT4_K2 cannot be made from bf16
  * (MOE_SFT_ERR_UNSUPPORTED: K2 checkpoints come quantized); BF16 is not a quantized format. w must be
  * finite. Stateless and thread-safe; nothing is written on error. */
 moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t group_size, int64_t rows, int64_t cols,

@@ -108,8 +108,6 @@ void validate_weights(const moe_sft_config& c) {
       require_array(p.weights, p.weights_name, E * p.rows * p.cols, 2);
       continue;
     }
-    if (f == WeightFormat::int4_awq && p.cols % 2 != 0)
-      invalid(std::string(p.weights_name) + ": K = " + std::to_string(p.cols) + " is odd, int4_awq packs two per byte");
     const int64_t row_bytes = kernels::QuantizedSource::weight_row_bytes(f, p.cols);
     const int64_t word = f == WeightFormat::int4_k2 ? 4 : 1;
     require_array(p.weights, p.weights_name, E * p.rows * row_bytes / word, word);
