@@ -104,14 +104,17 @@ def test_two_layers_from_two_threads_equal_serial(isa):
             assert_same_grads(g_s, g_t)
 
 
-def test_scratch_debug_fill_changes_nothing(isa, monkeypatch):
-    """The arena's NaN fill only shows reads of never-written scratch; results must be identical."""
+@pytest.mark.parametrize("weights", ["weight_format='bf16'", "weight_format='int8'",
+                                     "weight_format='int4_awq', group_size=4"])
+def test_scratch_debug_fill_changes_nothing(isa, weights, monkeypatch):
+    """The arena's NaN fill only shows reads of never-written scratch; results must be identical. Quantized
+    formats dequantize blocks into scratch, and every kernel family must read only what was written there."""
     import subprocess
     import sys
     code = (
         "import sys, numpy as np; sys.path.insert(0, 'tests'); import reference as R; "
         "from conftest import make_layer, run_layer; "
-        "p = R.make_problem(5, 40, 36, 2, 30, 3, seed=70); out, g = run_layer(make_layer(p), p); "
+        f"p = R.make_problem(5, 40, 36, 2, 30, 3, seed=70); out, g = run_layer(make_layer(p, {weights}), p); "
         "sys.stdout.write(repr([float(np.asarray(out, np.float64).sum()), float(np.asarray(g.input, np.float64).sum())] "
         "+ [float(getattr(g, n).sum()) for n in ('routing_weights',) + R.LORA_NAMES]))"
     )

@@ -27,7 +27,8 @@ void gemm_xwt(const KernelSet& kernels, const GemmArgs& g) {
   const int64_t stride = 2 * P * kXwtBlockPairs;  // panel stride of the block
   for (int64_t kp0 = 0; kp0 < pairs; kp0 += kXwtBlockPairs) {
     const int64_t n = std::min(kXwtBlockPairs, pairs - kp0);
-    kernels.dequantize(w, g.c0 / P, panels, kp0, round_up(n, 4), g.scratch, stride);
+    // Whole kColAlign columns: the AMX kernel reads B in tiles of that K, and the pad must be zeros, not scratch.
+    kernels.dequantize(w, g.c0 / P, panels, kp0, round_up(n, PackedMatrix::kColAlign / 2), g.scratch, stride);
     const PackedMatrix block = PackedMatrix::view(g.scratch, width, std::min(2 * kXwtBlockPairs, K - 2 * kp0),
                                                   round_up(width, PackedMatrix::kColAlign), 2 * kXwtBlockPairs);
     kernels.gemm_xwt(GemmArgs{g.a + 2 * kp0, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate || kp0 > 0,
