@@ -112,7 +112,7 @@ void validate_weights(const moe_sft_config& c) {
     const int64_t word = f == WeightFormat::int4_k2 ? 4 : 1;
     require_array(p.weights, p.weights_name, E * p.rows * row_bytes / word, word);
     const int64_t groups = kernels::QuantizedSource::scale_row_elems(f, p.cols, c.group_size);
-    require_array(p.scale, p.scale_name, E * p.rows * groups, f == WeightFormat::int4_k2 ? 2 : 4);
+    require_array(p.scale, p.scale_name, E * p.rows * groups, kernels::QuantizedSource::scale_bytes(f));
     if (f == WeightFormat::int4_awq) {
       require_array(p.zero, p.zero_name, E * p.rows * groups, 1);
       validate_zero_points(p, E, groups);

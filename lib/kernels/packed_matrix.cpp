@@ -30,7 +30,7 @@ struct QuantizedLayout {
     groups = (padded_cols + group - 1) / group;
     code_bytes = round_up(padded_rows * padded_cols / (is_int4(f) ? 2 : 1), 64);
     const int64_t scales = padded_rows * groups;
-    scale_bytes = round_up(scales * (f == WeightFormat::int4_k2 ? 2 : 4), 64);
+    scale_bytes = round_up(scales * QuantizedSource::scale_bytes(f), 64);
     bias_bytes = f == WeightFormat::int4_awq ? round_up(scales * 4, 64) : 0;
   }
 };

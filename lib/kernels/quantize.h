@@ -32,6 +32,8 @@ struct QuantizedSource {
   // Bytes per row of the weights and per row of the scale/zero arrays (one expert's matrix is rows of these).
   static int64_t weight_row_bytes(WeightFormat f, int64_t cols);
   static int64_t scale_row_elems(WeightFormat f, int64_t cols, int64_t group_size);
+  // Bytes of one scale: bf16 for int4_k2 (as its checkpoints hold them), f32 otherwise.
+  static int64_t scale_bytes(WeightFormat f) { return f == WeightFormat::int4_k2 ? 2 : 4; }
 };
 
 // Quantizes the bf16 matrix w [rows, cols] into `f`'s layout (int8 or int4_awq; the math is in moe_sft.h,

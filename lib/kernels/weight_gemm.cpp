@@ -7,12 +7,12 @@ namespace moe_sft::kernels {
 namespace {
 constexpr int64_t P = PackedMatrix::kPanelRows;
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-// The dequantized block of d·W: every row of W, kColBlock columns.
-int64_t xw_block_elems(int64_t rows) { return round_up(rows, PackedMatrix::kColAlign) * kColBlock; }
 }  // namespace
 
+// d·W of a quantized W: the dequantized block (every row of W, kColBlock columns) has the size of the
+// re-paired block the family's gemm_xw makes from it, xw_scratch_elems(rows); the two sit back to back.
 int64_t xw_scratch_elems(WeightFormat f, int64_t rows) {
-  return xw_scratch_elems(rows) + (f == WeightFormat::bf16 ? 0 : xw_block_elems(rows));
+  return xw_scratch_elems(rows) * (f == WeightFormat::bf16 ? 1 : 2);
 }
 
 int64_t xwt_scratch_elems(WeightFormat f) { return f == WeightFormat::bf16 ? 0 : kColBlock * 2 * kXwtBlockPairs; }
@@ -44,7 +44,7 @@ void gemm_xw(const KernelSet& kernels, const GemmArgs& g) {
   kernels.dequantize(w, 0, w.panels(), g.c0 / 2, block_cols / 2, block_data, P * block_cols);
   const PackedMatrix block = PackedMatrix::view(block_data, w.rows(), width, w.padded_rows(), block_cols);
   kernels.gemm_xw(GemmArgs{g.a, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate,
-                           g.scratch + xw_block_elems(w.rows())});
+                           g.scratch + xw_scratch_elems(w.rows())});
 }
 
 }  // namespace moe_sft::kernels

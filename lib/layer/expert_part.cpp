@@ -68,9 +68,8 @@ QuantizedSource expert_source(const moe_sft_config& cfg, const Projection& p, in
   const int64_t row_bytes = QuantizedSource::weight_row_bytes(f, p.cols);
   const int64_t scales = p.rows * QuantizedSource::scale_row_elems(f, p.cols, cfg.group_size);
   if (cfg.prequantized) {
-    const int64_t scale_bytes = f == WeightFormat::int4_k2 ? 2 : 4;
     return {f, p.rows, p.cols, group, static_cast<const uint8_t*>(p.weights) + e * p.rows * row_bytes,
-            static_cast<const uint8_t*>(p.scale) + e * scales * scale_bytes, p.zero ? p.zero + e * scales : nullptr};
+            static_cast<const uint8_t*>(p.scale) + e * scales * QuantizedSource::scale_bytes(f), p.zero ? p.zero + e * scales : nullptr};
   }
   buffers.weights.assign(size_t(p.rows * row_bytes), 0);
   buffers.scale.resize(size_t(scales));
