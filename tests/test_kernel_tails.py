@@ -9,7 +9,7 @@ import moe_sft
 import reference as R
 from conftest import AVAILABLE_ISAS, assert_matches_reference, make_layer, run_layer
 
-ROWS = [1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 33]
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33]
 WIDTHS = [1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100]
 
 
