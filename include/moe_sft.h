@@ -190,7 +190,7 @@ moe_sft_status moe_sft_cache_depth(const moe_sft_layer *layer, int32_t *depth);
 const char *moe_sft_layer_isa(const moe_sft_layer *layer);
 
 /* Name of the kernel family new layers get on this machine now (MOE_SFT_ISA honoured), in *name: "amx",
- * "avx512_bf16", "amx-emulated" or "generic" (static storage). MOE_SFT_ERR_UNSUPPORTED when MOE_SFT_ISA
+ * "avx512_fma", "avx512_bf16", "amx-emulated" or "generic" (static storage). MOE_SFT_ERR_UNSUPPORTED when MOE_SFT_ISA
  * names a family that cannot run here, MOE_SFT_ERR_INVALID_ARGUMENT when it names none. Thread-safe. */
 moe_sft_status moe_sft_isa(const char **name);
 

@@ -7,7 +7,7 @@ import moe_sft
 import reference as R
 from moe_sft import _backend
 
-KNOWN_ISAS = ("generic", "avx512_bf16", "amx-emulated", "amx")
+KNOWN_ISAS = ("generic", "avx512_bf16", "avx512_fma", "amx-emulated", "amx")
 
 
 def _runs_here(isa):

@@ -82,8 +82,12 @@ def test_isa_reports_the_family_new_layers_get(isa):
 
 def test_isa_without_forcing_picks_the_best_available(monkeypatch):
     monkeypatch.delenv("MOE_SFT_ISA", raising=False)
-    best = [i for i in ("amx", "avx512_bf16", "generic") if i in AVAILABLE_ISAS][0]
-    assert moe_sft.isa() == best
+    # Of the two AVX-512 families the one whose products measure faster here; the choice holds for the process.
+    best = [{i} for i in ("amx", "generic") if i in AVAILABLE_ISAS][0]
+    if "amx" not in AVAILABLE_ISAS and "avx512_bf16" in AVAILABLE_ISAS:
+        best = {"avx512_fma", "avx512_bf16"}
+    assert moe_sft.isa() in best
+    assert moe_sft.isa() == moe_sft.isa()
     monkeypatch.setenv("MOE_SFT_ISA", "vax")
     with pytest.raises(moe_sft.InvalidArgumentError, match="MOE_SFT_ISA=vax is not a kernel family"):
         moe_sft.isa()

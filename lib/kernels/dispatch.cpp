@@ -28,21 +28,32 @@ const KernelSet* avx512_bf16(const char** why_not) {
   return &avx512_bf16_kernels();
 }
 
+// The FMA-products variant of the AVX-512 family: it runs wherever avx512_bf16 does.
+const KernelSet* avx512_fma(const char** why_not) {
+  return avx512_bf16(why_not) != nullptr ? &avx512_fma_kernels() : nullptr;
+}
+
+bool always() { return true; }
+bool never() { return false; }
+
 const KernelSet* amx_emulated(const char**) { return &amx_emulated_kernels(); }
 const KernelSet* generic(const char**) { return &generic_kernels(); }
 
 struct Family {
   const char* name;
   const KernelSet* (*get)(const char** why_not);
-  bool automatic;  // considered without MOE_SFT_ISA (the emulation is a test vehicle, never chosen by itself)
+  // Considered without MOE_SFT_ISA when this says so (the emulation is a test vehicle, never chosen by
+  // itself; avx512_fma is chosen over avx512_bf16 where it measures faster).
+  bool (*automatic)();
 };
 
 // Best first.
 const Family kFamilies[] = {
-    {"amx", amx_native, true},
-    {"avx512_bf16", avx512_bf16, true},
-    {"amx-emulated", amx_emulated, false},
-    {"generic", generic, true},
+    {"amx", amx_native, always},
+    {"avx512_fma", avx512_fma, vdpbf16ps_is_slow},
+    {"avx512_bf16", avx512_bf16, always},
+    {"amx-emulated", amx_emulated, never},
+    {"generic", generic, always},
 };
 
 }  // namespace
@@ -51,9 +62,10 @@ const KernelSet& select_kernels() {
   const char* forced = std::getenv("MOE_SFT_ISA");
   const char* why_not = "";
   if (forced == nullptr || forced[0] == '\0') {
-    for (const Family& f : kFamilies)
-      if (f.automatic)
-        if (const KernelSet* set = f.get(&why_not)) return *set;
+    for (const Family& f : kFamilies) {
+      const KernelSet* set = f.get(&why_not);  // (probes the CPU before anything measures it)
+      if (set != nullptr && f.automatic()) return *set;
+    }
     return generic_kernels();
   }
   std::string known;

@@ -29,8 +29,8 @@ __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16",
 
 
 def isa():
-    """Kernel family new layers get here and now ("amx", "avx512_bf16", "amx-emulated", "generic"), honouring
-    MOE_SFT_ISA; raises MoESFTError when that names a family this machine cannot run."""
+    """Kernel family new layers get here and now ("amx", "avx512_fma", "avx512_bf16", "amx-emulated",
+    "generic"), honouring MOE_SFT_ISA; raises MoESFTError when that names a family this machine cannot run."""
     status, name = _backend.backend.isa()
     if status != 0:
         raise error_for(status, _backend.backend.last_error())

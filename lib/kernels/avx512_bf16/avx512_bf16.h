@@ -1,10 +1,18 @@
-// The avx512_bf16 family (VDPBF16PS). Its functions may only run where CPUID and XCR0 report AVX-512 BF16.
+// The AVX-512 families. Their functions may only run where CPUID and XCR0 report AVX-512 BF16.
+//   avx512_bf16: bf16 products by VDPBF16PS;
+//   avx512_fma:  the same kernels with bf16 products by f32 FMAs on widened halves (panel_gemm.h, Products),
+//                for cores that issue VDPBF16PS at a fraction of the FMA rate (Intel's).
 #pragma once
 #include "kernels/gemm.h"
 
 namespace moe_sft::kernels {
 
 const KernelSet& avx512_bf16_kernels();
+const KernelSet& avx512_fma_kernels();
+
+// Measured once per process: true where VDPBF16PS issues at under half the rate of 512-bit f32 FMAs, so
+// that avx512_fma is the faster family. Call only where avx512_bf16 can run.
+bool vdpbf16ps_is_slow();
 
 namespace avx512 {
 void silu_mul_row(const float* g, const float* u, int64_t n, bf16* g_out, bf16* u_out, bf16* h_out);

@@ -38,9 +38,62 @@ inline __m512 round_to_bf16(__m512 v) {  // what a bf16 store and reload would g
 }
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-// One register block: ROWS rows x PANELS panels over pairs [kp0, kp1). `full_pairs` is K / 2: a pair at
-// kp == full_pairs exists only for odd K and holds a single element (the pad partner is never read).
-template <int ROWS, int PANELS>
+// Widening a bf16 pair word (32-bit lane: element 2c in the low half, 2c + 1 in the high half) to f32.
+inline __m512 low_half_f32(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline __m512 high_half_f32(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xffff0000u))));
+}
+
+// A's pair (2 kp, 2 kp + 1) of row r as one 32-bit word. `full_pairs` is K / 2: a pair at kp == full_pairs
+// exists only for odd K and holds a single element (its partner, past the row, is never read).
+inline int32_t a_pair(const bf16* row, int64_t kp, int64_t full_pairs) {
+  int32_t pair = 0;
+  if (kp < full_pairs) std::memcpy(&pair, row + 2 * kp, sizeof pair);
+  else pair = int32_t(row[2 * kp].bits);
+  return pair;
+}
+
+// acc[r][p] += A[r, 2kp..2kp+1] · B pair kp of panel p, by VDPBF16PS or (kProducts == fma) by two f32 FMAs on
+// the widened halves (see Products).
+template <Products kProducts, int ROWS, int PANELS>
+inline void pair_step(__m512 (&acc)[ROWS][PANELS], const bf16* a, int64_t lda, int64_t kp, int64_t full_pairs,
+                      const bf16* b, int64_t panel_stride) {
+  if constexpr (kProducts == Products::dpbf16) {
+    __m512bh bv[PANELS];
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + kp * 32);
+#pragma GCC unroll 6
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a_pair(a + r * lda, kp, full_pairs));
+#pragma GCC unroll 4
+      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
+    }
+  } else {
+    // Even elements first, then odd, so only PANELS widened B vectors are live next to the accumulators.
+    __m512 bv[PANELS];
+    __m512i av[ROWS];
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; ++p) bv[p] = low_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
+#pragma GCC unroll 6
+    for (int r = 0; r < ROWS; ++r) {
+      av[r] = _mm512_set1_epi32(a_pair(a + r * lda, kp, full_pairs));
+      const __m512 lo = low_half_f32(av[r]);
+#pragma GCC unroll 4
+      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(lo, bv[p], acc[r][p]);
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; ++p) bv[p] = high_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
+#pragma GCC unroll 6
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 hi = high_half_f32(av[r]);
+#pragma GCC unroll 4
+      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(hi, bv[p], acc[r][p]);
+    }
+  }
+}
+
+// One register block: ROWS rows x PANELS panels over pairs [kp0, kp1).
+template <Products kProducts, int ROWS, int PANELS>
 void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pairs, const bf16* b,
            int64_t panel_stride, float* c, int64_t ldc, __mmask16 last_mask, bool load_c) {
   __m512 acc[ROWS][PANELS];
@@ -53,30 +106,14 @@ void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pa
     }
   const int64_t kend = kp1 < full_pairs ? kp1 : full_pairs;
   for (int64_t kp = kp0; kp < kend; ++kp) {
-    __m512bh bv[PANELS];
+    // Few rows: B streams from memory with little work per line, so fetch the panels' lines ahead.
+    if (ROWS <= 3)
 #pragma GCC unroll 4
-    for (int p = 0; p < PANELS; ++p) {
-      // Few rows: B streams from memory with little work per line, so fetch the panels' lines ahead.
-      if (ROWS <= 3) _mm_prefetch(reinterpret_cast<const char*>(b + p * panel_stride + (kp + 16) * 32), _MM_HINT_T0);
-      bv[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + kp * 32);
-    }
-#pragma GCC unroll 6
-    for (int r = 0; r < ROWS; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof pair);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
-    }
+      for (int p = 0; p < PANELS; ++p)
+        _mm_prefetch(reinterpret_cast<const char*>(b + p * panel_stride + (kp + 16) * 32), _MM_HINT_T0);
+    pair_step<kProducts>(acc, a, lda, kp, full_pairs, b, panel_stride);
   }
-  if (kp1 > full_pairs) {  // odd K: the last pair has one element
-    __m512bh bv[PANELS];
-    for (int p = 0; p < PANELS; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + full_pairs * 32);
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(int32_t(a[r * lda + 2 * full_pairs].bits));
-      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
-    }
-  }
+  if (kp1 > full_pairs) pair_step<kProducts>(acc, a, lda, full_pairs, full_pairs, b, panel_stride);  // odd K
 #pragma GCC unroll 6
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
@@ -88,24 +125,27 @@ void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pa
 
 using BlockFn = void (*)(const bf16*, int64_t, int64_t, int64_t, int64_t, const bf16*, int64_t, float*, int64_t,
                          __mmask16, bool);
+struct BlockTable {
+  BlockFn fn[kMaxRows][kMaxPanels];
+};
 
-template <int ROWS, int... P>
+template <Products kProducts, int ROWS, int... P>
 constexpr void fill_row(BlockFn (&row)[kMaxPanels], std::integer_sequence<int, P...>) {
-  ((row[P] = &block<ROWS, P + 1>), ...);
+  ((row[P] = &block<kProducts, ROWS, P + 1>), ...);
 }
-template <int... R>
-constexpr auto make_table(std::integer_sequence<int, R...>) {
-  struct Table {
-    BlockFn fn[kMaxRows][kMaxPanels];
-  } t{};
-  ((fill_row<R + 1>(t.fn[R], std::make_integer_sequence<int, kMaxPanels>{})), ...);
+template <Products kProducts, int... R>
+constexpr BlockTable make_table(std::integer_sequence<int, R...>) {
+  BlockTable t{};
+  ((fill_row<kProducts, R + 1>(t.fn[R], std::make_integer_sequence<int, kMaxPanels>{})), ...);
   return t;
 }
-// kBlocks.fn[rows - 1][panels - 1]: every tail shape is a template instance, not a run-time branch.
-constexpr auto kBlocks = make_table(std::make_integer_sequence<int, kMaxRows>{});
+// kBlocks<products>.fn[rows - 1][panels - 1]: every tail shape is a template instance, not a run-time branch.
+template <Products kProducts>
+constexpr BlockTable kBlocks = make_table<kProducts>(std::make_integer_sequence<int, kMaxRows>{});
 
 }  // namespace
 
+template <Products kProducts>
 void panel_gemm(const bf16* a, int64_t lda, int64_t m, int64_t k, const bf16* b, int64_t panel_stride, int64_t width,
                 float* c, int64_t ldc, bool accumulate) {
   const int64_t full_pairs = k / 2, pairs = (k + 1) / 2;
@@ -119,7 +159,7 @@ void panel_gemm(const bf16* a, int64_t lda, int64_t m, int64_t k, const bf16* b,
       const bf16* bp = b + (n0 / 16) * panel_stride;
       for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
         const int rows = int(m - m0 < kMaxRows ? m - m0 : kMaxRows);
-        kBlocks.fn[rows - 1][panels - 1](a + m0 * lda, lda, kp0, kp1, full_pairs, bp, panel_stride,
+        kBlocks<kProducts>.fn[rows - 1][panels - 1](a + m0 * lda, lda, kp0, kp1, full_pairs, bp, panel_stride,
                                          c + m0 * ldc + n0, ldc, last_mask, load_c);
       }
     }
@@ -492,38 +532,53 @@ void repack_transposed_avx512(const PackedMatrix& w, int64_t c0, int64_t width, 
   }
 }
 
-// ---- the family ----
+// ---- the families ----
 
 namespace {
 
+template <avx512::Products kProducts>
 void gemm_xwt(const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
   const int64_t stride = PackedMatrix::kPanelRows * w.padded_cols();
-  avx512::panel_gemm(g.a, g.lda, g.m, w.cols(), w.panel(g.c0 / PackedMatrix::kPanelRows), stride, g.c1 - g.c0, g.c,
-                     g.ldc, g.accumulate);
+  avx512::panel_gemm<kProducts>(g.a, g.lda, g.m, w.cols(), w.panel(g.c0 / PackedMatrix::kPanelRows), stride,
+                                g.c1 - g.c0, g.c, g.ldc, g.accumulate);
 }
 
-// Up to this many rows d·W takes the small-M path (no re-pairing); above, re-pairing the block once and
-// running the VDPBF16PS panel GEMM over it is cheaper where VDPBF16PS has the full rate (AMD Zen 4).
-constexpr int64_t kSmallM = kXwMaxRows;
+// Up to this many rows d·W takes the small-M path (no re-pairing, f32 FMAs); above, the block is re-paired
+// once and the panel GEMM runs over it. With VDPBF16PS at the FMA rate the small-M path stops paying off
+// at about 4 rows (it spends two FMAs where VDPBF16PS spends one); with VDPBF16PS at a quarter of it, the
+// small-M path is the faster one up to the size of its accumulator buffer.
+template <avx512::Products kProducts>
+constexpr int64_t kSmallM = kProducts == avx512::Products::fma ? kXwMaxRows : 4;
 
+template <avx512::Products kProducts>
 void gemm_xw(const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
   if (g.m == 0) return;
-  if (g.m <= kSmallM) return xw_few_rows(g);
+  if (g.m <= kSmallM<kProducts>) return xw_few_rows(g);
   repack_transposed_avx512(w, g.c0, g.c1 - g.c0, g.scratch);
-  avx512::panel_gemm(g.a, g.lda, g.m, w.rows(), g.scratch, repacked_panel_stride(w), g.c1 - g.c0, g.c, g.ldc,
-                     g.accumulate);
+  avx512::panel_gemm<kProducts>(g.a, g.lda, g.m, w.rows(), g.scratch, repacked_panel_stride(w), g.c1 - g.c0, g.c,
+                                g.ldc, g.accumulate);
+}
+
+template <avx512::Products kProducts>
+KernelSet make_family(const char* name) {
+  return KernelSet{name, gemm_xwt<kProducts>, gemm_xw<kProducts>, avx512::silu_mul_row,
+                   avx512::silu_mul_backward_row,
+                   LowRankKernels{avx512::axpy<float, float>, avx512::axpy<float, bf16>, avx512::axpy<bf16, float>,
+                                  avx512::axpy<bf16, bf16>, avx512::dot<float>, avx512::dot<bf16>},
+                   dequantize_avx512, avx512::gemm_xwt_quantized_few_rows};
 }
 
 }  // namespace
 
 const KernelSet& avx512_bf16_kernels() {
-  static const KernelSet set{
-      "avx512_bf16", gemm_xwt, gemm_xw, avx512::silu_mul_row, avx512::silu_mul_backward_row,
-      LowRankKernels{avx512::axpy<float, float>, avx512::axpy<float, bf16>, avx512::axpy<bf16, float>,
-                     avx512::axpy<bf16, bf16>, avx512::dot<float>, avx512::dot<bf16>},
-      dequantize_avx512, avx512::gemm_xwt_quantized_few_rows};
+  static const KernelSet set = make_family<avx512::Products::dpbf16>("avx512_bf16");
+  return set;
+}
+
+const KernelSet& avx512_fma_kernels() {
+  static const KernelSet set = make_family<avx512::Products::fma>("avx512_fma");
   return set;
 }
 
