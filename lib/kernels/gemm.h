@@ -7,7 +7,8 @@
 // A is bf16 row-major (lda); C is f32 row-major (ldc) and `c` points at C[0, c0]: the kernel writes exactly
 // c1 - c0 columns of m rows there. c0 must be a multiple of kColBlock and c1 - c0 at most kColBlock.
 // gemm_xw may use `scratch` (xw_scratch_elems(W.rows()) bf16, 64-byte aligned) to re-pair W's
-// block along its rows; it never allocates, so a call cannot fail half-way through its writes.
+// block along its rows, or to widen a few rows of A; it never allocates, so a call cannot fail half-way
+// through its writes.
 //
 // W is bf16 here: weight_gemm.h serves the quantized formats through these kernels and `dequantize`.
 //

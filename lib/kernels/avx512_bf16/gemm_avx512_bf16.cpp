@@ -410,8 +410,8 @@ constexpr int64_t kPrefetchPanels = 2;
 // shifted up; odd column: the high halves masked) it is multiplied by the 16 matching A values of a row
 // with f32 FMAs, and the lanes stay over n for the whole contraction: they are summed once per output
 // element at the end. So W is never transposed (24 two-source word permutes per 16x16 block, what the
-// re-pairing costs), and where VDPBF16PS issues at half the f32 FMA rate (Intel cores) the FMAs are the
-// faster way through a bf16 product anyway. Products are exact in f32, as VDPBF16PS's are.
+// re-pairing costs). Both families take this path (see kSmallM); products are exact in f32, as
+// VDPBF16PS's are.
 //
 // One pass reads each panel's slice of the task's columns (2 KiB) once, front to back, a group of G panels
 // side by side; the 16-lane accumulators of every (row, column) live in an L1 buffer, loaded and stored
