@@ -22,7 +22,8 @@ namespace {
 
 constexpr int kMaxRows = 6;     // rows per register block
 constexpr int kMaxPanels = 4;   // 16-column panels per register block
-constexpr int64_t kPairsPerBlock = 128;  // K block: 4 panels x 128 pairs x 64 B = 32 KiB of B stays in L1
+constexpr int64_t kPairsPerBlock = 128;
+constexpr int64_t kPrefetchPairs = 32;  // B lines fetched this many pairs (2 KiB of a panel) ahead
 
 inline __m512 load_bf16_as_f32(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -106,11 +107,11 @@ void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pa
     }
   const int64_t kend = kp1 < full_pairs ? kp1 : full_pairs;
   for (int64_t kp = kp0; kp < kend; ++kp) {
-    // Few rows: B streams from memory with little work per line, so fetch the panels' lines ahead.
-    if (ROWS <= 3)
+    // B streams from memory with little work per line when rows are few: fetch the panels' lines ahead
+    // (with many rows they are in L1 already, and the prefetch costs a load slot per 2·ROWS FMAs).
 #pragma GCC unroll 4
-      for (int p = 0; p < PANELS; ++p)
-        _mm_prefetch(reinterpret_cast<const char*>(b + p * panel_stride + (kp + 16) * 32), _MM_HINT_T0);
+    for (int p = 0; p < PANELS; ++p)
+      _mm_prefetch(reinterpret_cast<const char*>(b + p * panel_stride + (kp + kPrefetchPairs) * 32), _MM_HINT_T0);
     pair_step<kProducts>(acc, a, lda, kp, full_pairs, b, panel_stride);
   }
   if (kp1 > full_pairs) pair_step<kProducts>(acc, a, lda, full_pairs, full_pairs, b, panel_stride);  // odd K
