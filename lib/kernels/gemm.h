@@ -58,6 +58,7 @@ struct KernelSet {
   LowRankKernels low_rank;
   DequantizeFn dequantize;
   void (*gemm_xwt_quantized_few_rows)(const GemmArgs&);  // optional (nullptr): see weight_gemm.h
+  void (*gemm_xw_quantized_few_rows)(const GemmArgs&);   // optional (nullptr): see weight_gemm.h
 };
 
 // The kernel set for this machine, or the one MOE_SFT_ISA names. Throws moe_sft::Error when the variable

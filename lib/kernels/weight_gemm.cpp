@@ -39,6 +39,8 @@ void gemm_xwt(const KernelSet& kernels, const GemmArgs& g) {
 void gemm_xw(const KernelSet& kernels, const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
   if (w.format() == WeightFormat::bf16) return kernels.gemm_xw(g);
+  if (g.m <= kQuantizedXwFewRows && kernels.gemm_xw_quantized_few_rows != nullptr && w.group() % 8 == 0)
+    return kernels.gemm_xw_quantized_few_rows(g);
   const int64_t width = g.c1 - g.c0, block_cols = round_up(width, PackedMatrix::kColAlign);
   bf16* block_data = g.scratch;
   kernels.dequantize(w, 0, w.panels(), g.c0 / 2, block_cols / 2, block_data, P * block_cols);

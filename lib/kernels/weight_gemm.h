@@ -17,6 +17,9 @@ constexpr int64_t kXwtBlockPairs = 128;
 // (KernelSet::gemm_xwt_quantized_few_rows): codes decoded in registers, no block written to scratch. It
 // walks int4 units of four pairs, so it serves groups that are a multiple of 8 (all the usual ones).
 constexpr int64_t kQuantizedFewRows = 4;
+// Up to this many rows, d·W of a quantized W takes the family's few-rows kernel where it has one
+// (KernelSet::gemm_xw_quantized_few_rows): the scale folded into A, codes converted in registers.
+constexpr int64_t kQuantizedXwFewRows = 8;
 
 void gemm_xwt(const KernelSet& kernels, const GemmArgs& args);
 void gemm_xw(const KernelSet& kernels, const GemmArgs& args);

@@ -15,9 +15,9 @@ const VectorHelpers& vector_helpers() {
     if (f.avx512_bf16_usable())
       return VectorHelpers{repack_transposed_avx512, avx512::silu_mul_row, avx512::silu_mul_backward_row,
                            avx512_bf16_kernels().low_rank, dequantize_avx512,
-                           avx512::gemm_xwt_quantized_few_rows};
+                           avx512::gemm_xwt_quantized_few_rows, avx512::gemm_xw_few_rows};
     return VectorHelpers{repack_transposed_scalar, silu_mul_row_generic, silu_mul_backward_row_generic,
-                         portable_low_rank(), dequantize_scalar, nullptr};
+                         portable_low_rank(), dequantize_scalar, nullptr, nullptr};
   }();
   return helpers;
 }

@@ -16,6 +16,7 @@ struct VectorHelpers {
   LowRankKernels low_rank;
   DequantizeFn dequantize;
   decltype(KernelSet::gemm_xwt_quantized_few_rows) gemm_xwt_quantized_few_rows;
+  decltype(KernelSet::gemm_xw_quantized_few_rows) gemm_xw_quantized_few_rows;
 };
 const VectorHelpers& vector_helpers();
 
@@ -35,7 +36,7 @@ struct Family {
   static KernelSet make(const char* name) {
     const VectorHelpers& v = vector_helpers();
     return KernelSet{name, gemm_xwt, gemm_xw, v.silu_mul_row, v.silu_mul_backward_row, v.low_rank, v.dequantize,
-                     v.gemm_xwt_quantized_few_rows};
+                     v.gemm_xwt_quantized_few_rows, v.gemm_xw_quantized_few_rows};
   }
 };
 

@@ -17,6 +17,10 @@ bool vdpbf16ps_is_slow();
 namespace avx512 {
 void silu_mul_row(const float* g, const float* u, int64_t n, bf16* g_out, bf16* u_out, bf16* h_out);
 void gemm_xwt_quantized_few_rows(const GemmArgs& g);  // quantized W, g.m <= kQuantizedFewRows
+// d·W for g.m <= kXwFewRows rows, W in any format (quantized: group % 8 == 0), straight from the packed
+// panels with f32 FMAs (xw_few_rows.cpp). Uses g.scratch for A widened to f32.
+constexpr int64_t kXwFewRows = 8;
+void gemm_xw_few_rows(const GemmArgs& g);
 float silu_mul_backward_row(const bf16* g, const bf16* u, const float* dh_raw, float w, int64_t n, float* h, bf16* dg,
                             bf16* du);
 }  // namespace avx512

@@ -406,113 +406,6 @@ inline void prefetch_chunk(const PackedMatrix& w, int64_t panel, int64_t c0, int
 }
 constexpr int64_t kPrefetchPanels = 2;
 
-// d·W for a few rows straight from the packed panels (the small-M path), without re-pairing W. A packed
-// vector holds 16 contraction rows n of one column pair; widened to f32 (even column: the low halves
-// shifted up; odd column: the high halves masked) it is multiplied by the 16 matching A values of a row
-// with f32 FMAs, and the lanes stay over n for the whole contraction: they are summed once per output
-// element at the end. So W is never transposed (24 two-source word permutes per 16x16 block, what the
-// re-pairing costs). Both families take this path (see kSmallM); products are exact in f32, as
-// VDPBF16PS's are.
-//
-// One pass reads each panel's slice of the task's columns (2 KiB) once, front to back, a group of G panels
-// side by side; the 16-lane accumulators of every (row, column) live in an L1 buffer, loaded and stored
-// once per group. Nothing is read twice, so no cache has to hold a slice: slices of consecutive panels sit
-// a multiple of 4 KiB apart and would all compete for the same few cache sets.
-constexpr int64_t kXwMaxRows = 8;  // rows of the small-M path (its accumulator buffer's size)
-
-// Prefetches the next group's slices into L2, a few lines per column pair, so they arrive spread out.
-struct GroupPrefetch {
-  const char* base;
-  int64_t stride, lines_per_panel, lines, next;
-  void issue(int64_t n) {
-    for (const int64_t end = next + n < lines ? next + n : lines; next < end; ++next)
-      _mm_prefetch(base + (next / lines_per_panel) * stride + (next % lines_per_panel) * 64, _MM_HINT_T1);
-  }
-};
-
-// Panels [0, G) of `slices` (W's panels from the task's first column) into acc[row][column][lane].
-template <int ROWS, int G>
-void xw_group(const float* af, int64_t ldaf, const bf16* slices, int64_t panel_stride, int64_t pairs,
-              float (*acc)[kColBlock][16], GroupPrefetch& prefetch) {
-  constexpr int64_t P = PackedMatrix::kPanelRows;
-  const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
-  const int64_t prefetch_per_pair = prefetch.lines / (pairs > 0 ? pairs : 1) + 1;
-  __m512 d[G][ROWS];
-#pragma GCC unroll 4
-  for (int g = 0; g < G; ++g)
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) d[g][r] = _mm512_loadu_ps(af + r * ldaf + g * P);
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    prefetch.issue(prefetch_per_pair);
-    __m512 even[G], odd[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      const __m512i v = _mm512_loadu_si512(slices + g * panel_stride + kp * 2 * P);
-      even[g] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      odd[g] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 e = _mm512_load_ps(acc[r][2 * kp]), o = _mm512_load_ps(acc[r][2 * kp + 1]);
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) {
-        e = _mm512_fmadd_ps(d[g][r], even[g], e);
-        o = _mm512_fmadd_ps(d[g][r], odd[g], o);
-      }
-      _mm512_store_ps(acc[r][2 * kp], e);
-      _mm512_store_ps(acc[r][2 * kp + 1], o);
-    }
-  }
-}
-
-// All panels for ROWS rows: groups of G (as many as the registers hold A values for), then single panels.
-template <int ROWS>
-void xw_panels(const float* af, int64_t ldaf, const bf16* slices, int64_t panel_stride, int64_t panels, int64_t pairs,
-               int64_t lines_per_panel, float (*acc)[kColBlock][16]) {
-  constexpr int G = ROWS <= 4 ? 4 : 2;
-  constexpr int64_t P = PackedMatrix::kPanelRows;
-  const int64_t stride_bytes = panel_stride * int64_t(sizeof(bf16));
-  int64_t p = 0;
-  for (; p + G <= panels; p += G) {
-    const int64_t ahead = panels - p - G < G ? panels - p - G : G;
-    GroupPrefetch prefetch{reinterpret_cast<const char*>(slices + (p + G) * panel_stride), stride_bytes,
-                           lines_per_panel, ahead * lines_per_panel, 0};
-    xw_group<ROWS, G>(af + p * P, ldaf, slices + p * panel_stride, panel_stride, pairs, acc, prefetch);
-  }
-  for (; p < panels; ++p) {
-    GroupPrefetch none{nullptr, 0, 1, 0, 0};
-    xw_group<ROWS, 1>(af + p * P, ldaf, slices + p * panel_stride, panel_stride, pairs, acc, none);
-  }
-}
-
-using PanelsFn = void (*)(const float*, int64_t, const bf16*, int64_t, int64_t, int64_t, int64_t, float (*)[kColBlock][16]);
-constexpr PanelsFn kPanelsFns[kXwMaxRows] = {xw_panels<1>, xw_panels<2>, xw_panels<3>, xw_panels<4>,
-                                             xw_panels<5>, xw_panels<6>, xw_panels<7>, xw_panels<8>};
-
-// The small-M d·W: A widened to f32 in scratch (zeros past W's rows, so the panels' zero padding rows never
-// meet stale values), the one pass, and one lane sum per output element.
-void xw_few_rows(const GemmArgs& g) {
-  const PackedMatrix& w = *g.w;
-  constexpr int64_t P = PackedMatrix::kPanelRows;
-  const int64_t panels = (w.rows() + P - 1) / P, ldaf = panels * P, width = g.c1 - g.c0, pairs = (width + 1) / 2;
-  float* af = reinterpret_cast<float*>(g.scratch);
-  for (int64_t r = 0; r < g.m; ++r) {
-    for (int64_t n = 0; n < w.rows(); ++n) af[r * ldaf + n] = to_float(g.a[r * g.lda + n]);
-    for (int64_t n = w.rows(); n < ldaf; ++n) af[r * ldaf + n] = 0.0f;
-  }
-  alignas(64) float acc[kXwMaxRows][kColBlock][16];
-  for (int64_t r = 0; r < g.m; ++r)
-    for (int64_t j = 0; j < 2 * pairs; ++j) _mm512_store_ps(acc[r][j], _mm512_setzero_ps());
-  const int64_t lines_per_panel = pairs * 2 * P * int64_t(sizeof(bf16)) / 64;
-  kPanelsFns[g.m - 1](af, ldaf, w.panel(0) + g.c0 * P, P * w.padded_cols(), panels, pairs, lines_per_panel, acc);
-  for (int64_t r = 0; r < g.m; ++r)
-    for (int64_t j = 0; j < width; ++j) {
-      const float sum = _mm512_reduce_add_ps(_mm512_load_ps(acc[r][j]));
-      float* cp = g.c + r * g.ldc + j;
-      *cp = g.accumulate ? *cp + sum : sum;
-    }
-}
-
 }  // namespace
 
 void repack_transposed_avx512(const PackedMatrix& w, int64_t c0, int64_t width, bf16* out) {
@@ -550,13 +443,12 @@ void gemm_xwt(const GemmArgs& g) {
 // at about 4 rows (it spends two FMAs where VDPBF16PS spends one); with VDPBF16PS at a quarter of it, the
 // small-M path is the faster one up to the size of its accumulator buffer.
 template <avx512::Products kProducts>
-constexpr int64_t kSmallM = kProducts == avx512::Products::fma ? kXwMaxRows : 4;
+constexpr int64_t kSmallM = kProducts == avx512::Products::fma ? avx512::kXwFewRows : 4;
 
 template <avx512::Products kProducts>
 void gemm_xw(const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
-  if (g.m == 0) return;
-  if (g.m <= kSmallM<kProducts>) return xw_few_rows(g);
+  if (g.m <= kSmallM<kProducts>) return avx512::gemm_xw_few_rows(g);
   repack_transposed_avx512(w, g.c0, g.c1 - g.c0, g.scratch);
   avx512::panel_gemm<kProducts>(g.a, g.lda, g.m, w.rows(), g.scratch, repacked_panel_stride(w), g.c1 - g.c0, g.c,
                                 g.ldc, g.accumulate);
@@ -568,7 +460,7 @@ KernelSet make_family(const char* name) {
                    avx512::silu_mul_backward_row,
                    LowRankKernels{avx512::axpy<float, float>, avx512::axpy<float, bf16>, avx512::axpy<bf16, float>,
                                   avx512::axpy<bf16, bf16>, avx512::dot<float>, avx512::dot<bf16>},
-                   dequantize_avx512, avx512::gemm_xwt_quantized_few_rows};
+                   dequantize_avx512, avx512::gemm_xwt_quantized_few_rows, avx512::gemm_xw_few_rows};
 }
 
 }  // namespace

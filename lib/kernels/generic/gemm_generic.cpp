@@ -93,7 +93,7 @@ float silu_mul_backward_row_generic(const bf16* g, const bf16* u, const float* d
 
 const KernelSet& generic_kernels() {
   static const KernelSet set{"generic",           gemm_xwt_generic, gemm_xw_generic, silu_mul_row_generic,
-                             silu_mul_backward_row_generic, portable_low_rank(), dequantize_scalar, nullptr};
+                             silu_mul_backward_row_generic, portable_low_rank(), dequantize_scalar, nullptr, nullptr};
   return set;
 }
 
