@@ -1,4 +1,5 @@
-// avx512_bf16 family: VDPBF16PS panel GEMM, AVX-512 re-pairing for d·W, vectorized SiLU rows.
+// The AVX-512 families (avx512_bf16, avx512_fma): the panel GEMM with either way of forming bf16 products,
+// AVX-512 re-pairing for d·W, vectorized SiLU rows and rank-r products.
 //
 // Everything here is compiled for AVX-512 BF16 through the target pragma below, and is reached only after
 // dispatch checked CPUID and XCR0. No std:: templates are instantiated inside the pragma region: a copy

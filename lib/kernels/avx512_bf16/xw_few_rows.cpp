@@ -57,20 +57,20 @@ const char* slice(const PackedMatrix& w, int64_t p, int64_t kp) {
   return reinterpret_cast<const char*>(w.codes(p)) + (is_int4(w.format()) ? (kp / 4) * 4 * P : kp * 2 * P);
 }
 
-// Pair kp of panel p as f32 values (bf16) or exact codes (quantized): lanes over the panel's 16 rows, the
-// even column's in `even`, the odd column's in `odd`.
+// Pair kp of a panel (`panel`: its packed data) as f32 values (bf16) or exact codes (quantized): lanes over
+// the panel's 16 rows, the even column's in `even`, the odd column's in `odd`.
 template <WeightFormat F>
-inline void load_pair(const PackedMatrix& w, int64_t p, int64_t kp, __m512& even, __m512& odd) {
+inline void load_pair(const uint8_t* panel, int64_t kp, __m512& even, __m512& odd) {
   if constexpr (F == WeightFormat::bf16) {
-    const __m512i v = _mm512_loadu_si512(w.panel(p) + kp * 2 * P);
+    const __m512i v = _mm512_loadu_si512(panel + kp * 2 * P * int64_t(sizeof(bf16)));
     even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xffff0000u))));
   } else if constexpr (F == WeightFormat::int8) {  // one signed byte per element, in bf16 lane order
-    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes(p) + kp * 2 * P)));
+    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kp * 2 * P)));
     even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16));
     odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16));
   } else {  // int4: pair kp's nibble of every 16-bit word of its unit
-    const __m512i unit = _mm512_loadu_si512(w.codes(p) + (kp / 4) * 4 * P);
+    const __m512i unit = _mm512_loadu_si512(panel + (kp / 4) * 4 * P);
     const __m512i v = _mm512_srl_epi16(unit, _mm_cvtsi32_si128(int(4 * (kp % 4))));
     const __m512i nibble = _mm512_set1_epi32(0xF);
     even = _mm512_cvtepi32_ps(_mm512_and_si512(v, nibble));
@@ -99,8 +99,12 @@ constexpr bool kHasBias = F == WeightFormat::int4_awq || F == WeightFormat::int4
 // Panels [p0, p0 + G), the task's pairs [kp0, kp0 + pairs), ROWS rows of af (A in f32, from panel p0's row).
 template <WeightFormat F, int ROWS, int G>
 void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, int64_t kp0, int64_t pairs,
-              const Accumulators& out, GroupPrefetch& prefetch) {
+              const Accumulators& out, GroupPrefetch prefetch) {
   const int64_t prefetch_per_pair = prefetch.lines / (pairs > 0 ? pairs : 1) + 1;
+  const uint8_t* panel[G];  // (locals: nothing the loop stores can alias them)
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) panel[g] = reinterpret_cast<const uint8_t*>(slice(w, p0 + g, 0));
+  float (*const acc)[kColBlock][16] = out.acc;
   for (int64_t kp = 0; kp < pairs;) {
     // A for this run of pairs: as is for bf16; times the group's scale for quantized W (one run per group).
     __m512 d[G][ROWS];
@@ -131,18 +135,18 @@ void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, 
       prefetch.issue(prefetch_per_pair);
       __m512 even[G], odd[G];
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) load_pair<F>(w, p0 + g, kp0 + kp, even[g], odd[g]);
+      for (int g = 0; g < G; ++g) load_pair<F>(panel[g], kp0 + kp, even[g], odd[g]);
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r) {
-        float* acc = out.acc[r][2 * kp];
-        __m512 e = _mm512_load_ps(acc), o = _mm512_load_ps(acc + 16);
+        float* sums = acc[r][2 * kp];
+        __m512 e = _mm512_load_ps(sums), o = _mm512_load_ps(sums + 16);
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
           e = _mm512_fmadd_ps(d[g][r], even[g], e);
           o = _mm512_fmadd_ps(d[g][r], odd[g], o);
         }
-        _mm512_store_ps(acc, e);
-        _mm512_store_ps(acc + 16, o);
+        _mm512_store_ps(sums, e);
+        _mm512_store_ps(sums + 16, o);
       }
     }
   }
