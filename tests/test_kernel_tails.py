@@ -1,7 +1,7 @@
 """Kernel blocking and tails, through the layer with one expert so every GEMM shape is under control:
 M (rows of an expert) around the register / tile blocks, K and N around the 16-column panels, 32-wide
-K tiles and 64-column tasks, including 1 and odd sizes; the small-M d·W path (M <= 4) and the re-paired
-path; and agreement of every kernel family with the portable one."""
+K tiles and 64-column tasks, including 1 and odd sizes; the small-M d·W path (M <= 8 on avx512_fma, <= 4
+on avx512_bf16) and the re-paired path; and agreement of every kernel family with the portable one."""
 import numpy as np
 import pytest
 
@@ -82,7 +82,8 @@ def test_isa_reports_the_family_new_layers_get(isa):
 
 def test_isa_without_forcing_picks_the_best_available(monkeypatch):
     monkeypatch.delenv("MOE_SFT_ISA", raising=False)
-    # Of the two AVX-512 families the one whose products measure faster here; the choice holds for the process.
+    # Of the two AVX-512 families, the one whose products measure faster here; the choice holds for the
+    # whole process.
     best = [{i} for i in ("amx", "generic") if i in AVAILABLE_ISAS][0]
     if "amx" not in AVAILABLE_ISAS and "avx512_bf16" in AVAILABLE_ISAS:
         best = {"avx512_fma", "avx512_bf16"}

@@ -63,7 +63,7 @@ const KernelSet& select_kernels() {
   const char* why_not = "";
   if (forced == nullptr || forced[0] == '\0') {
     for (const Family& f : kFamilies) {
-      const KernelSet* set = f.get(&why_not);  // (probes the CPU before anything measures it)
+      const KernelSet* set = f.get(&why_not);  // first: `automatic` may time the family's instructions
       if (set != nullptr && f.automatic()) return *set;
     }
     return generic_kernels();

@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kMaxRows = 6;     // rows per register block
 constexpr int kMaxPanels = 4;   // 16-column panels per register block
-constexpr int64_t kPairsPerBlock = 128;
+constexpr int64_t kPairsPerBlock = 128;  // K block: 4 panels x 128 pairs x 64 B = 32 KiB of B stays in L1
 constexpr int64_t kPrefetchPairs = 32;  // B lines fetched this many pairs (2 KiB of a panel) ahead
 
 inline __m512 load_bf16_as_f32(const bf16* p) {
@@ -162,7 +162,7 @@ void panel_gemm(const bf16* a, int64_t lda, int64_t m, int64_t k, const bf16* b,
       for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
         const int rows = int(m - m0 < kMaxRows ? m - m0 : kMaxRows);
         kBlocks<kProducts>.fn[rows - 1][panels - 1](a + m0 * lda, lda, kp0, kp1, full_pairs, bp, panel_stride,
-                                         c + m0 * ldc + n0, ldc, last_mask, load_c);
+                                                    c + m0 * ldc + n0, ldc, last_mask, load_c);
       }
     }
     if (pairs == 0) break;
@@ -440,9 +440,11 @@ void gemm_xwt(const GemmArgs& g) {
 }
 
 // Up to this many rows d·W takes the small-M path (no re-pairing, f32 FMAs); above, the block is re-paired
-// once and the panel GEMM runs over it. With VDPBF16PS at the FMA rate the small-M path stops paying off
-// at about 4 rows (it spends two FMAs where VDPBF16PS spends one); with VDPBF16PS at a quarter of it, the
-// small-M path is the faster one up to the size of its accumulator buffer.
+// once and the panel GEMM runs over it. With VDPBF16PS at a quarter of the FMA rate (measured here) the
+// small-M path is the faster one up to the size of its accumulator buffer. With VDPBF16PS at the FMA rate
+// (Zen 4) it spends two FMAs where the panel GEMM spends one VDPBF16PS, so it should stop paying off at
+// about 4 rows, where the re-pairing's 3 permutes per vector are shared by enough rows (an estimate from
+// instruction counts: no such core was at hand).
 template <avx512::Products kProducts>
 constexpr int64_t kSmallM = kProducts == avx512::Products::fma ? avx512::kXwFewRows : 4;
 
