@@ -60,7 +60,7 @@ def test_families_agree_with_generic(monkeypatch, other):
 
 
 def test_forcing_an_unavailable_family_fails_clearly(monkeypatch):
-    missing = [i for i in ("amx", "avx512_bf16") if i not in AVAILABLE_ISAS]
+    missing = [i for i in ("amx", "avx512_bf16", "avx512_fma") if i not in AVAILABLE_ISAS]
     if not missing:
         pytest.skip("this machine runs every family")
     monkeypatch.setenv("MOE_SFT_ISA", missing[0])
@@ -82,13 +82,12 @@ def test_isa_reports_the_family_new_layers_get(isa):
 
 def test_isa_without_forcing_picks_the_best_available(monkeypatch):
     monkeypatch.delenv("MOE_SFT_ISA", raising=False)
-    # Of the two AVX-512 families, the one whose products measure faster here; the choice holds for the
-    # whole process.
+    # Of the two AVX-512 families, the one whose products measure faster here (which one, only the probe
+    # inside the library knows).
     best = [{i} for i in ("amx", "generic") if i in AVAILABLE_ISAS][0]
     if "amx" not in AVAILABLE_ISAS and "avx512_bf16" in AVAILABLE_ISAS:
         best = {"avx512_fma", "avx512_bf16"}
     assert moe_sft.isa() in best
-    assert moe_sft.isa() == moe_sft.isa()
     monkeypatch.setenv("MOE_SFT_ISA", "vax")
     with pytest.raises(moe_sft.InvalidArgumentError, match="MOE_SFT_ISA=vax is not a kernel family"):
         moe_sft.isa()

@@ -208,6 +208,23 @@ def test_int8_odd_shapes(isa, shape, tp):
     assert_matches_reference(ref, *run_layer(layer, ref), tol=3e-2)
 
 
+# (H, I, group_size) for the few-rows d·W on quantized weights: contraction lengths that leave a partial panel
+# (120, 72, 40, 56: not multiples of 16) with groups that straddle the 64-column tasks (24); the smallest
+# group (8: eight groups in one task); a group wider than a task (128).
+FEW_ROWS_SHAPES = [(120, 72, 24), (40, 56, 8), (256, 384, 128)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9])
+@pytest.mark.parametrize("variant", ["int8", "int4_awq", "int4_k2"])
+@pytest.mark.parametrize("shape", FEW_ROWS_SHAPES, ids=lambda s: "H{}-I{}-g{}".format(*s))
+def test_one_expert_with_few_rows(isa, shape, variant, rows):
+    """One expert with exactly `rows` rows: every row count of the few-rows kernels (and one past them)."""
+    H, I, group_size = shape
+    p = R.make_problem(1, H, I, 1, rows, 3, seed=rows + H)
+    layer, ref = quantized_layer(p, variant, group_size)
+    assert_matches_reference(ref, *run_layer(layer, ref), tol=3e-2, conditioned_routing=True)
+
+
 @pytest.mark.parametrize("weight_format, group_size", [("int8", None), ("int4_awq", 16)])
 def test_create_quantizes_as_quantize_does(weight_format, group_size):
     """From bf16 at create and from moe_sft.quantize's arrays: the same stored weights, the same results."""

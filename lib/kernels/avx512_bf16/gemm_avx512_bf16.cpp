@@ -55,46 +55,57 @@ inline int32_t a_pair(const bf16* row, int64_t kp, int64_t full_pairs) {
   return pair;
 }
 
-// acc[r][p] += A[r, 2kp..2kp+1] · B pair kp of panel p, by VDPBF16PS or (kProducts == fma) by two f32 FMAs on
-// the widened halves (see Products).
-template <Products kProducts, int ROWS, int PANELS>
-inline void pair_step(__m512 (&acc)[ROWS][PANELS], const bf16* a, int64_t lda, int64_t kp, int64_t full_pairs,
-                      const bf16* b, int64_t panel_stride) {
-  if constexpr (kProducts == Products::dpbf16) {
-    __m512bh bv[PANELS];
+// acc[r][p] += A[r, 2kp..2kp+1] · B pair kp of panel p by VDPBF16PS.
+template <int ROWS, int PANELS>
+inline void pair_step_dpbf16(__m512 (&acc)[ROWS][PANELS], const bf16* a, int64_t lda, int64_t kp, int64_t full_pairs,
+                             const bf16* b, int64_t panel_stride) {
+  __m512bh bv[PANELS];
 #pragma GCC unroll 4
-    for (int p = 0; p < PANELS; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + kp * 32);
+  for (int p = 0; p < PANELS; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + kp * 32);
 #pragma GCC unroll 6
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(a_pair(a + r * lda, kp, full_pairs));
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(a_pair(a + r * lda, kp, full_pairs));
 #pragma GCC unroll 4
-      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
-    }
-  } else {
-    // Even elements first, then odd, so only PANELS widened B vectors are live next to the accumulators.
-    __m512 bv[PANELS];
-    __m512i av[ROWS];
-#pragma GCC unroll 4
-    for (int p = 0; p < PANELS; ++p) bv[p] = low_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
-#pragma GCC unroll 6
-    for (int r = 0; r < ROWS; ++r) {
-      av[r] = _mm512_set1_epi32(a_pair(a + r * lda, kp, full_pairs));
-      const __m512 lo = low_half_f32(av[r]);
-#pragma GCC unroll 4
-      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(lo, bv[p], acc[r][p]);
-    }
-#pragma GCC unroll 4
-    for (int p = 0; p < PANELS; ++p) bv[p] = high_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
-#pragma GCC unroll 6
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512 hi = high_half_f32(av[r]);
-#pragma GCC unroll 4
-      for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(hi, bv[p], acc[r][p]);
-    }
+    for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
   }
 }
 
-// One register block: ROWS rows x PANELS panels over pairs [kp0, kp1).
+// The same by two f32 FMAs on B's widened halves, with A already widened (af: row r's pair i at
+// af[r * lda + 2i], 2i + 1). Even elements first, then odd, so only PANELS widened B vectors are live next
+// to the accumulators; A's values are broadcast straight from memory (a load, no ALU work).
+template <int ROWS, int PANELS>
+inline void pair_step_fma(__m512 (&acc)[ROWS][PANELS], const float* af, int64_t lda, int64_t i, const bf16* b,
+                          int64_t panel_stride, int64_t kp) {
+  __m512 bv[PANELS];
+#pragma GCC unroll 4
+  for (int p = 0; p < PANELS; ++p) bv[p] = low_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
+#pragma GCC unroll 6
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 lo = _mm512_set1_ps(af[r * lda + 2 * i]);
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(lo, bv[p], acc[r][p]);
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < PANELS; ++p) bv[p] = high_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
+#pragma GCC unroll 6
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 hi = _mm512_set1_ps(af[r * lda + 2 * i + 1]);
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(hi, bv[p], acc[r][p]);
+  }
+}
+
+// A's elements [2 kp0, 2 kp0 + n) of ROWS rows widened to f32 into af (row stride 2 kPairsPerBlock), with
+// zeros up to a whole pair: the partner of an odd K's lone last element.
+template <int ROWS>
+inline void widen_a(const bf16* a, int64_t lda, int64_t kp0, int64_t n, float* af) {
+#pragma GCC unroll 6
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t e = 0; e < n; e += 16)
+      _mm512_store_ps(af + r * 2 * kPairsPerBlock + e, load_bf16_as_f32(a + r * lda + 2 * kp0 + e, tail_mask(n - e)));
+}
+
+// One register block: ROWS rows x PANELS panels over pairs [kp0, kp1) (at most kPairsPerBlock of them).
 template <Products kProducts, int ROWS, int PANELS>
 void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pairs, const bf16* b,
            int64_t panel_stride, float* c, int64_t ldc, __mmask16 last_mask, bool load_c) {
@@ -106,6 +117,17 @@ void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pa
       const __mmask16 mask = p == PANELS - 1 ? last_mask : __mmask16(0xffff);
       acc[r][p] = load_c ? _mm512_maskz_loadu_ps(mask, c + r * ldc + 16 * p) : _mm512_setzero_ps();
     }
+  alignas(64) float af[kProducts == Products::fma ? ROWS : 1][2 * kPairsPerBlock];
+  if constexpr (kProducts == Products::fma) {
+    const int64_t elements = (kp1 > full_pairs ? 2 * full_pairs + 1 : 2 * kp1) - 2 * kp0;
+    widen_a<ROWS>(a, lda, kp0, elements, af[0]);
+  }
+  auto step = [&](int64_t kp) {
+    if constexpr (kProducts == Products::fma)
+      pair_step_fma(acc, af[0], 2 * kPairsPerBlock, kp - kp0, b, panel_stride, kp);
+    else
+      pair_step_dpbf16(acc, a, lda, kp, full_pairs, b, panel_stride);
+  };
   const int64_t kend = kp1 < full_pairs ? kp1 : full_pairs;
   for (int64_t kp = kp0; kp < kend; ++kp) {
     // B streams from memory with little work per line when rows are few: fetch the panels' lines ahead
@@ -113,9 +135,9 @@ void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pa
 #pragma GCC unroll 4
     for (int p = 0; p < PANELS; ++p)
       _mm_prefetch(reinterpret_cast<const char*>(b + p * panel_stride + (kp + kPrefetchPairs) * 32), _MM_HINT_T0);
-    pair_step<kProducts>(acc, a, lda, kp, full_pairs, b, panel_stride);
+    step(kp);
   }
-  if (kp1 > full_pairs) pair_step<kProducts>(acc, a, lda, full_pairs, full_pairs, b, panel_stride);  // odd K
+  if (kp1 > full_pairs) step(full_pairs);  // odd K
 #pragma GCC unroll 6
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
