@@ -11,6 +11,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 #include <immintrin.h>
 
+#include "kernels/avx512_bf16/widen.h"
+
 namespace moe_sft::kernels {
 
 namespace {
@@ -22,22 +24,7 @@ struct HalfScales {
 };
 
 HalfScales group_scales(const PackedMatrix& w, int64_t p, int64_t g) {
-  const int64_t at = g * P;
-  __m512 s, b;
-  switch (w.format()) {
-    case WeightFormat::int4_k2:
-      s = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales_bf16(p) + at))), 16));
-      b = _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
-      break;
-    case WeightFormat::int4_awq:
-      s = _mm512_loadu_ps(w.scales_f32(p) + at);
-      b = _mm512_loadu_ps(w.biases(p) + at);
-      break;
-    default:
-      s = _mm512_loadu_ps(w.scales_f32(p) + at);
-      b = _mm512_setzero_ps();
-  }
+  const __m512 s = avx512::group_scale(w, p, g), b = avx512::group_bias(w, p, g, s);
   const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   return {{_mm512_permutexvar_ps(lo, s), _mm512_permutexvar_ps(hi, s)},

@@ -15,6 +15,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 #include <immintrin.h>
 
+#include "kernels/avx512_bf16/widen.h"
+
 namespace moe_sft::kernels {
 
 namespace avx512 {
@@ -26,12 +28,6 @@ constexpr int kMaxPanels = 4;   // 16-column panels per register block
 constexpr int64_t kPairsPerBlock = 128;  // K block: 4 panels x 128 pairs x 64 B = 32 KiB of B stays in L1
 constexpr int64_t kPrefetchPairs = 32;  // B lines fetched this many pairs (2 KiB of a panel) ahead
 
-inline __m512 load_bf16_as_f32(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline __m512 load_bf16_as_f32(const bf16* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
 inline void store_f32_as_bf16(bf16* p, __m512 v, __mmask16 mask) {
   _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -39,12 +35,6 @@ inline __m512 round_to_bf16(__m512 v) {  // what a bf16 store and reload would g
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
-// Widening a bf16 pair word (32-bit lane: element 2c in the low half, 2c + 1 in the high half) to f32.
-inline __m512 low_half_f32(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
-inline __m512 high_half_f32(__m512i v) {
-  return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xffff0000u))));
-}
 
 // A's pair (2 kp, 2 kp + 1) of row r as one 32-bit word. `full_pairs` is K / 2: a pair at kp == full_pairs
 // exists only for odd K and holds a single element (its partner, past the row, is never read).

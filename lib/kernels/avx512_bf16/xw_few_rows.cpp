@@ -24,6 +24,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 #include <immintrin.h>
 
+#include "kernels/avx512_bf16/widen.h"
+
 namespace moe_sft::kernels {
 
 namespace {
@@ -63,8 +65,8 @@ template <WeightFormat F>
 inline void load_pair(const uint8_t* panel, int64_t kp, __m512& even, __m512& odd) {
   if constexpr (F == WeightFormat::bf16) {
     const __m512i v = _mm512_loadu_si512(panel + kp * 2 * P * int64_t(sizeof(bf16)));
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xffff0000u))));
+    even = avx512::low_half_f32(v);
+    odd = avx512::high_half_f32(v);
   } else if constexpr (F == WeightFormat::int8) {  // one signed byte per element, in bf16 lane order
     const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kp * 2 * P)));
     even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16));
@@ -78,21 +80,6 @@ inline void load_pair(const uint8_t* panel, int64_t kp, __m512& even, __m512& od
   }
 }
 
-// Scale and bias of group `group` for the 16 rows of panel p (packed_matrix.h).
-template <WeightFormat F>
-inline __m512 scale_of(const PackedMatrix& w, int64_t p, int64_t group) {
-  if constexpr (F == WeightFormat::int4_k2) {
-    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales_bf16(p) + group * P));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
-  } else {
-    return _mm512_loadu_ps(w.scales_f32(p) + group * P);
-  }
-}
-template <WeightFormat F>
-inline __m512 bias_of(const PackedMatrix& w, int64_t p, int64_t group, __m512 scale) {
-  if constexpr (F == WeightFormat::int4_k2) return _mm512_mul_ps(scale, _mm512_set1_ps(-8.0f));
-  else return _mm512_loadu_ps(w.biases(p) + group * P);
-}
 template <WeightFormat F>
 constexpr bool kHasBias = F == WeightFormat::int4_awq || F == WeightFormat::int4_k2;
 
@@ -119,11 +106,11 @@ void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, 
       run_end = group_end < pairs ? group_end : pairs;
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-        const __m512 scale = scale_of<F>(w, p0 + g, group);
+        const __m512 scale = avx512::group_scale(w, p0 + g, group);
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; ++r) d[g][r] = _mm512_mul_ps(_mm512_loadu_ps(af + r * ldaf + g * P), scale);
         if constexpr (kHasBias<F>) {
-          const __m512 bias = bias_of<F>(w, p0 + g, group, scale);
+          const __m512 bias = avx512::group_bias(w, p0 + g, group, scale);
           for (int r = 0; r < ROWS; ++r) {
             float* b = out.bias[r][group - out.first_group];
             _mm512_store_ps(b, _mm512_fmadd_ps(_mm512_loadu_ps(af + r * ldaf + g * P), bias, _mm512_load_ps(b)));

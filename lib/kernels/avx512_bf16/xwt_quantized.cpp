@@ -19,6 +19,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 #include <immintrin.h>
 
+#include "kernels/avx512_bf16/widen.h"
+
 namespace moe_sft::kernels {
 
 namespace {
@@ -48,24 +50,14 @@ inline float sum_bf16(const bf16* p, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
-    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p + i)), 16)));
+    acc = _mm512_add_ps(acc, avx512::load_bf16_as_f32(p + i, mask));
   }
   return _mm512_reduce_add_ps(acc);
 }
 
-inline __m512 group_scale(const PackedMatrix& w, int64_t panel, int64_t g) {
-  if (w.format() == WeightFormat::int4_k2)
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales_bf16(panel) + g * P))), 16));
-  return _mm512_loadu_ps(w.scales_f32(panel) + g * P);
-}
-
 // bias - 128·scale: the constant the 128 offset of int4's decoded codes calls for.
 inline __m512 group_offset(const PackedMatrix& w, int64_t panel, int64_t g, __m512 scale) {
-  const __m512 bias = w.format() == WeightFormat::int4_awq ? _mm512_loadu_ps(w.biases(panel) + g * P)
-                                                           : _mm512_mul_ps(scale, _mm512_set1_ps(-8.0f));
-  return _mm512_fnmadd_ps(scale, _mm512_set1_ps(128.0f), bias);
+  return _mm512_fnmadd_ps(scale, _mm512_set1_ps(128.0f), avx512::group_bias(w, panel, g, scale));
 }
 
 template <bool INT4, int ROWS, int PANELS>
@@ -108,7 +100,7 @@ void few_rows(const GemmArgs& g) {
       for (int r = 0; r < ROWS; ++r) a_sum[r] = sum_bf16(g.a + r * g.lda + 2 * g0, (2 * gend < K ? 2 * gend : K) - 2 * g0);
     const int64_t group = g0 / group_pairs;
     for (int q = 0; q < PANELS; ++q) {
-      const __m512 scale = group_scale(w, panel0 + q, group);
+      const __m512 scale = avx512::group_scale(w, panel0 + q, group);
       const __m512 offset = INT4 ? group_offset(w, panel0 + q, group, scale) : _mm512_setzero_ps();
       const __mmask16 mask = q == PANELS - 1 ? last : __mmask16(0xffff);
       for (int r = 0; r < ROWS; ++r) {
