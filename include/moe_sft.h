@@ -191,7 +191,9 @@ const char *moe_sft_layer_isa(const moe_sft_layer *layer);
 
 /* Name of the kernel family new layers get on this machine now (MOE_SFT_ISA honoured), in *name: "amx",
  * "avx512_fma", "avx512_bf16", "amx-emulated" or "generic" (static storage). MOE_SFT_ERR_UNSUPPORTED when MOE_SFT_ISA
- * names a family that cannot run here, MOE_SFT_ERR_INVALID_ARGUMENT when it names none. Thread-safe. */
+ * names a family that cannot run here, MOE_SFT_ERR_INVALID_ARGUMENT when it names none. MOE_SFT_MAX_ISA=NAME caps
+ * the choice: the families listed above NAME in this order (amx, avx512_fma, avx512_bf16, amx-emulated, generic)
+ * count as unable to run here, for the automatic choice and for MOE_SFT_ISA alike. Thread-safe. */
 moe_sft_status moe_sft_isa(const char **name);
 
 /* Static string for a status ("MOE_SFT_OK", ...); unknown values give "unknown status". */

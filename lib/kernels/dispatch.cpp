@@ -1,6 +1,7 @@
 // Run-time choice of the kernel family: the best one the CPU and OS support, or the one MOE_SFT_ISA forces
 // (tests, benchmarks), failing clearly when this machine cannot run it.
 #include <cstdlib>
+#include <iterator>
 #include <string>
 
 #include "kernels/amx/amx.h"
@@ -56,21 +57,41 @@ const Family kFamilies[] = {
     {"generic", generic, always},
 };
 
+// MOE_SFT_MAX_ISA=NAME (like oneDNN's ONEDNN_MAX_CPU_ISA) makes every family listed before NAME unusable, as if
+// this machine lacked it: the automatic choice skips them and MOE_SFT_ISA naming one is UNSUPPORTED. Tests use
+// it to run the "cannot run here" path on machines that run every family.
+const Family* capped_above(const char** cap_name) {
+  const char* cap = std::getenv("MOE_SFT_MAX_ISA");
+  *cap_name = cap;
+  if (cap == nullptr || cap[0] == '\0') return kFamilies;
+  for (const Family& f : kFamilies)
+    if (std::string(f.name) == cap) return &f;
+  std::string known;
+  for (const Family& f : kFamilies) known += known.empty() ? f.name : std::string(", ") + f.name;
+  throw Error(MOE_SFT_ERR_INVALID_ARGUMENT,
+              std::string("MOE_SFT_MAX_ISA=") + cap + " is not a kernel family (known: " + known + ")");
+}
+
 }  // namespace
 
 const KernelSet& select_kernels() {
+  const char* cap_name = nullptr;
+  const Family* first_usable = capped_above(&cap_name);
   const char* forced = std::getenv("MOE_SFT_ISA");
   const char* why_not = "";
   if (forced == nullptr || forced[0] == '\0') {
-    for (const Family& f : kFamilies) {
-      const KernelSet* set = f.get(&why_not);  // first: `automatic` may time the family's instructions
-      if (set != nullptr && f.automatic()) return *set;
+    for (const Family* f = first_usable; f != std::end(kFamilies); ++f) {
+      const KernelSet* set = f->get(&why_not);  // first: `automatic` may time the family's instructions
+      if (set != nullptr && f->automatic()) return *set;
     }
     return generic_kernels();
   }
   std::string known;
   for (const Family& f : kFamilies) {
     if (std::string(f.name) == forced) {
+      if (&f < first_usable)
+        throw Error(MOE_SFT_ERR_UNSUPPORTED, std::string("MOE_SFT_ISA=") + forced +
+                                                 " cannot run here: above MOE_SFT_MAX_ISA=" + cap_name);
       if (const KernelSet* set = f.get(&why_not)) return *set;
       throw Error(MOE_SFT_ERR_UNSUPPORTED, std::string("MOE_SFT_ISA=") + forced + " cannot run here: " + why_not);
     }
