@@ -72,6 +72,11 @@ void moe_sft_destroy(moe_sft_layer* layer) { delete layer; }
 moe_sft_status moe_sft_update_lora(moe_sft_layer* layer, const moe_sft_lora* lora) {
   return guard("moe_sft_update_lora", [&] {
     require_non_null(layer, "layer");
+    if (lora == nullptr) {  // unbinds: later forwards run the base layer only
+      std::lock_guard<std::mutex> lock(layer->mutex);
+      layer->impl.unbind_lora();
+      return;
+    }
     validate_lora(lora);
     std::lock_guard<std::mutex> lock(layer->mutex);
     layer->impl.bind_lora(*lora);
@@ -121,6 +126,18 @@ moe_sft_status moe_sft_cache_depth(const moe_sft_layer* layer, int32_t* depth) {
     require_non_null(depth, "depth");
     std::lock_guard<std::mutex> lock(layer->mutex);
     *depth = int32_t(layer->impl.cache().depth());
+  });
+}
+
+moe_sft_status moe_sft_discard_saved(moe_sft_layer* layer, int32_t n) {
+  return guard("moe_sft_discard_saved", [&] {
+    require_non_null(layer, "layer");
+    std::lock_guard<std::mutex> lock(layer->mutex);
+    const int64_t depth = layer->impl.cache().depth();
+    if (n < 0 || n > depth)
+      moe_sft::api::invalid("n = " + std::to_string(n) + " is out of range [0, depth = " + std::to_string(depth) +
+                            "] (depth: the saved forwards awaiting backward)");
+    layer->impl.discard_saved(n);
   });
 }
 

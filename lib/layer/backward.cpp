@@ -33,13 +33,14 @@ namespace {
 constexpr Stage kGradOutput{1, 5, "grad_output"}, kGradIntermediate{2, 5, "grad of the intermediate"},
     kGradInput{3, 5, "grad_input"}, kGradWeights{4, 5, "grad_routing_weights"}, kLoraGrads{5, 5, "LoRA grads"};
 
-// Zeroes the grads of experts that got no rows (no task writes them) unless accumulating. At small T that
-// is nearly every expert's grads (tens of MiB), so it is spread over the pool.
-void clear_idle_expert_grads(const LoraGradView& g, const Routing& routing, ThreadPool& pool, int threads) {
+// Zeroes the grads of the experts that got no rows (no task writes them), or of every expert when the
+// forward ran base-only. At small T that is nearly every expert's grads (tens of MiB), so it is spread over
+// the pool.
+void zero_expert_grads(const LoraGradView& g, const Routing& routing, bool idle_only, ThreadPool& pool, int threads) {
   const auto dims = lora_array_dims(g.s);
   const auto arrays = g.arrays();
   pool.parallel_for(routing.experts(), threads, [&](int64_t e, int) {
-    if (routing.rows_of(e) > 0) return;
+    if (idle_only && routing.rows_of(e) > 0) return;
     for (size_t i = 0; i < dims.size(); ++i)
       std::fill_n(arrays[i] + e * dims[i].per_expert(), dims[i].per_expert(), 0.0f);
   });
@@ -51,7 +52,7 @@ template <class T>
 void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) {
   const ForwardRecord& rec = cache_.top();
   const Routing& routing = rec.routing;
-  const int64_t H = hidden_, I = intermediate_, r = rank_, k = routing.top_k, T_ = routing.qlen;
+  const int64_t H = hidden_, I = intermediate_, r = lora.s.rank, k = routing.top_k, T_ = routing.qlen;
   const int64_t R = routing.rows();
   const float s = lora_scale_;
   const int64_t cb = kernels::kColBlock;
@@ -132,7 +133,7 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   }
   auto row_weight = [&](int64_t row) { return rec.weights[size_t(routing.row_pair[row])]; };
 
-  if (want_lora_grads && !acc) clear_idle_expert_grads(G, routing, pool, threads_);
+  if (want_lora_grads && !acc) zero_expert_grads(G, routing, true, pool, threads_);
 
   // 1. gather x and dO rows
   pool.parallel_for(chunks(R, kRowChunk * 4), threads_, [&](int64_t task, int) {
@@ -270,6 +271,12 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
     }
   }
 
+  // A base-only forward's output did not depend on the adapters: their grads are zero.
+  if (r == 0 && rank_ > 0 && call.lora_grads != nullptr && !call.accumulate) {
+    const moe_sft_lora_grads& lg = *call.lora_grads;
+    zero_expert_grads(LoraGradView{lg.gate_a, lg.gate_b, lg.up_a, lg.up_b, lg.down_a, lg.down_b, lora_shape()},
+                      routing, false, pool, threads_);
+  }
   cache_.pop();
 }
 

@@ -35,7 +35,7 @@ constexpr Stage kInput{1, 7, "input"}, kRoutingWeights{2, 7, "routing weights"},
 
 template <class T>
 void MoELayer::check_forward_inputs(const LoraView<T>& lora, const ForwardCall& call, const Routing& routing) const {
-  const int64_t H = hidden_, r = rank_, E = experts_, k = call.top_k;
+  const int64_t H = hidden_, r = lora.s.rank, E = experts_, k = call.top_k;
   NonFinite hit = first_non_finite(call.input, call.qlen * H);
   if (hit.found) throw_non_finite(hit.value, "input", token_column(hit.index, H), kInput);
   for (int64_t pair = 0; pair < call.qlen * k; ++pair)  // slots without an expert may hold anything
@@ -52,7 +52,7 @@ void MoELayer::check_forward_inputs(const LoraView<T>& lora, const ForwardCall& 
 
 template <class T>
 void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
-  const int64_t H = hidden_, I = intermediate_, r = rank_, k = call.top_k;
+  const int64_t H = hidden_, I = intermediate_, r = lora.s.rank, k = call.top_k;
   const float s = lora_scale_;
   Routing routing = Routing::build(call.qlen, k, experts_, call.expert_ids);
   if (check_finite_) check_forward_inputs(lora, call, routing);
@@ -209,6 +209,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
 
   if (save) {
     rec.routing = std::move(routing);
+    rec.with_adapters = r > 0;
     cache_.push(std::move(rec));
   }
 }

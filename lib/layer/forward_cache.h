@@ -13,6 +13,7 @@ namespace moe_sft::layer {
 
 struct ForwardRecord {
   Routing routing;
+  bool with_adapters = false;  // false: the forward ran the base layer only (rank 0, or no adapters bound)
   std::vector<float> weights;  // [T, k] routing weights as given
   std::vector<bf16> input;     // [T, H] in token order
   std::vector<bf16> gate;      // [rows, I] gate projection before the activation (bf16-rounded, as used)
@@ -39,6 +40,10 @@ class ForwardCache {
   void pop() {
     spare_ = std::move(stack_.back());
     stack_.pop_back();
+  }
+  // Drops the n most recent records (0 <= n <= depth, checked by the caller).
+  void discard(int64_t n) {
+    for (int64_t i = 0; i < n; ++i) pop();
   }
 
  private:

@@ -28,15 +28,11 @@ void MoELayer::bind_lora(const moe_sft_lora& lora) {
 }
 
 template <class Fn>
-void MoELayer::with_bound_lora(Fn&& fn) const {
-  if (rank_ == 0) {
-    fn(LoraView<float>{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, lora_shape()});
+void MoELayer::with_lora(bool with_adapters, Fn&& fn) const {
+  if (!with_adapters) {
+    fn(LoraView<float>{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, LoraShape{hidden_, intermediate_, 0}});
     return;
   }
-  if (!lora_bound_)
-    throw Error(MOE_SFT_ERR_INVALID_ARGUMENT,
-                "LoRA weights are not bound: call moe_sft_update_lora first (lora_rank = " +
-                    std::to_string(rank_) + ")");
   with_lora_view(lora_, lora_shape(), fn);
 }
 
@@ -45,14 +41,18 @@ void MoELayer::forward(const ForwardCall& call) {
     throw Error(MOE_SFT_ERR_CACHE_FULL, "save_for_backward = 1, but " + std::to_string(cache_.depth()) +
                                             " saved forward(s) already await backward (max_cache_depth = " +
                                             std::to_string(max_cache_depth_) + ")");
-  with_bound_lora([&](const auto& lora) { forward_with(lora, call); });
+  with_lora(rank_ > 0 && lora_bound_, [&](const auto& lora) { forward_with(lora, call); });
 }
 
 void MoELayer::backward(const BackwardCall& call) {
   if (cache_.empty())
     throw Error(MOE_SFT_ERR_CACHE_EMPTY,
                 "no saved forward awaits backward (call forward with save_for_backward = 1 first)");
-  with_bound_lora([&](const auto& lora) { backward_with(lora, call); });
+  const bool with_adapters = cache_.top().with_adapters;
+  if (with_adapters && !lora_bound_)
+    throw Error(MOE_SFT_ERR_INVALID_ARGUMENT,
+                "the adapters this forward ran with were unbound; bind them again or discard_saved");
+  with_lora(with_adapters, [&](const auto& lora) { backward_with(lora, call); });
 }
 
 }  // namespace moe_sft::layer

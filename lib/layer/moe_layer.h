@@ -46,6 +46,8 @@ class MoELayer {
   bool lora_bound() const { return lora_bound_; }
 
   void bind_lora(const moe_sft_lora& lora);
+  void unbind_lora() { lora_bound_ = false; }
+  void discard_saved(int64_t n) { cache_.discard(n); }
   void forward(const ForwardCall& call);
   void backward(const BackwardCall& call);
 
@@ -55,8 +57,9 @@ class MoELayer {
   void forward_with(const LoraView<T>& lora, const ForwardCall& call);    // forward.cpp
   template <class T>
   void backward_with(const LoraView<T>& lora, const BackwardCall& call);  // backward.cpp
+  // fn(LoraView<bf16 or float>) of the bound adapters, or a null view of rank 0 for a base-only pass.
   template <class Fn>
-  void with_bound_lora(Fn&& fn) const;  // fn(LoraView<bf16 or float>); a null view when rank is 0
+  void with_lora(bool with_adapters, Fn&& fn) const;
   template <class T>
   void check_forward_inputs(const LoraView<T>& lora, const ForwardCall& call, const Routing& routing) const;
 
