@@ -5,6 +5,7 @@
 #include <mutex>
 #include <string>
 
+#include "api/config.h"
 #include "api/status.h"
 #include "api/to_layer.h"
 #include "api/validate.h"
@@ -45,18 +46,6 @@ void validate_grads(const moe_sft_lora_grads* g) {
 }  // namespace
 
 extern "C" {
-
-void moe_sft_config_init(moe_sft_config* cfg) {
-  if (cfg == nullptr) return;
-  std::memset(cfg, 0, sizeof *cfg);
-  cfg->struct_size = sizeof *cfg;
-  cfg->lora_rank = 16;
-  cfg->lora_alpha = 32.0f;
-  cfg->max_cache_depth = 1;
-  cfg->num_threads = 0;
-  cfg->tp_count = 1;
-  cfg->check_finite = moe_sft::api::check_finite_default();
-}
 
 moe_sft_status moe_sft_create(const moe_sft_config* cfg, moe_sft_layer** out) {
   if (out != nullptr) *out = nullptr;

@@ -1,5 +1,5 @@
-// C ABI entry points of the weight formats: quantizing a bf16 matrix into a pre-quantized layout (the same
-// code moe_sft_create runs from bf16), and the formats' names. Everything is checked before the first write.
+// C ABI entry point of the weight formats: quantizing a bf16 matrix into a pre-quantized layout (the same
+// code moe_sft_create runs from bf16). Everything is checked before the first write.
 #include <string>
 
 #include "api/status.h"
@@ -51,10 +51,6 @@ moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t gro
     moe_sft::checks::check_expert_array(src, 1, rows, cols, "w", moe_sft::checks::Stage{1, 1, "quantize input"});
     moe_sft::kernels::quantize(f, group_size, rows, cols, src, weights, scale, zero);
   });
-}
-
-const char* moe_sft_weight_format_name(moe_sft_weight_format weight_format) {
-  return moe_sft::kernels::weight_format_name(WeightFormat(weight_format));
 }
 
 }  // extern "C"

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <string>
 
+#include "api/config.h"
 #include "api/status.h"
 #include "api/validate.h"
 #include "checks/finite_check.h"

@@ -266,22 +266,18 @@ void input_grads(const BackwardFrame<T>& f) {
 // Per token: grad_input = the sum of its rows' dX; grad_routing_weights = the rows' dot products.
 template <class T>
 void combine_tokens(const BackwardFrame<T>& f) {
-  const int64_t H = f.hidden, k = f.top_k, tokens = f.tokens, blocks = f.intermediate_blocks;
-  f.pool->parallel_for(chunks(tokens, kTokenChunk), f.layer.threads, [&](int64_t task, int worker) {
-    float* sum = f.token_sums + int64_t(worker) * H;
-    for (int64_t tok = task * kTokenChunk; tok < std::min(tokens, (task + 1) * kTokenChunk); ++tok) {
-      std::fill(sum, sum + H, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t row = f.routing.pair_row[tok * k + j];
-        float routing_grad = 0.0f;
-        if (row >= 0) {
-          for (int64_t c = 0; c < H; ++c) sum[c] += f.grad_input_rows[row * H + c];
-          for (int64_t block = 0; block < blocks; ++block) routing_grad += f.routing_grad_parts[row * blocks + block];
-        }
-        if (f.grad_routing_weights != nullptr) f.grad_routing_weights[tok * k + j] = routing_grad;
+  const int64_t H = f.hidden, k = f.top_k, blocks = f.intermediate_blocks;
+  for_each_token_sum(*f.pool, f.layer.threads, f.tokens, f.token_sums, H, [&](int64_t tok, float* sum) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t row = f.routing.pair_row[tok * k + j];
+      float routing_grad = 0.0f;
+      if (row >= 0) {
+        for (int64_t c = 0; c < H; ++c) sum[c] += f.grad_input_rows[row * H + c];
+        for (int64_t block = 0; block < blocks; ++block) routing_grad += f.routing_grad_parts[row * blocks + block];
       }
-      for (int64_t c = 0; c < H; ++c) f.grad_input[tok * H + c] = to_bf16(sum[c]);
+      if (f.grad_routing_weights != nullptr) f.grad_routing_weights[tok * k + j] = routing_grad;
     }
+    for (int64_t c = 0; c < H; ++c) f.grad_input[tok * H + c] = to_bf16(sum[c]);
   });
 }
 

@@ -223,19 +223,15 @@ void down_projection(const ForwardFrame<T>& f) {
 
 template <class T>
 void combine_tokens(const ForwardFrame<T>& f) {
-  const int64_t H = f.hidden, k = f.top_k, tokens = f.call.tokens;
-  f.pool->parallel_for(chunks(tokens, kTokenChunk), f.layer.threads, [&](int64_t task, int worker) {
-    float* sum = f.token_sums + int64_t(worker) * H;
-    for (int64_t tok = task * kTokenChunk; tok < std::min(tokens, (task + 1) * kTokenChunk); ++tok) {
-      std::fill(sum, sum + H, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t row = f.routing.pair_row[tok * k + j];
-        if (row < 0) continue;
-        const float weight = f.call.routing_weights[tok * k + j];
-        for (int64_t c = 0; c < H; ++c) sum[c] += weight * f.expert_output[row * H + c];
-      }
-      for (int64_t c = 0; c < H; ++c) f.output[tok * H + c] = to_bf16(sum[c]);
+  const int64_t H = f.hidden, k = f.top_k;
+  for_each_token_sum(*f.pool, f.layer.threads, f.call.tokens, f.token_sums, H, [&](int64_t tok, float* sum) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t row = f.routing.pair_row[tok * k + j];
+      if (row < 0) continue;
+      const float weight = f.call.routing_weights[tok * k + j];
+      for (int64_t c = 0; c < H; ++c) sum[c] += weight * f.expert_output[row * H + c];
     }
+    for (int64_t c = 0; c < H; ++c) f.output[tok * H + c] = to_bf16(sum[c]);
   });
 }
 
