@@ -1,4 +1,4 @@
-// Status names, the thread-local last-error message, and the version call.
+// The ABI's error channel: the thread-local message of each thread's most recent call.
 #include <string>
 
 #include "api/status.h"
@@ -17,22 +17,6 @@ const char* last_error() { return last_error_message.c_str(); }
 
 extern "C" {
 
-const char* moe_sft_status_string(moe_sft_status status) {
-  switch (status) {
-    case MOE_SFT_OK: return "MOE_SFT_OK";
-    case MOE_SFT_ERR_INVALID_ARGUMENT: return "MOE_SFT_ERR_INVALID_ARGUMENT";
-    case MOE_SFT_ERR_OUT_OF_MEMORY: return "MOE_SFT_ERR_OUT_OF_MEMORY";
-    case MOE_SFT_ERR_CACHE_FULL: return "MOE_SFT_ERR_CACHE_FULL";
-    case MOE_SFT_ERR_CACHE_EMPTY: return "MOE_SFT_ERR_CACHE_EMPTY";
-    case MOE_SFT_ERR_NON_FINITE: return "MOE_SFT_ERR_NON_FINITE";
-    case MOE_SFT_ERR_UNSUPPORTED: return "MOE_SFT_ERR_UNSUPPORTED";
-    case MOE_SFT_ERR_INTERNAL: return "MOE_SFT_ERR_INTERNAL";
-  }
-  return "unknown status";
-}
-
 const char* moe_sft_last_error(void) { return moe_sft::api::last_error(); }
-
-uint32_t moe_sft_version(void) { return MOE_SFT_VERSION_NUMBER; }
 
 }  // extern "C"

@@ -17,14 +17,6 @@ void require_dtype(moe_sft_dtype dtype, const char* name);  // BF16 or F32
 void require_array(const void* p, const char* name, int64_t count, int64_t element_size);
 void require_range(int64_t value, int64_t lo, int64_t hi, const char* name);  // lo <= value <= hi
 
-// The caller's config, upgraded to this library's struct: fields a shorter (older) struct lacks keep
-// their defaults; a longer (newer) one is refused unless its extra bytes are all zero.
-moe_sft_config read_config(const moe_sft_config* cfg);
-void validate_config(const moe_sft_config& cfg);
-
-// The process default of check_finite: MOE_SFT_CHECK_FINITE set to anything but "" or "0".
-bool check_finite_default();
-
 // Every id in [lowest, experts): lowest -1 where "no expert" is allowed (the layer), 0 where it is not.
 void validate_expert_ids(const int64_t* ids, int64_t qlen, int64_t top_k, int64_t experts, int64_t lowest = -1);
 

@@ -8,6 +8,7 @@
 
 #include "layer/expert_part.h"
 #include "layer/routing.h"
+#include "runtime/thread_pool.h"
 
 namespace moe_sft::layer {
 
@@ -85,6 +86,19 @@ inline std::vector<ExpertTask> row_chunks(const Routing& routing, int64_t chunk)
     for (int64_t r = routing.expert_begin[e]; r < routing.expert_begin[e + 1]; r += chunk)
       out.push_back({e, r, std::min(r + chunk, routing.expert_begin[e + 1]), 0, nullptr});
   return out;
+}
+
+// The per-token sums that end both passes: fn(token, sum) for every token, chunks of kTokenChunk tokens
+// per task, with sum the worker's own [width] row of `sums`, zeroed for each token.
+template <class Fn>
+void for_each_token_sum(ThreadPool& pool, int threads, int64_t tokens, float* sums, int64_t width, Fn&& fn) {
+  pool.parallel_for(chunks(tokens, kTokenChunk), threads, [&](int64_t task, int worker) {
+    float* sum = sums + int64_t(worker) * width;
+    for (int64_t token = task * kTokenChunk; token < std::min(tokens, (task + 1) * kTokenChunk); ++token) {
+      std::fill(sum, sum + width, 0.0f);
+      fn(token, sum);
+    }
+  });
 }
 
 }  // namespace moe_sft::layer

@@ -21,7 +21,7 @@ from ._paths import get_include, get_library
 from ._quantize import QuantizedWeight, dequantize, quantize
 from ._router import route, route_backward
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "quantize", "dequantize",
            "QuantizedWeight", "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor", "BadGroup",

@@ -1,0 +1,204 @@
+// The layer's config across ABI versions: moe_sft_config_init's defaults, a caller's struct of any
+// published size upgraded to this library's, and the checks of every field (shapes, formats, the
+// pre-quantized arrays) before create packs anything.
+#include "api/config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "api/validate.h"
+#include "kernels/quantize.h"
+#include "runtime/error.h"
+
+namespace moe_sft::api {
+
+namespace {
+
+// Bound on every element count: keeps all index arithmetic (in int64, and byte sizes) from overflowing.
+constexpr int64_t kMaxElements = int64_t(1) << 50;
+
+void require_product_fits(std::initializer_list<int64_t> dims, const char* what) {
+  int64_t n = 1;
+  for (int64_t d : dims) {
+    if (d != 0 && n > kMaxElements / d) invalid(std::string(what) + " is too large (more than 2^50 elements)");
+    n *= d;
+  }
+}
+
+// One projection of the config, [E, rows, cols] with K = cols, named as the config's fields.
+struct ProjectionFields {
+  const char *weights_name, *scale_name, *zero_name;
+  const void* weights;
+  const void* scale;
+  const uint8_t* zero;
+  int64_t rows, cols;
+};
+
+std::string format_label(kernels::WeightFormat f) {
+  return std::string("weight_format ") + kernels::weight_format_name(f);
+}
+
+void validate_group_size(const moe_sft_config& c, kernels::WeightFormat f) {
+  const std::string label = format_label(f);
+  if (!kernels::has_groups(f)) {
+    if (c.group_size != 0)
+      invalid("cfg->group_size = " + std::to_string(c.group_size) + " must be 0 with " + label +
+              (f == kernels::WeightFormat::int8 ? " (one scale per output channel)" : " (no scales)"));
+    return;
+  }
+  const int64_t g = c.group_size;
+  if (g <= 0)
+    invalid("cfg->group_size = " + std::to_string(g) + " with " + label +
+            ": set the elements per scale along K (" +
+            (f == kernels::WeightFormat::int4_awq ? "AWQ's usual is 128)" : "Kimi-K2's is 32)"));
+  if (g % 2 != 0)
+    invalid("cfg->group_size = " + std::to_string(g) + " is odd: the packed layout keeps pairs of K in one group");
+  const struct {
+    const char* name;
+    int64_t k;
+  } dims[] = {{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size}};
+  for (const auto& d : dims) {
+    if (d.k % g != 0)
+      invalid("cfg->group_size = " + std::to_string(g) + " does not divide cfg->" + d.name + " = " +
+              std::to_string(d.k) + " (the K of a projection; groups run along K)");
+    if (f == kernels::WeightFormat::int4_k2 && d.k % 8 != 0)
+      invalid("cfg->" + std::string(d.name) + " = " + std::to_string(d.k) +
+              " is not a multiple of 8: int4_k2 packs 8 values of K per int32 word");
+  }
+  if (c.tp_count > c.intermediate_size / g)
+    invalid("cfg->tp_count = " + std::to_string(c.tp_count) + " cannot split cfg->intermediate_size = " +
+            std::to_string(c.intermediate_size) + " into parts of whole groups of group_size = " + std::to_string(g) +
+            " (at most " + std::to_string(c.intermediate_size / g) + " parts)");
+}
+
+void validate_zero_points(const ProjectionFields& p, int64_t experts, int64_t groups) {
+  const int64_t n = experts * p.rows * groups;
+  for (int64_t i = 0; i < n; ++i)
+    if (p.zero[i] > 15)
+      invalid(std::string(p.zero_name) + "[" + std::to_string(i / (p.rows * groups)) + ", " +
+              std::to_string(i / groups % p.rows) + ", " + std::to_string(i % groups) + "] = " +
+              std::to_string(int(p.zero[i])) + " is not a 4-bit zero point (0 to 15)");
+}
+
+void validate_weights(const moe_sft_config& c) {
+  using kernels::WeightFormat;
+  const auto f = WeightFormat(c.weight_format);
+  if (kernels::weight_format_name(f) == nullptr)
+    invalid("cfg->weight_format = " + std::to_string(int(c.weight_format)) +
+            " is not a moe_sft_weight_format (0 bf16, 1 int8, 2 int4_awq, 3 int4_k2)");
+  const std::string label = format_label(f);
+  if (c.prequantized != 0 && c.prequantized != 1)
+    invalid("cfg->prequantized = " + std::to_string(c.prequantized) + " must be 0 (bf16 weights) or 1 (quantized)");
+  if (f == WeightFormat::bf16 && c.prequantized) invalid("cfg->prequantized = 1 with " + label + ": nothing to dequantize");
+  if (f == WeightFormat::int4_k2 && !c.prequantized)
+    invalid("cfg->prequantized = 0 with " + label +
+            ": K2 weights are taken pre-quantized only (weight_packed and weight_scale); int4_awq quantizes from bf16");
+  validate_group_size(c, f);
+
+  const int64_t E = c.expert_num, H = c.hidden_size, I = c.intermediate_size;
+  const ProjectionFields projections[] = {
+      {"cfg->gate_proj", "cfg->gate_scale", "cfg->gate_zero", c.gate_proj, c.gate_scale, c.gate_zero, I, H},
+      {"cfg->up_proj", "cfg->up_scale", "cfg->up_zero", c.up_proj, c.up_scale, c.up_zero, I, H},
+      {"cfg->down_proj", "cfg->down_scale", "cfg->down_zero", c.down_proj, c.down_scale, c.down_zero, H, I}};
+  for (const ProjectionFields& p : projections) {
+    if (!c.prequantized) {
+      if (p.scale != nullptr) invalid(std::string(p.scale_name) + " is set, but cfg->prequantized = 0 (weights are bf16)");
+      if (p.zero != nullptr) invalid(std::string(p.zero_name) + " is set, but cfg->prequantized = 0 (weights are bf16)");
+      require_array(p.weights, p.weights_name, E * p.rows * p.cols, 2);
+      continue;
+    }
+    const int64_t row_bytes = kernels::QuantizedSource::weight_row_bytes(f, p.cols);
+    const int64_t word = f == WeightFormat::int4_k2 ? 4 : 1;
+    require_array(p.weights, p.weights_name, E * p.rows * row_bytes / word, word);
+    const int64_t groups = kernels::QuantizedSource::scale_row_elems(f, p.cols, c.group_size);
+    require_array(p.scale, p.scale_name, E * p.rows * groups, kernels::QuantizedSource::scale_bytes(f));
+    if (f == WeightFormat::int4_awq) {
+      require_array(p.zero, p.zero_name, E * p.rows * groups, 1);
+      validate_zero_points(p, E, groups);
+    } else if (p.zero != nullptr) {
+      invalid(std::string(p.zero_name) + " is set, but " + label + " is symmetric: it has no zero points");
+    }
+  }
+}
+
+}  // namespace
+
+moe_sft_config read_config(const moe_sft_config* cfg) {
+  require_non_null(cfg, "cfg");
+  // The published sizes: each version appends fields to the one before. A caller compiled against an older
+  // header passes a shorter struct and gets the defaults for the rest (an older struct's tail padding, which
+  // a newer version's fields may occupy, is not read); a newer caller's struct is accepted only if every
+  // field this library does not know is zero (its padding included, which moe_sft_config_init zeroes).
+  struct Version {
+    size_t size, known;  // sizeof that version's struct, and the bytes of its fields
+  };
+  constexpr size_t kAlign = alignof(moe_sft_config);
+  constexpr size_t kV1 = offsetof(moe_sft_config, down_proj) + sizeof(cfg->down_proj);
+  constexpr size_t kV2 = offsetof(moe_sft_config, check_finite) + sizeof(cfg->check_finite);
+  constexpr size_t kV3 = offsetof(moe_sft_config, down_zero) + sizeof(cfg->down_zero);
+  constexpr Version kVersions[] = {{kV1, kV1}, {(kV2 + kAlign - 1) / kAlign * kAlign, kV2}, {sizeof(moe_sft_config), kV3}};
+  if (cfg->struct_size == 0)
+    invalid("cfg->struct_size = 0: initialize the config with moe_sft_config_init before setting fields");
+  size_t known = 0;
+  for (const Version& v : kVersions)
+    if (cfg->struct_size == v.size) known = v.known;
+  if (cfg->struct_size > sizeof(moe_sft_config)) known = kV3;
+  if (known == 0)
+    invalid("cfg->struct_size = " + std::to_string(cfg->struct_size) + " is not the size of any moe_sft_config (" +
+            std::to_string(kVersions[0].size) + ", " + std::to_string(kVersions[1].size) + " or at least " +
+            std::to_string(sizeof(moe_sft_config)) + ")");
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(cfg);
+  for (size_t i = sizeof(moe_sft_config); i < cfg->struct_size; ++i)
+    if (bytes[i] != 0)
+      throw Error(MOE_SFT_ERR_UNSUPPORTED, "cfg->struct_size = " + std::to_string(cfg->struct_size) +
+                                               ": the config sets fields this library (struct size " +
+                                               std::to_string(sizeof(moe_sft_config)) + ") does not know");
+  moe_sft_config out;
+  moe_sft_config_init(&out);
+  std::memcpy(&out, cfg, known);
+  out.struct_size = sizeof(moe_sft_config);
+  return out;
+}
+
+void validate_config(const moe_sft_config& c) {
+  require_range(c.expert_num, 1, INT32_MAX, "cfg->expert_num");
+  require_range(c.hidden_size, 1, INT32_MAX, "cfg->hidden_size");
+  require_range(c.intermediate_size, 1, INT32_MAX, "cfg->intermediate_size");
+  require_range(c.lora_rank, 0, INT32_MAX, "cfg->lora_rank");
+  if (c.lora_rank > 0 && !std::isfinite(c.lora_alpha))
+    invalid("cfg->lora_alpha = " + std::to_string(c.lora_alpha) + " is not finite");
+  require_range(c.max_cache_depth, 0, INT32_MAX, "cfg->max_cache_depth");
+  require_range(c.num_threads, 0, 4096, "cfg->num_threads");
+  require_range(c.tp_count, 1, c.intermediate_size, "cfg->tp_count");
+  require_product_fits({c.expert_num, c.hidden_size, c.intermediate_size}, "expert_num * hidden_size * intermediate_size");
+  require_product_fits({c.expert_num, c.lora_rank, std::max(c.hidden_size, c.intermediate_size)},
+                       "expert_num * lora_rank * max(hidden_size, intermediate_size)");
+  validate_weights(c);
+}
+
+bool check_finite_default() {
+  const char* v = std::getenv("MOE_SFT_CHECK_FINITE");
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
+}  // namespace moe_sft::api
+
+extern "C" {
+
+void moe_sft_config_init(moe_sft_config* cfg) {
+  if (cfg == nullptr) return;
+  std::memset(cfg, 0, sizeof *cfg);
+  cfg->struct_size = sizeof *cfg;
+  cfg->lora_rank = 16;
+  cfg->lora_alpha = 32.0f;
+  cfg->max_cache_depth = 1;
+  cfg->num_threads = 0;
+  cfg->tp_count = 1;
+  cfg->check_finite = moe_sft::api::check_finite_default();
+}
+
+}  // extern "C"
