@@ -250,11 +250,24 @@ def test_typed_binding_refuses_wrong_arrays(prob):
     ids, w, x = prob.ids.astype(np.int64), prob.weights, prob.x.view(np.uint16)
     out = np.empty((T, H), np.uint16)
     wrong = {"ids float64": (ids.astype(np.float64), w, x, out), "ids 1-D": (ids.ravel(), w, x, out),
-             "weights not contiguous": (ids, np.asfortranarray(np.tile(w, (1, 2)))[:, ::2], x, out),
+             "weights not contiguous": (ids, np.tile(w, (1, 2))[:, ::2], x, out),
+             "input float32": (ids, w, prob.x.astype(np.float32), out),
              "read-only output": (ids, w, x, np.frombuffer(bytes(T * H * 2), np.uint16).reshape(T, H))}
     for case, args in wrong.items():
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError):  # never a converted copy: outputs and bound arrays are used in place
             nanobind.forward(handle, *args, False)
+            pytest.fail(case)
+    status, ranked = nanobind.create(E, H, I, RANK, 1.0, 1, 0, 1, None, 0, 0, False, prob.gate.view(np.uint16),
+                                     prob.up.view(np.uint16), prob.down.view(np.uint16))
+    lora = [prob.lora[n] for n in R.LORA_NAMES]
+    with pytest.raises(TypeError):
+        nanobind.update_lora(ranked, [np.asfortranarray(lora[0])] + lora[1:])
+    with pytest.raises(TypeError):
+        nanobind.update_lora(ranked, [lora[0].astype(np.float64)] + lora[1:])
+    with pytest.raises(TypeError):
+        nanobind.update_lora(ranked, [lora[0].view(np.uint16)[..., ::2].copy()] + lora[1:])  # mixed dtypes
+    assert nanobind.update_lora(ranked, lora) == 0
+    nanobind.destroy(ranked)
     with pytest.raises(ValueError, match="forward"):  # shapes that disagree
         nanobind.forward(handle, ids[:3], w[:3], x, out, False)
     assert nanobind.forward(handle, ids, w, x, out, False) == 0

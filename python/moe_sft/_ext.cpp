@@ -1,7 +1,8 @@
 // nanobind backend: the C ABI of moe_sft.h with typed arguments. Arrays cross as nb::ndarray, constrained to
 // the dtype, dimension count, C-contiguity and device (CPU) the ABI reads, so a wrong array is a TypeError
-// here rather than a bad pointer in the library. bf16 arrays cross as their uint16 bits (moe_sft._arrays
-// makes that view without copying). A Layer owns its moe_sft_layer and keeps the bound LoRA arrays alive
+// here rather than a bad pointer in the library. Every array argument is noconvert(): nanobind would otherwise
+// pass a converted copy, and the library writes outputs and reads bound LoRA arrays in place. bf16 arrays
+// cross as their uint16 bits (moe_sft._arrays makes that view without copying). A Layer owns its moe_sft_layer and keeps the bound LoRA arrays alive
 // for as long as the library reads them in place. Statuses are returned, not raised: moe_sft._errors turns
 // them into exceptions for this backend and the cffi one alike. Compute calls release the GIL.
 #include <nanobind/nanobind.h>
@@ -265,28 +266,31 @@ NB_MODULE(_moe_sft_ext, m) {
       .def("__reduce__", not_copyable)
       .def("__reduce_ex__", not_copyable);
 
+  // Arrays are never converted (see the top of this file); an optional one may be None.
+  auto array = [](const char* name) { return nb::arg(name).noconvert(); };
+  auto optional_array = [](const char* name) { return nb::arg(name).noconvert().none(); };
   m.def("create", &create, nb::arg("experts"), nb::arg("hidden"), nb::arg("intermediate"), nb::arg("lora_rank"),
         nb::arg("lora_alpha"), nb::arg("max_cache_depth"), nb::arg("num_threads"), nb::arg("tp_count"),
         nb::arg("check_finite").none(), nb::arg("weight_format"), nb::arg("group_size"), nb::arg("prequantized"),
-        nb::arg("gate"), nb::arg("up"), nb::arg("down"), nb::arg("gate_scale").none() = nb::none(),
-        nb::arg("up_scale").none() = nb::none(), nb::arg("down_scale").none() = nb::none(),
-        nb::arg("gate_zero").none() = nb::none(), nb::arg("up_zero").none() = nb::none(),
-        nb::arg("down_zero").none() = nb::none());
+        array("gate"), array("up"), array("down"), optional_array("gate_scale") = nb::none(),
+        optional_array("up_scale") = nb::none(), optional_array("down_scale") = nb::none(),
+        optional_array("gate_zero") = nb::none(), optional_array("up_zero") = nb::none(),
+        optional_array("down_zero") = nb::none());
   m.def("destroy", &destroy, nb::arg("layer"));
-  m.def("update_lora", &update_lora, nb::arg("layer"), nb::arg("arrays").none());
-  m.def("forward", &forward, nb::arg("layer"), nb::arg("expert_ids"), nb::arg("routing_weights"), nb::arg("input"),
-        nb::arg("output"), nb::arg("save_for_backward"));
-  m.def("backward", &backward, nb::arg("layer"), nb::arg("grad_output"), nb::arg("grad_input"),
-        nb::arg("grad_routing_weights").none(), nb::arg("lora_grads").none(), nb::arg("accumulate"));
+  m.def("update_lora", &update_lora, nb::arg("layer"), optional_array("arrays"));
+  m.def("forward", &forward, nb::arg("layer"), array("expert_ids"), array("routing_weights"), array("input"),
+        array("output"), nb::arg("save_for_backward"));
+  m.def("backward", &backward, nb::arg("layer"), array("grad_output"), array("grad_input"),
+        optional_array("grad_routing_weights"), optional_array("lora_grads"), nb::arg("accumulate"));
   m.def("discard_saved", &discard_saved, nb::arg("layer"), nb::arg("n"));
   m.def("cache_depth", &cache_depth, nb::arg("layer"));
   m.def("layer_isa", &layer_isa, nb::arg("layer"));
-  m.def("route", &route, nb::arg("logits"), nb::arg("scoring"), nb::arg("renormalize"),
-        nb::arg("correction_bias").none(), nb::arg("expert_ids"), nb::arg("routing_weights"));
-  m.def("route_backward", &route_backward, nb::arg("logits"), nb::arg("scoring"),
-        nb::arg("renormalize"), nb::arg("expert_ids"), nb::arg("grad_routing_weights"), nb::arg("grad_logits"));
-  m.def("quantize", &quantize, nb::arg("weight_format"), nb::arg("group_size"), nb::arg("w"),
-        nb::arg("weights").none(), nb::arg("scale").none(), nb::arg("zero").none());
+  m.def("route", &route, array("logits"), nb::arg("scoring"), nb::arg("renormalize"),
+        optional_array("correction_bias"), array("expert_ids"), array("routing_weights"));
+  m.def("route_backward", &route_backward, array("logits"), nb::arg("scoring"), nb::arg("renormalize"),
+        array("expert_ids"), array("grad_routing_weights"), array("grad_logits"));
+  m.def("quantize", &quantize, nb::arg("weight_format"), nb::arg("group_size"), array("w"),
+        optional_array("weights"), optional_array("scale"), optional_array("zero"));
   m.def("isa", [] {
     const char* name = nullptr;
     const int status = moe_sft_isa(&name);
@@ -294,7 +298,8 @@ NB_MODULE(_moe_sft_ext, m) {
   });
   // Name lookups take plain ints so that a caller can probe values the enums do not hold.
   m.def("status_string", [](int status) { return std::string(moe_sft_status_string(moe_sft_status(status))); });
-  m.def("weight_format_name", [](int value) { return name_or_none(moe_sft_weight_format_name(moe_sft_weight_format(value))); });
+  m.def("weight_format_name",
+        [](int value) { return name_or_none(moe_sft_weight_format_name(moe_sft_weight_format(value))); });
   m.def("dtype_name", [](int value) { return name_or_none(moe_sft_dtype_name(moe_sft_dtype(value))); });
   m.def("scoring_name", [](int value) { return name_or_none(moe_sft_scoring_name(moe_sft_scoring(value))); });
   m.def("last_error", [] { return std::string(moe_sft_last_error()); });

@@ -225,6 +225,8 @@ class MoESFT:
                 _check(self._backend.update_lora(self._live(), None))
                 object.__setattr__(self, "_lora", None)
             return
+        if self.lora_rank == 0:
+            raise invalid("layer.update_lora: this layer has lora_rank = 0, so it has no adapters to bind")
         if missing:
             raise invalid(f"layer.update_lora takes all six LoRA arrays, or none to unbind; {', '.join(missing)} "
                           f"{'is' if len(missing) == 1 else 'are'} missing")
