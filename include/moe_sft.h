@@ -29,9 +29,9 @@
  * Threads: all functions may be called from any thread. Compute calls (forward, backward) of all layers in
  * the process run one at a time on a shared worker pool and scratch arena: two threads driving two layers
  * get the same results as running them one after the other. Calls on one layer from several threads are
- * serialized by the layer's own lock (update_lora, forward, backward, cache_depth are each atomic), so the
- * layer stays consistent; which saved forward a backward consumes (LIFO) then depends on the order the
- * calls took, which is the caller's to arrange. destroy must not race with any other call on that layer.
+ * serialized by the layer's own lock (update_lora, forward, backward, cache_depth, discard_saved are each
+ * atomic), so the layer stays consistent; which saved forward a backward consumes (LIFO) then depends on the
+ * order the calls took, which is the caller's to arrange. destroy must not race with any other call on that layer.
  *
  * The block between the CDEF markers is plain C declarations with no preprocessor lines, so that cffi can
  * read it with ffi.cdef() as is. Exported symbols are marked with the visibility pragma around it.
@@ -43,7 +43,7 @@
 #include <stdint.h>
 
 #define MOE_SFT_VERSION_MAJOR 0
-#define MOE_SFT_VERSION_MINOR 2
+#define MOE_SFT_VERSION_MINOR 3
 #define MOE_SFT_VERSION_PATCH 0
 /* major * 10000 + minor * 100 + patch; compare with moe_sft_version() to detect a header/library mismatch */
 #define MOE_SFT_VERSION_NUMBER (MOE_SFT_VERSION_MAJOR * 10000 + MOE_SFT_VERSION_MINOR * 100 + MOE_SFT_VERSION_PATCH)
@@ -111,7 +111,7 @@ typedef struct moe_sft_config {
   int32_t expert_num;        /* E >= 1 */
   int32_t hidden_size;       /* H >= 1 */
   int32_t intermediate_size; /* I >= 1 */
-  int32_t lora_rank;         /* r >= 0; 0 = no adapters (update_lora is then refused) */
+  int32_t lora_rank;         /* r >= 0; 0 = no adapters (binding any is then refused) */
   float lora_alpha;          /* LoRA scale s = lora_alpha / lora_rank */
   int32_t max_cache_depth;   /* >= 0: forwards with save_for_backward=1 that may await backward */
   int32_t num_threads;       /* 0 = all cores */
@@ -159,7 +159,12 @@ moe_sft_status moe_sft_create(const moe_sft_config *cfg, moe_sft_layer **out);
 /* Frees the layer, its packed weights and pending forward caches. NULL is fine. */
 void moe_sft_destroy(moe_sft_layer *layer);
 
-/* Binds the caller's six LoRA arrays (zero-copy). Rebinding replaces the previous binding. */
+/* Binds the caller's six LoRA arrays (zero-copy). Rebinding replaces the previous binding; lora = NULL
+ * unbinds them (version 0.3; on a lora_rank = 0 layer it does nothing). A layer with lora_rank > 0 and no
+ * adapters bound runs the base layer only, as lora_rank = 0 does (evaluation, a teacher's output); each saved
+ * forward remembers whether it ran with adapters (see moe_sft_backward). Atomic on one layer. Errors: a
+ * non-NULL lora with a bad dtype or a NULL or misaligned array, or any lora on a lora_rank = 0 layer
+ * (MOE_SFT_ERR_INVALID_ARGUMENT); the binding is then as it was. */
 moe_sft_status moe_sft_update_lora(moe_sft_layer *layer, const moe_sft_lora *lora);
 
 /* out[qlen, H] = the layer applied to input[qlen, H]. qlen >= 0 has no upper bound; top_k >= 1.
@@ -173,6 +178,11 @@ moe_sft_status moe_sft_forward(moe_sft_layer *layer, int64_t qlen, int32_t top_k
                                const uint16_t *input, uint16_t *output, int32_t save_for_backward);
 
 /* Backward of the most recent saved forward, which it consumes (only on success).
+ * A forward that ran with adapters needs adapters bound at backward (the LoRA arrays bound now are read):
+ * if they were unbound since, MOE_SFT_ERR_INVALID_ARGUMENT and nothing is written (bind them again, or
+ * drop the forward with moe_sft_discard_saved). A forward that ran base-only (no adapters bound) gives the
+ * base layer's grad_input and grad_routing_weights, whatever is bound now; its LoRA grads are zeros
+ * (overwritten with zeros, or left as they are with accumulate != 0).
  * With check_finite, checked in order: 1 grad_output, 2 grad of the intermediate (gate/up projection grads),
  * 3 grad_input, 4 grad_routing_weights, 5 the LoRA grads computed by this call (before accumulating).
  * grad_output, grad_input: [qlen, H] bf16 of that forward. grad_routing_weights [qlen, top_k] f32 or NULL.
@@ -184,6 +194,13 @@ moe_sft_status moe_sft_backward(moe_sft_layer *layer, const uint16_t *grad_outpu
 
 /* Number of saved forwards awaiting backward, in *depth. */
 moe_sft_status moe_sft_cache_depth(const moe_sft_layer *layer, int32_t *depth);
+
+/* Drops the n most recent saved forwards (the top of the LIFO cache first) without their backward
+ * (version 0.3): for a saved forward whose backward will not run, e.g. after an exception between forward
+ * and backward, a backward stopped by MOE_SFT_ERR_NON_FINITE, or an evaluation forward saved by mistake.
+ * 0 <= n <= depth (moe_sft_cache_depth); otherwise MOE_SFT_ERR_INVALID_ARGUMENT naming n and the depth,
+ * and nothing is dropped. Atomic on one layer, as backward. */
+moe_sft_status moe_sft_discard_saved(moe_sft_layer *layer, int32_t n);
 
 /* Name of the kernel family the layer runs on ("generic", ...); chosen at create from the CPU, or forced
  * with the environment variable MOE_SFT_ISA. Static storage; NULL layer gives NULL. */
@@ -221,11 +238,18 @@ moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t gro
 /* Name of a weight format ("bf16", "int8", "int4_awq", "int4_k2"); NULL for an unknown value. */
 const char *moe_sft_weight_format_name(moe_sft_weight_format weight_format);
 
+/* Name of a dtype ("bf16", "f32"); NULL for an unknown value. Static storage, thread-safe (version 0.3). */
+const char *moe_sft_dtype_name(moe_sft_dtype dtype);
+
 /* MOE_SFT_VERSION_NUMBER of the library actually loaded. */
 uint32_t moe_sft_version(void);
 
 /* Scoring function of the router: softmax over the experts of a row, or a sigmoid of each logit. */
 typedef enum moe_sft_scoring { MOE_SFT_SCORING_SOFTMAX = 0, MOE_SFT_SCORING_SIGMOID = 1 } moe_sft_scoring;
+
+/* Name of a scoring function ("softmax", "sigmoid"); NULL for an unknown value. Static storage, thread-safe
+ * (version 0.3). */
+const char *moe_sft_scoring_name(moe_sft_scoring scoring);
 
 /* Top-k router that no NaN or Inf can break: from gate logits, the experts of every token and their routing
  * weights, ready for moe_sft_forward. Per row t (scores computed in double):

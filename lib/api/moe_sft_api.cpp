@@ -6,6 +6,7 @@
 #include <string>
 
 #include "api/status.h"
+#include "api/to_layer.h"
 #include "api/validate.h"
 #include "layer/moe_layer.h"
 #include "moe_sft.h"
@@ -13,7 +14,7 @@
 // The handle: the layer plus the lock that makes each call on it atomic (validation that reads its cache,
 // the compute, the cache push or pop), so one layer used from several threads stays consistent.
 struct moe_sft_layer {
-  explicit moe_sft_layer(const moe_sft_config& cfg) : impl(cfg) {}
+  explicit moe_sft_layer(const moe_sft::layer::LayerConfig& cfg) : impl(cfg) {}
   moe_sft::layer::MoELayer impl;
   mutable std::mutex mutex;
 };
@@ -63,7 +64,7 @@ moe_sft_status moe_sft_create(const moe_sft_config* cfg, moe_sft_layer** out) {
     require_non_null(out, "out");
     const moe_sft_config config = moe_sft::api::read_config(cfg);
     moe_sft::api::validate_config(config);
-    *out = new moe_sft_layer(config);
+    *out = new moe_sft_layer(moe_sft::api::to_layer_config(config));
   });
 }
 
@@ -72,9 +73,14 @@ void moe_sft_destroy(moe_sft_layer* layer) { delete layer; }
 moe_sft_status moe_sft_update_lora(moe_sft_layer* layer, const moe_sft_lora* lora) {
   return guard("moe_sft_update_lora", [&] {
     require_non_null(layer, "layer");
+    if (lora == nullptr) {  // unbinds: later forwards run the base layer only
+      std::lock_guard<std::mutex> lock(layer->mutex);
+      layer->impl.unbind_lora();
+      return;
+    }
     validate_lora(lora);
     std::lock_guard<std::mutex> lock(layer->mutex);
-    layer->impl.bind_lora(*lora);
+    layer->impl.bind_lora(moe_sft::api::to_lora_binding(*lora));
   });
 }
 
@@ -111,7 +117,10 @@ moe_sft_status moe_sft_backward(moe_sft_layer* layer, const uint16_t* grad_outpu
         require_array(grad_routing_weights, "grad_routing_weights", routing.qlen * routing.top_k, 4);
     }
     if (grads != nullptr && l.rank() > 0) validate_grads(grads);
-    layer->impl.backward({as_bf16(grad_output), as_bf16(grad_input), grad_routing_weights, grads, accumulate != 0});
+    const moe_sft::layer::LoraGradArrays lora_grads =
+        grads != nullptr ? moe_sft::api::to_lora_grads(*grads) : moe_sft::layer::LoraGradArrays{};
+    layer->impl.backward({as_bf16(grad_output), as_bf16(grad_input), grad_routing_weights,
+                          grads != nullptr ? &lora_grads : nullptr, accumulate != 0});
   });
 }
 
@@ -121,6 +130,18 @@ moe_sft_status moe_sft_cache_depth(const moe_sft_layer* layer, int32_t* depth) {
     require_non_null(depth, "depth");
     std::lock_guard<std::mutex> lock(layer->mutex);
     *depth = int32_t(layer->impl.cache().depth());
+  });
+}
+
+moe_sft_status moe_sft_discard_saved(moe_sft_layer* layer, int32_t n) {
+  return guard("moe_sft_discard_saved", [&] {
+    require_non_null(layer, "layer");
+    std::lock_guard<std::mutex> lock(layer->mutex);
+    const int64_t depth = layer->impl.cache().depth();
+    if (n < 0 || n > depth)
+      moe_sft::api::invalid("n = " + std::to_string(n) + " is out of range [0, depth = " + std::to_string(depth) +
+                            "] (depth: the saved forwards awaiting backward)");
+    layer->impl.discard_saved(n);
   });
 }
 

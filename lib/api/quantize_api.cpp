@@ -5,7 +5,7 @@
 #include "api/status.h"
 #include "api/validate.h"
 #include "kernels/quantize.h"
-#include "layer/finite_check.h"
+#include "checks/finite_check.h"
 #include "moe_sft.h"
 
 using moe_sft::api::guard;
@@ -48,7 +48,7 @@ moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t gro
     if (f == WeightFormat::int4_awq) require_array(zero, "zero", rows * groups, 1);
     else if (zero != nullptr) invalid("zero is set, but int8 is symmetric: pass NULL");
     const moe_sft::bf16* src = moe_sft::as_bf16(w);
-    moe_sft::layer::check_expert_array(src, 1, rows, cols, "w", moe_sft::layer::Stage{1, 1, "quantize input"});
+    moe_sft::checks::check_expert_array(src, 1, rows, cols, "w", moe_sft::checks::Stage{1, 1, "quantize input"});
     moe_sft::kernels::quantize(f, group_size, rows, cols, src, weights, scale, zero);
   });
 }

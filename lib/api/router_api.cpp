@@ -1,4 +1,4 @@
-// C ABI entry points of the router: validation of every argument and input value, then layer/router.
+// C ABI entry points of the router: validation of every argument and input value, then lib/router.
 // Everything is checked before the first write, so a failing call leaves its outputs untouched.
 #include <cmath>
 #include <cstdio>
@@ -6,15 +6,15 @@
 
 #include "api/status.h"
 #include "api/validate.h"
-#include "layer/finite_check.h"
-#include "layer/router.h"
+#include "checks/finite_check.h"
+#include "router/router.h"
 #include "moe_sft.h"
 
 using moe_sft::api::guard;
 using moe_sft::api::invalid;
 using moe_sft::api::require_array;
 using moe_sft::api::require_range;
-using moe_sft::layer::RouterShape;
+using moe_sft::router::RouterShape;
 
 namespace {
 
@@ -37,7 +37,7 @@ RouterShape validate_shape(int64_t qlen, int32_t expert_num, int32_t top_k, moe_
             " is not a scoring function (MOE_SFT_SCORING_SOFTMAX = 0, MOE_SFT_SCORING_SIGMOID = 1)");
   require_array(logits, "logits", qlen * expert_num, logits_dtype == MOE_SFT_DTYPE_BF16 ? 2 : 4);
   return {qlen, expert_num, top_k,
-          scoring == MOE_SFT_SCORING_SIGMOID ? moe_sft::layer::Scoring::sigmoid : moe_sft::layer::Scoring::softmax,
+          scoring == MOE_SFT_SCORING_SIGMOID ? moe_sft::router::Scoring::sigmoid : moe_sft::router::Scoring::softmax,
           renormalize != 0};
 }
 
@@ -54,14 +54,14 @@ void validate_bias(const float* bias, int32_t expert_num) {
 // but the NaN came from somewhere upstream, and check_finite is there to find where).
 void report_non_finite_logits(moe_sft_dtype dtype, const void* logits, int64_t qlen, int32_t expert_num) {
   const int64_t n = qlen * expert_num;
-  const moe_sft::layer::NonFinite hit =
-      dtype == MOE_SFT_DTYPE_BF16 ? moe_sft::layer::first_non_finite(static_cast<const moe_sft::bf16*>(logits), n)
-                                  : moe_sft::layer::first_non_finite(static_cast<const float*>(logits), n);
+  const moe_sft::checks::NonFinite hit =
+      dtype == MOE_SFT_DTYPE_BF16 ? moe_sft::checks::first_non_finite(static_cast<const moe_sft::bf16*>(logits), n)
+                                  : moe_sft::checks::first_non_finite(static_cast<const float*>(logits), n);
   if (hit.found)
-    moe_sft::layer::throw_non_finite(
+    moe_sft::checks::throw_non_finite(
         hit.value, "logits", "token " + std::to_string(hit.index / expert_num) + ", expert " +
                                  std::to_string(hit.index % expert_num),
-        moe_sft::layer::Stage{1, 1, "router input"});
+        moe_sft::checks::Stage{1, 1, "router input"});
 }
 
 }  // namespace
@@ -78,10 +78,10 @@ moe_sft_status moe_sft_route(int64_t qlen, int32_t expert_num, int32_t top_k, mo
     validate_bias(correction_bias, expert_num);
     if (moe_sft::api::check_finite_default()) report_non_finite_logits(logits_dtype, logits, qlen, expert_num);
     if (logits_dtype == MOE_SFT_DTYPE_BF16)
-      moe_sft::layer::route(shape, static_cast<const moe_sft::bf16*>(logits), correction_bias, expert_ids,
+      moe_sft::router::route(shape, static_cast<const moe_sft::bf16*>(logits), correction_bias, expert_ids,
                             routing_weights);
     else
-      moe_sft::layer::route(shape, static_cast<const float*>(logits), correction_bias, expert_ids, routing_weights);
+      moe_sft::router::route(shape, static_cast<const float*>(logits), correction_bias, expert_ids, routing_weights);
   });
 }
 
@@ -96,10 +96,10 @@ moe_sft_status moe_sft_route_backward(int64_t qlen, int32_t expert_num, int32_t 
     require_array(grad_logits, "grad_logits", qlen * expert_num, 4);
     moe_sft::api::validate_expert_ids(expert_ids, qlen, top_k, expert_num, /*lowest=*/0);
     if (logits_dtype == MOE_SFT_DTYPE_BF16)
-      moe_sft::layer::route_backward(shape, static_cast<const moe_sft::bf16*>(logits), expert_ids,
+      moe_sft::router::route_backward(shape, static_cast<const moe_sft::bf16*>(logits), expert_ids,
                                      grad_routing_weights, grad_logits);
     else
-      moe_sft::layer::route_backward(shape, static_cast<const float*>(logits), expert_ids, grad_routing_weights,
+      moe_sft::router::route_backward(shape, static_cast<const float*>(logits), expert_ids, grad_routing_weights,
                                      grad_logits);
   });
 }

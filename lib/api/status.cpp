@@ -1,4 +1,5 @@
-// Status names, the thread-local last-error message, and the version call.
+// The thread-local last-error message, the version call, and the names of the ABI's enums (status, dtype,
+// scoring), which Python and the tests take from here rather than copying them.
 #include <string>
 
 #include "api/status.h"
@@ -29,6 +30,22 @@ const char* moe_sft_status_string(moe_sft_status status) {
     case MOE_SFT_ERR_INTERNAL: return "MOE_SFT_ERR_INTERNAL";
   }
   return "unknown status";
+}
+
+const char* moe_sft_dtype_name(moe_sft_dtype dtype) {
+  switch (dtype) {
+    case MOE_SFT_DTYPE_BF16: return "bf16";
+    case MOE_SFT_DTYPE_F32: return "f32";
+  }
+  return nullptr;
+}
+
+const char* moe_sft_scoring_name(moe_sft_scoring scoring) {
+  switch (scoring) {
+    case MOE_SFT_SCORING_SOFTMAX: return "softmax";
+    case MOE_SFT_SCORING_SIGMOID: return "sigmoid";
+  }
+  return nullptr;
 }
 
 const char* moe_sft_last_error(void) { return moe_sft::api::last_error(); }

@@ -2,12 +2,13 @@
 
 #include "kernels/gemm.h"
 #include "kernels/quantize.h"
-#include "layer/finite_check.h"
+#include "checks/finite_check.h"
 #include "runtime/numa.h"
 #include "runtime/runtime.h"
 
 namespace moe_sft::layer {
 
+using checks::check_expert_array;
 using kernels::PackedMatrix;
 using kernels::QuantizedSource;
 using kernels::WeightFormat;
@@ -31,26 +32,24 @@ std::vector<int64_t> part_bounds(int64_t I, int64_t count, int64_t block, int64_
 struct Projection {
   const char* name;
   int64_t rows, cols;
-  const void* weights;
-  const void* scale;
-  const uint8_t* zero;
+  BaseWeights source;
 };
 
 // Base weights are frozen: checked once, here. Weights about to be quantized are always checked: a NaN
 // has no quantized value.
-void check_base_weights(const moe_sft_config& cfg, const Projection (&projections)[3]) {
-  const Stage stage{1, 1, "base weights, checked at create"};
-  const auto f = WeightFormat(cfg.weight_format);
+void check_base_weights(const LayerConfig& cfg, const Projection (&projections)[3]) {
+  const checks::Stage stage{1, 1, "base weights, checked at create"};
+  const WeightFormat f = cfg.weight_format;
   for (const Projection& p : projections) {
     if (!cfg.prequantized) {
-      check_expert_array(static_cast<const bf16*>(p.weights), cfg.expert_num, p.rows, p.cols, p.name, stage);
+      check_expert_array(static_cast<const bf16*>(p.source.weights), cfg.experts, p.rows, p.cols, p.name, stage);
     } else if (cfg.check_finite) {
       const int64_t per_row = QuantizedSource::scale_row_elems(f, p.cols, cfg.group_size);
       const std::string name = std::string(p.name) + " scales";
       if (f == WeightFormat::int4_k2)
-        check_expert_array(static_cast<const bf16*>(p.scale), cfg.expert_num, p.rows, per_row, name, stage);
+        check_expert_array(static_cast<const bf16*>(p.source.scale), cfg.experts, p.rows, per_row, name, stage);
       else
-        check_expert_array(static_cast<const float*>(p.scale), cfg.expert_num, p.rows, per_row, name, stage);
+        check_expert_array(static_cast<const float*>(p.source.scale), cfg.experts, p.rows, per_row, name, stage);
     }
   }
 }
@@ -62,19 +61,19 @@ struct QuantizedBuffers {
   std::vector<float> scale;
 };
 
-QuantizedSource expert_source(const moe_sft_config& cfg, const Projection& p, int64_t e, QuantizedBuffers& buffers) {
-  const auto f = WeightFormat(cfg.weight_format);
+QuantizedSource expert_source(const LayerConfig& cfg, const Projection& p, int64_t e, QuantizedBuffers& buffers) {
+  const WeightFormat f = cfg.weight_format;
   const int64_t group = kernels::has_groups(f) ? cfg.group_size : p.cols;
   const int64_t row_bytes = QuantizedSource::weight_row_bytes(f, p.cols);
   const int64_t scales = p.rows * QuantizedSource::scale_row_elems(f, p.cols, cfg.group_size);
   if (cfg.prequantized) {
-    return {f, p.rows, p.cols, group, static_cast<const uint8_t*>(p.weights) + e * p.rows * row_bytes,
-            static_cast<const uint8_t*>(p.scale) + e * scales * QuantizedSource::scale_bytes(f), p.zero ? p.zero + e * scales : nullptr};
+    return {f, p.rows, p.cols, group, static_cast<const uint8_t*>(p.source.weights) + e * p.rows * row_bytes,
+            static_cast<const uint8_t*>(p.source.scale) + e * scales * QuantizedSource::scale_bytes(f), p.source.zero ? p.source.zero + e * scales : nullptr};
   }
   buffers.weights.assign(size_t(p.rows * row_bytes), 0);
   buffers.scale.resize(size_t(scales));
   buffers.zero.resize(f == WeightFormat::int4_awq ? size_t(scales) : 0);
-  kernels::quantize(f, cfg.group_size, p.rows, p.cols, static_cast<const bf16*>(p.weights) + e * p.rows * p.cols,
+  kernels::quantize(f, cfg.group_size, p.rows, p.cols, static_cast<const bf16*>(p.source.weights) + e * p.rows * p.cols,
                     buffers.weights.data(), buffers.scale.data(), buffers.zero.empty() ? nullptr : buffers.zero.data());
   return {f, p.rows, p.cols, group, buffers.weights.data(), buffers.scale.data(),
           buffers.zero.empty() ? nullptr : buffers.zero.data()};
@@ -82,12 +81,11 @@ QuantizedSource expert_source(const moe_sft_config& cfg, const Projection& p, in
 
 }  // namespace
 
-std::vector<ExpertPart> pack_expert_parts(const moe_sft_config& cfg, int threads) {
-  const int64_t E = cfg.expert_num, H = cfg.hidden_size, I = cfg.intermediate_size;
-  const auto f = WeightFormat(cfg.weight_format);
-  const Projection projections[3] = {{"gate_proj", I, H, cfg.gate_proj, cfg.gate_scale, cfg.gate_zero},
-                                     {"up_proj", I, H, cfg.up_proj, cfg.up_scale, cfg.up_zero},
-                                     {"down_proj", H, I, cfg.down_proj, cfg.down_scale, cfg.down_zero}};
+std::vector<ExpertPart> pack_expert_parts(const LayerConfig& cfg, int threads) {
+  const int64_t E = cfg.experts, H = cfg.hidden, I = cfg.intermediate;
+  const WeightFormat f = cfg.weight_format;
+  const Projection projections[3] = {{"gate_proj", I, H, cfg.gate}, {"up_proj", I, H, cfg.up},
+                                     {"down_proj", H, I, cfg.down}};
   if (cfg.check_finite || f != WeightFormat::bf16) check_base_weights(cfg, projections);
 
   const int64_t group = kernels::has_groups(f) ? cfg.group_size : 1;
@@ -113,7 +111,7 @@ std::vector<ExpertPart> pack_expert_parts(const moe_sft_config& cfg, int threads
       const Projection& proj = projections[which];
       const bool quantized = f != WeightFormat::bf16;
       const QuantizedSource src = quantized ? expert_source(cfg, proj, e, buffers) : QuantizedSource{};
-      const bf16* src_bf16 = quantized ? nullptr : static_cast<const bf16*>(proj.weights) + e * proj.rows * proj.cols;
+      const bf16* src_bf16 = quantized ? nullptr : static_cast<const bf16*>(proj.source.weights) + e * proj.rows * proj.cols;
       for (ExpertPart& part : parts) {
         const int64_t i0 = part.i_begin, w = part.width(), gate_bytes = bytes(w, H);
         std::byte* at = part.storage.data() + e * (2 * gate_bytes + bytes(H, w)) + which * gate_bytes;

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "kernels/packed_matrix.h"
-#include "moe_sft.h"
+#include "layer/layer_config.h"
 
 namespace moe_sft::layer {
 
@@ -25,6 +25,6 @@ struct ExpertPart {
 // The tp_count parts of a validated config, every expert's weights packed (and, from bf16, quantized)
 // in cfg.weight_format, on `threads` workers. Throws Error(NON_FINITE) for a non-finite weight (or scale)
 // when cfg.check_finite is set, and always for bf16 weights that are to be quantized.
-std::vector<ExpertPart> pack_expert_parts(const moe_sft_config& cfg, int threads);
+std::vector<ExpertPart> pack_expert_parts(const LayerConfig& cfg, int threads);
 
 }  // namespace moe_sft::layer

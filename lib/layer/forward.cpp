@@ -1,26 +1,31 @@
-// Forward pass. Phases (each one parallel_for over the shared pool):
-//   1. gather the routed input rows into expert-sorted order            xs [rows, H]
-//   2. LoRA down-projections of x (rank r)                             x·Ag^T, x·Au^T
-//   3. per (expert, block of I): gate and up GEMMs + LoRA, then h = silu(g)·u
-//   4. LoRA down-projection of h                                       h·Ad^T
-//   5. per (expert, block of H): down GEMM over every part + LoRA        y [rows, H]
-//   6. per token: out[t] = sum_j weight[t, j] · y[row(t, j)]
-// Everything a call needs is laid out in the scratch arena before the first write, so a failure to get
-// memory leaves the caller's output untouched.
+// Forward pass, as phases over one ForwardFrame (each phase one parallel_for over the shared pool):
+//   1. gather_input_rows        the routed input rows in expert-sorted order           input_rows [rows, H]
+//   2. lora_a_of_input          the LoRA down-projections of those rows                x·Ag^T, x·Au^T [rows, r]
+//   3. gate_up_activation       per (expert, block of I): gate and up projections plus LoRA, then
+//                               h = silu(g)·u                                          activation [rows, I]
+//   4. lora_a_of_activation     h·Ad^T                                                 [rows, r]
+//   5. down_projection          per (expert, block of H): h·Wd^T over every part plus LoRA   expert_output [rows, H]
+//   6. combine_tokens           per token: out[t] = sum_j routing_weight[t, j] · expert_output[row(t, j)]
+// Everything a call needs (scratch, the cache record, task lists) is allocated before the first write, so
+// running out of memory leaves the caller's output untouched; with check_finite the output is assembled in
+// scratch and copied out only after it passed.
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <cstring>
+#include <string>
 
+#include "checks/finite_check.h"
 #include "kernels/low_rank.h"
 #include "kernels/weight_gemm.h"
-#include "layer/finite_check.h"
 #include "layer/moe_layer.h"
+#include "layer/row_checks.h"
+#include "layer/scratch_plan.h"
 #include "layer/task_grid.h"
 #include "runtime/runtime.h"
 
 namespace moe_sft::layer {
 
+using checks::Stage;
 using kernels::GemmArgs;
 using kernels::Strided;
 using kernels::transpose_to_f32;
@@ -31,189 +36,257 @@ namespace {
 constexpr Stage kInput{1, 7, "input"}, kRoutingWeights{2, 7, "routing weights"}, kLoraWeights{3, 7, "LoRA weights"},
     kGateUp{4, 7, "gate/up projection"}, kActivation{5, 7, "activation"}, kDown{6, 7, "down projection"},
     kOutput{7, 7, "layer output"};
-}  // namespace
 
 template <class T>
-void MoELayer::check_forward_inputs(const LoraView<T>& lora, const ForwardCall& call, const Routing& routing) const {
-  const int64_t H = hidden_, r = rank_, E = experts_, k = call.top_k;
-  NonFinite hit = first_non_finite(call.input, call.qlen * H);
-  if (hit.found) throw_non_finite(hit.value, "input", token_column(hit.index, H), kInput);
-  for (int64_t pair = 0; pair < call.qlen * k; ++pair)  // slots without an expert may hold anything
-    if (routing.pair_row[pair] >= 0 && !std::isfinite(call.weights[pair]))
-      throw_non_finite(call.weights[pair], "routing weights",
-                       "token " + std::to_string(pair / k) + ", slot " + std::to_string(pair % k), kRoutingWeights);
-  if (r == 0) return;
-  const auto dims = lora_array_dims(lora_shape());
-  const auto arrays = lora.arrays();
-  for (size_t i = 0; i < dims.size(); ++i)
-    check_expert_array(arrays[i], E, dims[i].rows, dims[i].cols, std::string("LoRA weight ") + dims[i].name,
-                       kLoraWeights);
+struct ForwardFrame {
+  const LayerParts& layer;
+  const ForwardCall& call;
+  const LoraView<T> lora;  // rank 0 for a base-only pass
+  const Routing& routing;
+  const int64_t hidden, intermediate, rank, top_k, rows;
+  const int64_t tile_elems;     // one projection tile: an expert's rows x kColBlock columns
+  const int64_t dequant_elems;  // per worker, for quantized base weights
+  const std::vector<ExpertTask> row_tasks;
+  const ExpertGrid intermediate_grid, hidden_grid;
+  ThreadPool* pool = nullptr;
+
+  // Temporaries in scratch.
+  bf16* input_rows;         // [rows, H]
+  bf16* activation;         // [rows, I] h
+  float* expert_output;     // [rows, H] y, before the routing weight
+  float* projection_tiles;  // per worker: the gate tile, then the up tile, of one task
+  float* token_sums;        // per worker [H]
+  float* lora_b_block;      // per worker [r, kColBlock]: a block of a LoRA B, transposed to f32
+  bf16* dequant_blocks;     // per worker [dequant_elems]
+  bf16* output;             // the caller's output, or its staging copy with check_finite
+  // What backward needs: in the cache record when saving, in scratch otherwise.
+  bf16* gate;                // [rows, I] gate projection, bf16-rounded as the activation used it
+  bf16* up;                  // [rows, I]
+  float* input_gate_a;       // [rows, r] x·Ag^T
+  float* input_up_a;         // [rows, r] x·Au^T
+  float* activation_down_a;  // [rows, r] h·Ad^T
+
+  ForwardFrame(const LayerParts& l, const ForwardCall& c, const LoraView<T>& v, const Routing& r)
+      : layer(l), call(c), lora(v), routing(r), hidden(l.hidden), intermediate(l.intermediate), rank(v.rank),
+        top_k(c.top_k), rows(r.rows()), tile_elems(r.max_expert_rows() * kernels::kColBlock),
+        dequant_elems(kernels::xwt_scratch_elems(l.weight_format)), row_tasks(row_chunks(r, kRowChunk)),
+        intermediate_grid(r, column_blocks(l.parts, kernels::kColBlock)),
+        hidden_grid(r, column_blocks(l.hidden, kernels::kColBlock)) {}
+
+  const kernels::LowRankKernels& low_rank() const { return layer.kernels->low_rank; }
+};
+
+// Lays out the frame's temporaries; the saved tensors go to `record` when there is one.
+template <class T>
+ScratchPlan plan_scratch(ForwardFrame<T>& f, ForwardRecord* record) {
+  const int64_t R = f.rows, H = f.hidden, I = f.intermediate, r = f.rank, threads = f.layer.threads;
+  ScratchPlan plan;
+  plan.place(f.input_rows, R * H);
+  plan.place(f.activation, R * I);
+  plan.place(f.expert_output, R * H);
+  plan.place(f.projection_tiles, threads * 2 * f.tile_elems);
+  plan.place(f.token_sums, threads * H);
+  plan.place(f.lora_b_block, threads * r * kernels::kColBlock);
+  plan.place(f.dequant_blocks, threads * f.dequant_elems);
+  if (f.layer.check_finite)
+    plan.place(f.output, f.call.tokens * H);
+  else
+    f.output = f.call.output;
+  if (record == nullptr) {
+    plan.place(f.gate, R * I);
+    plan.place(f.up, R * I);
+    plan.place(f.input_gate_a, R * r);
+    plan.place(f.input_up_a, R * r);
+    plan.place(f.activation_down_a, R * r);
+    return plan;
+  }
+  record->routing_weights.assign(f.call.routing_weights, f.call.routing_weights + f.call.tokens * f.top_k);
+  record->input.assign(f.call.input, f.call.input + f.call.tokens * H);
+  record->gate.resize(size_t(R * I));
+  record->up.resize(size_t(R * I));
+  record->input_gate_a.resize(size_t(R * r));
+  record->input_up_a.resize(size_t(R * r));
+  record->activation_down_a.resize(size_t(R * r));
+  f.gate = record->gate.data();
+  f.up = record->up.data();
+  f.input_gate_a = record->input_gate_a.data();
+  f.input_up_a = record->input_up_a.data();
+  f.activation_down_a = record->activation_down_a.data();
+  return plan;
 }
 
 template <class T>
-void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
-  const int64_t H = hidden_, I = intermediate_, r = rank_, k = call.top_k;
-  const float s = lora_scale_;
-  Routing routing = Routing::build(call.qlen, k, experts_, call.expert_ids);
-  if (check_finite_) check_forward_inputs(lora, call, routing);
-  const int64_t R = routing.rows();
-  const int64_t cb = kernels::kColBlock;
-  const int64_t tile = routing.max_expert_rows() * cb;
+void check_inputs(const ForwardFrame<T>& f) {
+  const ForwardCall& call = f.call;
+  checks::check_tokens(call.input, call.tokens, f.hidden, "input", kInput);
+  for (int64_t pair = 0; pair < call.tokens * f.top_k; ++pair)  // slots without an expert may hold anything
+    if (f.routing.pair_row[pair] >= 0 && !std::isfinite(call.routing_weights[pair]))
+      checks::throw_non_finite(call.routing_weights[pair], "routing weights", checks::token_slot(pair, f.top_k),
+                               kRoutingWeights);
+  if (f.rank == 0) return;
+  const auto dims = lora_array_dims(LoraShape{f.hidden, f.intermediate, f.rank});
+  for (size_t i = 0; i < dims.size(); ++i)
+    checks::check_expert_array(f.lora.arrays[i], f.layer.experts, dims[i].rows, dims[i].cols,
+                               std::string("LoRA weight ") + dims[i].name, kLoraWeights);
+}
 
-  // Saved tensors live in the cache record when saving, in scratch otherwise.
-  ForwardRecord rec;
-  ScratchLayout layout;
-  auto xs_slot = layout.add<bf16>(size_t(R * H));
-  auto h_slot = layout.add<bf16>(size_t(R * I));
-  auto y_slot = layout.add<float>(size_t(R * H));
-  auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
-  auto sums_slot = layout.add<float>(size_t(threads_ * H));
-  auto lora_t_slot = layout.add<float>(size_t(threads_ * r * cb));  // a LoRA B block transposed, per worker
-  const int64_t dequant = kernels::xwt_scratch_elems(weight_format_);  // per worker, quantized weights only
-  auto dequant_slot = layout.add<bf16>(size_t(threads_ * dequant));
-  // With check_finite the output is assembled here and copied out only once it passed the check.
-  auto staged_out_slot = layout.add<bf16>(check_finite_ ? size_t(call.qlen * H) : 0);
-  const bool save = call.save_for_backward;
-  auto g_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
-  auto u_slot = layout.add<bf16>(save ? 0 : size_t(R * I));
-  auto xga_slot = layout.add<float>(save ? 0 : size_t(R * r));
-  auto xua_slot = layout.add<float>(save ? 0 : size_t(R * r));
-  auto hda_slot = layout.add<float>(save ? 0 : size_t(R * r));
-  if (save) {
-    rec = cache_.take_spare();
-    rec.weights.assign(call.weights, call.weights + call.qlen * k);
-    rec.input.assign(call.input, call.input + call.qlen * H);
-    rec.gate.resize(size_t(R * I));
-    rec.up.resize(size_t(R * I));
-    rec.x_gate_a.resize(size_t(R * r));
-    rec.x_up_a.resize(size_t(R * r));
-    rec.h_down_a.resize(size_t(R * r));
-  }
-
-  // Every allocation a call makes happens before its first write to the caller's arrays.
-  const std::vector<ExpertTask> row_tasks = row_chunks(routing, kRowChunk);
-  const ExpertGrid grid_i(routing, column_blocks(parts_, cb));
-  const ExpertGrid grid_h(routing, column_blocks(H, cb));
-  if (save) cache_.reserve(cache_.depth() + 1);  // so that the final push cannot fail
-
-  auto session = Runtime::instance().session(threads_);
-  ThreadPool& pool = session.pool();
-  std::byte* base = session.arena().frame(layout);
-  bf16* xs = xs_slot.in(base);
-  bf16* h = h_slot.in(base);
-  float* y = y_slot.in(base);
-  float* tiles = tiles_slot.in(base);
-  float* sums = sums_slot.in(base);
-  float* lora_t = lora_t_slot.in(base);
-  bf16* dequant_scratch = dequant_slot.in(base);
-  bf16* output = check_finite_ ? staged_out_slot.in(base) : call.output;
-  const kernels::LowRankKernels& lr = kernels_->low_rank;
-  bf16* gate = save ? rec.gate.data() : g_slot.in(base);
-  bf16* up = save ? rec.up.data() : u_slot.in(base);
-  float* x_gate_a = save ? rec.x_gate_a.data() : xga_slot.in(base);
-  float* x_up_a = save ? rec.x_up_a.data() : xua_slot.in(base);
-  float* h_down_a = save ? rec.h_down_a.data() : hda_slot.in(base);
-
-  // 1. gather
-  pool.parallel_for(chunks(R, kRowChunk * 4), threads_, [&](int64_t task, int) {
-    for (int64_t row = task * kRowChunk * 4; row < std::min(R, (task + 1) * kRowChunk * 4); ++row)
-      std::memcpy(xs + row * H, call.input + routing.row_pair[row] / k * H, size_t(H) * sizeof(bf16));
+template <class T>
+void gather_input_rows(const ForwardFrame<T>& f) {
+  const int64_t R = f.rows, H = f.hidden, chunk = kRowChunk * 4;
+  f.pool->parallel_for(chunks(R, chunk), f.layer.threads, [&](int64_t task, int) {
+    for (int64_t row = task * chunk; row < std::min(R, (task + 1) * chunk); ++row)
+      std::memcpy(f.input_rows + row * H, f.call.input + f.routing.row_pair[row] / f.top_k * H,
+                  size_t(H) * sizeof(bf16));
   });
+}
 
-  // 2. x·A^T for gate and up
-  if (r > 0)
-    pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
-      const ExpertTask& t = row_tasks[size_t(i)];
-      const bf16* x = xs + t.row_begin * H;
-      lr.dot<T>()(t.rows(), r, H, x, H, lora.ga(t.expert), H, 1.0f, x_gate_a + t.row_begin * r, r, false);
-      lr.dot<T>()(t.rows(), r, H, x, H, lora.ua(t.expert), H, 1.0f, x_up_a + t.row_begin * r, r, false);
-    });
+template <class T>
+void lora_a_of_input(const ForwardFrame<T>& f) {
+  const int64_t H = f.hidden, r = f.rank;
+  f.pool->parallel_for(int64_t(f.row_tasks.size()), f.layer.threads, [&](int64_t i, int) {
+    const ExpertTask& t = f.row_tasks[size_t(i)];
+    const bf16* x = f.input_rows + t.row_begin * H;
+    const auto dot = f.low_rank().template dot<T>();
+    dot(t.rows(), r, H, x, H, f.lora.gate_a(t.expert), H, 1.0f, f.input_gate_a + t.row_begin * r, r, false);
+    dot(t.rows(), r, H, x, H, f.lora.up_a(t.expert), H, 1.0f, f.input_up_a + t.row_begin * r, r, false);
+  });
+}
 
-  // 3. gate/up projections and activation, per (expert, block of I)
-  pool.parallel_for(grid_i.size(), threads_, [&](int64_t i, int worker) {
-    const ExpertTask t = grid_i[i];
+// out (an m x w tile, row stride w) += s · (x·A^T)[rows of the task] · B[block rows]^T; B's block is made
+// row-contiguous f32 first, in the worker's lora_b_block.
+template <class T, class Lora>
+void add_lora_b(const ForwardFrame<T>& f, const ExpertTask& t, int worker, const float* x_a, const Lora* b_rows,
+                int64_t width, float* out, int64_t ld) {
+  const int64_t r = f.rank;
+  float* block = f.lora_b_block + int64_t(worker) * r * kernels::kColBlock;
+  transpose_to_f32(b_rows, width, r, r, block);
+  f.low_rank().template axpy<float, float>()(t.rows(), width, r, x_a + t.row_begin * r, Strided{r, 1}, block, width,
+                                             f.layer.lora_scale, out, ld, true);
+}
+
+template <class T>
+void gate_up_activation(const ForwardFrame<T>& f) {
+  const LayerParts& layer = f.layer;
+  const int64_t H = f.hidden, I = f.intermediate;
+  f.pool->parallel_for(f.intermediate_grid.size(), layer.threads, [&](int64_t i, int worker) {
+    const ExpertTask t = f.intermediate_grid[i];
     const ColumnBlock& b = *t.block;
-    const ExpertPart& part = parts_[size_t(b.part)];
+    const ExpertPart& part = layer.parts[size_t(b.part)];
     const int64_t m = t.rows(), w = b.width(), e = t.expert;
-    float* gt = tiles + int64_t(worker) * 2 * tile;
-    float* ut = gt + tile;
-    const bf16* x = xs + t.row_begin * H;
-    bf16* scratch = dequant_scratch + worker * dequant;
-    kernels::gemm_xwt(*kernels_, GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gt, w, false, scratch});
-    kernels::gemm_xwt(*kernels_, GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, ut, w, false, scratch});
-    if (r > 0) {  // + s (x·A^T)·B^T for this block of B's rows, made row-contiguous first
-      float* bt = lora_t + int64_t(worker) * r * cb;
-      transpose_to_f32(lora.gb(e) + b.begin * r, w, r, r, bt);
-      lr.axpy<float, float>()(m, w, r, x_gate_a + t.row_begin * r, Strided{r, 1}, bt, w, s, gt, w, true);
-      transpose_to_f32(lora.ub(e) + b.begin * r, w, r, r, bt);
-      lr.axpy<float, float>()(m, w, r, x_up_a + t.row_begin * r, Strided{r, 1}, bt, w, s, ut, w, true);
+    float* gate_tile = f.projection_tiles + int64_t(worker) * 2 * f.tile_elems;
+    float* up_tile = gate_tile + f.tile_elems;
+    const bf16* x = f.input_rows + t.row_begin * H;
+    bf16* dequant = f.dequant_blocks + worker * f.dequant_elems;
+    kernels::gemm_xwt(*layer.kernels, GemmArgs{x, H, m, &part.gate[size_t(e)], b.local, b.local + w, gate_tile, w,
+                                               false, dequant});
+    kernels::gemm_xwt(*layer.kernels, GemmArgs{x, H, m, &part.up[size_t(e)], b.local, b.local + w, up_tile, w,
+                                               false, dequant});
+    if (f.rank > 0) {
+      add_lora_b(f, t, worker, f.input_gate_a, f.lora.gate_b(e) + b.begin * f.rank, w, gate_tile, w);
+      add_lora_b(f, t, worker, f.input_up_a, f.lora.up_b(e) + b.begin * f.rank, w, up_tile, w);
     }
     for (int64_t j = 0; j < m; ++j) {
       const int64_t at = (t.row_begin + j) * I + b.begin;
-      kernels_->silu_mul_row(gt + j * w, ut + j * w, w, gate + at, up + at, h + at);
+      layer.kernels->silu_mul_row(gate_tile + j * w, up_tile + j * w, w, f.gate + at, f.up + at, f.activation + at);
     }
   });
+}
 
-  if (check_finite_) {
-    check_rows(gate, I, routing, "gate projection output", kGateUp);
-    check_rows(up, I, routing, "up projection output", kGateUp);
-    check_rows(h, I, routing, "activation output", kActivation);
-  }
+template <class T>
+void lora_a_of_activation(const ForwardFrame<T>& f) {
+  const int64_t I = f.intermediate, r = f.rank;
+  f.pool->parallel_for(int64_t(f.row_tasks.size()), f.layer.threads, [&](int64_t i, int) {
+    const ExpertTask& t = f.row_tasks[size_t(i)];
+    f.low_rank().template dot<T>()(t.rows(), r, I, f.activation + t.row_begin * I, I, f.lora.down_a(t.expert), I,
+                                   1.0f, f.activation_down_a + t.row_begin * r, r, false);
+  });
+}
 
-  // 4. h·Ad^T
-  if (r > 0)
-    pool.parallel_for(int64_t(row_tasks.size()), threads_, [&](int64_t i, int) {
-      const ExpertTask& t = row_tasks[size_t(i)];
-      lr.dot<T>()(t.rows(), r, I, h + t.row_begin * I, I, lora.da(t.expert), I, 1.0f, h_down_a + t.row_begin * r, r,
-                  false);
-    });
-
-  // 5. down projection, per (expert, block of H), summing the parts' slices of I
-  pool.parallel_for(grid_h.size(), threads_, [&](int64_t i, int worker) {
-    const ExpertTask t = grid_h[i];
+// Per (expert, block of H), summing the parts' slices of I.
+template <class T>
+void down_projection(const ForwardFrame<T>& f) {
+  const LayerParts& layer = f.layer;
+  const int64_t H = f.hidden, I = f.intermediate;
+  f.pool->parallel_for(f.hidden_grid.size(), layer.threads, [&](int64_t i, int worker) {
+    const ExpertTask t = f.hidden_grid[i];
     const ColumnBlock& b = *t.block;
     const int64_t m = t.rows(), e = t.expert;
-    float* yt = y + t.row_begin * H + b.begin;
-    for (size_t p = 0; p < parts_.size(); ++p)
-      kernels::gemm_xwt(*kernels_, GemmArgs{h + t.row_begin * I + parts_[p].i_begin, I, m, &parts_[p].down[size_t(e)],
-                                            b.begin, b.end, yt, H, p > 0, dequant_scratch + worker * dequant});
-    if (r > 0) {
-      float* bt = lora_t + int64_t(worker) * r * cb;
-      transpose_to_f32(lora.db(e) + b.begin * r, b.width(), r, r, bt);
-      lr.axpy<float, float>()(m, b.width(), r, h_down_a + t.row_begin * r, Strided{r, 1}, bt, b.width(), s, yt, H, true);
-    }
+    float* y = f.expert_output + t.row_begin * H + b.begin;
+    for (size_t p = 0; p < layer.parts.size(); ++p)
+      kernels::gemm_xwt(*layer.kernels,
+                        GemmArgs{f.activation + t.row_begin * I + layer.parts[p].i_begin, I, m,
+                                 &layer.parts[p].down[size_t(e)], b.begin, b.end, y, H, p > 0,
+                                 f.dequant_blocks + worker * f.dequant_elems});
+    if (f.rank > 0) add_lora_b(f, t, worker, f.activation_down_a, f.lora.down_b(e) + b.begin * f.rank, b.width(), y, H);
   });
+}
 
-  if (check_finite_) check_rows(y, H, routing, "down projection output", kDown);
-
-  // 6. weighted sum of each token's expert outputs
-  pool.parallel_for(chunks(call.qlen, kTokenChunk), threads_, [&](int64_t task, int worker) {
-    float* acc = sums + int64_t(worker) * H;
-    for (int64_t tok = task * kTokenChunk; tok < std::min(call.qlen, (task + 1) * kTokenChunk); ++tok) {
-      std::fill(acc, acc + H, 0.0f);
+template <class T>
+void combine_tokens(const ForwardFrame<T>& f) {
+  const int64_t H = f.hidden, k = f.top_k, tokens = f.call.tokens;
+  f.pool->parallel_for(chunks(tokens, kTokenChunk), f.layer.threads, [&](int64_t task, int worker) {
+    float* sum = f.token_sums + int64_t(worker) * H;
+    for (int64_t tok = task * kTokenChunk; tok < std::min(tokens, (task + 1) * kTokenChunk); ++tok) {
+      std::fill(sum, sum + H, 0.0f);
       for (int64_t j = 0; j < k; ++j) {
-        const int64_t row = routing.pair_row[tok * k + j];
+        const int64_t row = f.routing.pair_row[tok * k + j];
         if (row < 0) continue;
-        const float wt = call.weights[tok * k + j];
-        for (int64_t c = 0; c < H; ++c) acc[c] += wt * y[row * H + c];
+        const float weight = f.call.routing_weights[tok * k + j];
+        for (int64_t c = 0; c < H; ++c) sum[c] += weight * f.expert_output[row * H + c];
       }
-      for (int64_t c = 0; c < H; ++c) output[tok * H + c] = to_bf16(acc[c]);
+      for (int64_t c = 0; c < H; ++c) f.output[tok * H + c] = to_bf16(sum[c]);
     }
   });
+}
 
-  if (check_finite_) {
-    const NonFinite hit = first_non_finite(output, call.qlen * H);
-    if (hit.found) throw_non_finite(hit.value, "layer output", token_column(hit.index, H), kOutput);
-    if (call.qlen > 0) std::memcpy(call.output, output, size_t(call.qlen * H) * sizeof(bf16));  // may be NULL if empty
+// The whole pass on a laid-out frame: the phases, with check_finite's checks where their stage ends.
+template <class T>
+void run_phases(const ForwardFrame<T>& f) {
+  const bool check = f.layer.check_finite;
+  gather_input_rows(f);
+  if (f.rank > 0) lora_a_of_input(f);
+  gate_up_activation(f);
+  if (check) {
+    check_rows(f.gate, f.intermediate, f.routing, "gate projection output", kGateUp);
+    check_rows(f.up, f.intermediate, f.routing, "up projection output", kGateUp);
+    check_rows(f.activation, f.intermediate, f.routing, "activation output", kActivation);
   }
-
-  if (save) {
-    rec.routing = std::move(routing);
-    cache_.push(std::move(rec));
+  if (f.rank > 0) lora_a_of_activation(f);
+  down_projection(f);
+  if (check) check_rows(f.expert_output, f.hidden, f.routing, "down projection output", kDown);
+  combine_tokens(f);
+  if (check) {
+    checks::check_tokens(f.output, f.call.tokens, f.hidden, "layer output", kOutput);
+    if (f.call.tokens > 0)  // (an empty output may be NULL)
+      std::memcpy(f.call.output, f.output, size_t(f.call.tokens * f.hidden) * sizeof(bf16));
   }
 }
 
-template void MoELayer::forward_with<float>(const LoraView<float>&, const ForwardCall&);
-template void MoELayer::forward_with<bf16>(const LoraView<bf16>&, const ForwardCall&);
+}  // namespace
+
+template <class T>
+void run_forward(const LayerParts& layer, const LoraView<T>& lora, const ForwardCall& call, ForwardCache& cache) {
+  Routing routing = Routing::build(call.tokens, call.top_k, layer.experts, call.expert_ids);
+  ForwardFrame<T> frame(layer, call, lora, routing);
+  if (layer.check_finite) check_inputs(frame);
+  const bool save = call.save_for_backward;
+  ForwardRecord record = save ? cache.take_spare() : ForwardRecord{};
+  const ScratchPlan plan = plan_scratch(frame, save ? &record : nullptr);
+  if (save) cache.reserve(cache.depth() + 1);  // so that the final push cannot fail
+
+  auto session = Runtime::instance().session(layer.threads);
+  frame.pool = &session.pool();
+  plan.bind(session.arena().frame(plan.layout()));
+  run_phases(frame);
+
+  if (save) {
+    record.routing = std::move(routing);
+    record.with_adapters = frame.rank > 0;
+    cache.push(std::move(record));
+  }
+}
+
+template void run_forward<float>(const LayerParts&, const LoraView<float>&, const ForwardCall&, ForwardCache&);
+template void run_forward<bf16>(const LayerParts&, const LoraView<bf16>&, const ForwardCall&, ForwardCache&);
 
 }  // namespace moe_sft::layer

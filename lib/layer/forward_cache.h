@@ -13,13 +13,14 @@ namespace moe_sft::layer {
 
 struct ForwardRecord {
   Routing routing;
-  std::vector<float> weights;  // [T, k] routing weights as given
-  std::vector<bf16> input;     // [T, H] in token order
-  std::vector<bf16> gate;      // [rows, I] gate projection before the activation (bf16-rounded, as used)
-  std::vector<bf16> up;        // [rows, I] up projection
-  std::vector<float> x_gate_a; // [rows, r] x · Ag^T  (LoRA down-projections as the forward saw them)
-  std::vector<float> x_up_a;   // [rows, r] x · Au^T
-  std::vector<float> h_down_a; // [rows, r] h · Ad^T
+  bool with_adapters = false;            // false: the forward ran the base layer only (rank 0, or none bound)
+  std::vector<float> routing_weights;    // [T, k] as given
+  std::vector<bf16> input;               // [T, H] in token order
+  std::vector<bf16> gate;                // [rows, I] gate projection before the activation (bf16-rounded, as used)
+  std::vector<bf16> up;                  // [rows, I] up projection
+  std::vector<float> input_gate_a;       // [rows, r] x·Ag^T  (LoRA down-projections as the forward saw them)
+  std::vector<float> input_up_a;         // [rows, r] x·Au^T
+  std::vector<float> activation_down_a;  // [rows, r] h·Ad^T
 };
 
 class ForwardCache {
@@ -39,6 +40,10 @@ class ForwardCache {
   void pop() {
     spare_ = std::move(stack_.back());
     stack_.pop_back();
+  }
+  // Drops the n most recent records (0 <= n <= depth, checked by the caller).
+  void discard(int64_t n) {
+    for (int64_t i = 0; i < n; ++i) pop();
   }
 
  private:

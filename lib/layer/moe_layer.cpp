@@ -1,43 +1,42 @@
 #include "layer/moe_layer.h"
 
 #include <algorithm>
+#include <string>
 
 #include "runtime/error.h"
 #include "runtime/runtime.h"
 
 namespace moe_sft::layer {
 
-MoELayer::MoELayer(const moe_sft_config& cfg)
-    : experts_(cfg.expert_num),
-      hidden_(cfg.hidden_size),
-      intermediate_(cfg.intermediate_size),
-      rank_(cfg.lora_rank),
-      lora_scale_(cfg.lora_rank > 0 ? cfg.lora_alpha / float(cfg.lora_rank) : 0.0f),
-      max_cache_depth_(cfg.max_cache_depth),
-      threads_(Runtime::resolve_threads(cfg.num_threads)),
-      check_finite_(cfg.check_finite != 0),
-      weight_format_(kernels::WeightFormat(cfg.weight_format)),
-      kernels_(&kernels::select_kernels()) {
-  parts_ = pack_expert_parts(cfg, threads_);
+MoELayer::MoELayer(const LayerConfig& cfg)
+    : layer_{cfg.experts,
+             cfg.hidden,
+             cfg.intermediate,
+             cfg.rank,
+             cfg.rank > 0 ? cfg.lora_alpha / float(cfg.rank) : 0.0f,
+             Runtime::resolve_threads(cfg.num_threads),
+             cfg.check_finite,
+             cfg.weight_format,
+             &kernels::select_kernels(),
+             {}},
+      max_cache_depth_(cfg.max_cache_depth) {
+  layer_.parts = pack_expert_parts(cfg, layer_.threads);
 }
 
-void MoELayer::bind_lora(const moe_sft_lora& lora) {
-  if (rank_ == 0) throw Error(MOE_SFT_ERR_INVALID_ARGUMENT, "the layer was created with lora_rank = 0: it has no LoRA weights to bind");
+void MoELayer::bind_lora(const LoraBinding& lora) {
+  if (layer_.rank == 0)
+    throw Error(MOE_SFT_ERR_INVALID_ARGUMENT, "the layer was created with lora_rank = 0: it has no LoRA weights to bind");
   lora_ = lora;
   lora_bound_ = true;
 }
 
 template <class Fn>
-void MoELayer::with_bound_lora(Fn&& fn) const {
-  if (rank_ == 0) {
-    fn(LoraView<float>{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, lora_shape()});
+void MoELayer::with_lora(bool with_adapters, Fn&& fn) const {
+  if (!with_adapters) {
+    fn(LoraView<float>({}, LoraShape{layer_.hidden, layer_.intermediate, 0}));
     return;
   }
-  if (!lora_bound_)
-    throw Error(MOE_SFT_ERR_INVALID_ARGUMENT,
-                "LoRA weights are not bound: call moe_sft_update_lora first (lora_rank = " +
-                    std::to_string(rank_) + ")");
-  with_lora_view(lora_, lora_shape(), fn);
+  with_lora_view(lora_, LoraShape{layer_.hidden, layer_.intermediate, layer_.rank}, fn);
 }
 
 void MoELayer::forward(const ForwardCall& call) {
@@ -45,14 +44,18 @@ void MoELayer::forward(const ForwardCall& call) {
     throw Error(MOE_SFT_ERR_CACHE_FULL, "save_for_backward = 1, but " + std::to_string(cache_.depth()) +
                                             " saved forward(s) already await backward (max_cache_depth = " +
                                             std::to_string(max_cache_depth_) + ")");
-  with_bound_lora([&](const auto& lora) { forward_with(lora, call); });
+  with_lora(layer_.rank > 0 && lora_bound_, [&](const auto& lora) { run_forward(layer_, lora, call, cache_); });
 }
 
 void MoELayer::backward(const BackwardCall& call) {
   if (cache_.empty())
     throw Error(MOE_SFT_ERR_CACHE_EMPTY,
                 "no saved forward awaits backward (call forward with save_for_backward = 1 first)");
-  with_bound_lora([&](const auto& lora) { backward_with(lora, call); });
+  const bool with_adapters = cache_.top().with_adapters;
+  if (with_adapters && !lora_bound_)
+    throw Error(MOE_SFT_ERR_INVALID_ARGUMENT,
+                "the adapters this forward ran with were unbound; bind them again or discard_saved");
+  with_lora(with_adapters, [&](const auto& lora) { run_backward(layer_, lora, call, cache_); });
 }
 
 }  // namespace moe_sft::layer

@@ -8,69 +8,77 @@
 #include "kernels/gemm.h"
 #include "layer/expert_part.h"
 #include "layer/forward_cache.h"
+#include "layer/layer_config.h"
 #include "layer/lora_view.h"
-#include "moe_sft.h"
 #include "runtime/bf16.h"
 
 namespace moe_sft::layer {
 
 struct ForwardCall {
-  int64_t qlen;
+  int64_t tokens;
   int64_t top_k;
-  const int64_t* expert_ids;
-  const float* weights;
-  const bf16* input;
-  bf16* output;
+  const int64_t* expert_ids;     // [tokens, top_k], each in [-1, E)
+  const float* routing_weights;  // [tokens, top_k]
+  const bf16* input;             // [tokens, H]
+  bf16* output;                  // [tokens, H]
   bool save_for_backward;
 };
 
 struct BackwardCall {
-  const bf16* grad_output;
-  bf16* grad_input;
-  float* grad_weights;      // may be null
-  const moe_sft_lora_grads* lora_grads;  // may be null
-  bool accumulate;
+  const bf16* grad_output;        // [tokens, H] of the saved forward
+  bf16* grad_input;               // [tokens, H]
+  float* grad_routing_weights;    // [tokens, top_k], or null
+  const LoraGradArrays* lora_grads;  // null: not wanted
+  bool accumulate;                // add into lora_grads instead of overwriting them
+};
+
+// The layer's fixed parts, as the passes read them.
+struct LayerParts {
+  int64_t experts, hidden, intermediate, rank;
+  float lora_scale;
+  int threads;
+  bool check_finite;
+  kernels::WeightFormat weight_format;
+  const kernels::KernelSet* kernels;
+  std::vector<ExpertPart> parts;  // tensor-parallel parts of the intermediate dimension
 };
 
 class MoELayer {
  public:
-  explicit MoELayer(const moe_sft_config& cfg);  // packs the base weights
+  explicit MoELayer(const LayerConfig& cfg);  // packs the base weights
 
-  int64_t experts() const { return experts_; }
-  int64_t hidden() const { return hidden_; }
-  int64_t intermediate() const { return intermediate_; }
-  int64_t rank() const { return rank_; }
+  int64_t experts() const { return layer_.experts; }
+  int64_t hidden() const { return layer_.hidden; }
+  int64_t intermediate() const { return layer_.intermediate; }
+  int64_t rank() const { return layer_.rank; }
   int64_t max_cache_depth() const { return max_cache_depth_; }
   const ForwardCache& cache() const { return cache_; }
-  const kernels::KernelSet& kernels() const { return *kernels_; }
+  const kernels::KernelSet& kernels() const { return *layer_.kernels; }
   bool lora_bound() const { return lora_bound_; }
 
-  void bind_lora(const moe_sft_lora& lora);
+  void bind_lora(const LoraBinding& lora);
+  void unbind_lora() { lora_bound_ = false; }
+  void discard_saved(int64_t n) { cache_.discard(n); }
   void forward(const ForwardCall& call);
   void backward(const BackwardCall& call);
 
  private:
-  LoraShape lora_shape() const { return LoraShape{hidden_, intermediate_, rank_}; }
-  template <class T>
-  void forward_with(const LoraView<T>& lora, const ForwardCall& call);    // forward.cpp
-  template <class T>
-  void backward_with(const LoraView<T>& lora, const BackwardCall& call);  // backward.cpp
+  // fn(LoraView<bf16 or float>) of the bound adapters, or a null view of rank 0 for a base-only pass.
   template <class Fn>
-  void with_bound_lora(Fn&& fn) const;  // fn(LoraView<bf16 or float>); a null view when rank is 0
-  template <class T>
-  void check_forward_inputs(const LoraView<T>& lora, const ForwardCall& call, const Routing& routing) const;
+  void with_lora(bool with_adapters, Fn&& fn) const;
 
-  int64_t experts_, hidden_, intermediate_, rank_;
-  float lora_scale_;
+  LayerParts layer_;
   int64_t max_cache_depth_;
-  int threads_;
-  bool check_finite_;
-  kernels::WeightFormat weight_format_;
-  const kernels::KernelSet* kernels_;
-  std::vector<ExpertPart> parts_;
-  moe_sft_lora lora_{};
+  LoraBinding lora_;
   bool lora_bound_ = false;
   ForwardCache cache_;
 };
+
+// The passes (forward.cpp, backward.cpp). Forward pushes its record onto `cache` when saving; backward
+// consumes cache.top() (popping it only on success).
+template <class T>
+void run_forward(const LayerParts& layer, const LoraView<T>& lora, const ForwardCall& call, ForwardCache& cache);
+template <class T>
+void run_backward(const LayerParts& layer, const LoraView<T>& lora, const BackwardCall& call, ForwardCache& cache);
 
 }  // namespace moe_sft::layer

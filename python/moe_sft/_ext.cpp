@@ -21,12 +21,6 @@
 
 namespace nb = nanobind;
 
-#if MOE_SFT_VERSION_NUMBER < 300  // TEMPORARY until the 0.3 ABI is merged
-static moe_sft_status moe_sft_discard_saved(moe_sft_layer*, int32_t) { return MOE_SFT_ERR_UNSUPPORTED; }
-static const char* moe_sft_dtype_name(moe_sft_dtype d) { return d == 0 ? "bf16" : d == 1 ? "f32" : nullptr; }
-static const char* moe_sft_scoring_name(moe_sft_scoring s) { return s == 0 ? "softmax" : s == 1 ? "sigmoid" : nullptr; }
-#endif
-
 namespace {
 
 template <class T, class... Extra>

@@ -1,12 +1,11 @@
-#include "layer/finite_check.h"
+#include "checks/finite_check.h"
 
 #include <cmath>
 #include <cstring>
 
-#include "moe_sft.h"
 #include "runtime/error.h"
 
-namespace moe_sft::layer {
+namespace moe_sft::checks {
 
 namespace {
 
@@ -32,32 +31,10 @@ NonFinite first_in(const T* p, int64_t n) {
   return {};
 }
 
-template <class T>
-NonFinite first_in_rows(const T* p, int64_t rows, int64_t cols, int64_t ld, const Routing& routing) {
-  NonFinite best;
-  int64_t best_pair = 0;
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t pair = routing.row_pair[row];
-    if (best.found && pair > best_pair) continue;  // cannot come first any more
-    const NonFinite hit = first_in(p + row * ld, cols);
-    if (hit.found && (!best.found || pair < best_pair)) {
-      best = {true, row * cols + hit.index, hit.value};
-      best_pair = pair;
-    }
-  }
-  return best;
-}
-
 }  // namespace
 
 NonFinite first_non_finite(const float* p, int64_t n) { return first_in(p, n); }
 NonFinite first_non_finite(const bf16* p, int64_t n) { return first_in(p, n); }
-NonFinite first_non_finite_rows(const float* p, int64_t rows, int64_t cols, int64_t ld, const Routing& routing) {
-  return first_in_rows(p, rows, cols, ld, routing);
-}
-NonFinite first_non_finite_rows(const bf16* p, int64_t rows, int64_t cols, int64_t ld, const Routing& routing) {
-  return first_in_rows(p, rows, cols, ld, routing);
-}
 
 void throw_non_finite(float value, const std::string& tensor, const std::string& where, Stage stage) {
   const char* text = std::isnan(value) ? "nan" : value > 0 ? "inf" : "-inf";
@@ -66,17 +43,12 @@ void throw_non_finite(float value, const std::string& tensor, const std::string&
                                           std::to_string(stage.of) + ": " + stage.name + ")");
 }
 
-std::string row_position(const Routing& routing, const NonFinite& hit, int64_t cols) {
-  const int64_t row = hit.index / cols;
-  int64_t expert = 0;
-  while (routing.expert_begin[expert + 1] <= row) ++expert;
-  const int64_t pair = routing.row_pair[row];
-  return "token " + std::to_string(pair / routing.top_k) + ", expert " + std::to_string(expert) + ", column " +
-         std::to_string(hit.index % cols);
-}
-
 std::string token_column(int64_t index, int64_t cols) {
   return "token " + std::to_string(index / cols) + ", column " + std::to_string(index % cols);
+}
+
+std::string token_slot(int64_t index, int64_t top_k) {
+  return "token " + std::to_string(index / top_k) + ", slot " + std::to_string(index % top_k);
 }
 
 std::string expert_row_column(int64_t index, int64_t rows, int64_t cols) {
@@ -84,4 +56,4 @@ std::string expert_row_column(int64_t index, int64_t rows, int64_t cols) {
          ", column " + std::to_string(index % cols);
 }
 
-}  // namespace moe_sft::layer
+}  // namespace moe_sft::checks

@@ -1,6 +1,6 @@
 // Router math. Scores are computed in double from the (exactly converted) f32/bf16 logits, so that a clean
 // row selects the same experts as a float64 reference even where two f32 scores would round to a tie.
-#include "layer/router.h"
+#include "router/router.h"
 
 #include <algorithm>
 #include <cmath>
@@ -8,7 +8,7 @@
 #include <numeric>
 #include <vector>
 
-namespace moe_sft::layer {
+namespace moe_sft::router {
 
 namespace {
 
@@ -141,4 +141,4 @@ template void route<bf16>(const RouterShape&, const bf16*, const float*, int64_t
 template void route_backward<float>(const RouterShape&, const float*, const int64_t*, const float*, float*);
 template void route_backward<bf16>(const RouterShape&, const bf16*, const int64_t*, const float*, float*);
 
-}  // namespace moe_sft::layer
+}  // namespace moe_sft::router

@@ -8,7 +8,7 @@
 
 #include "runtime/bf16.h"
 
-namespace moe_sft::layer {
+namespace moe_sft::router {
 
 enum class Scoring { softmax, sigmoid };
 
@@ -36,4 +36,4 @@ extern template void route<bf16>(const RouterShape&, const bf16*, const float*, 
 extern template void route_backward<float>(const RouterShape&, const float*, const int64_t*, const float*, float*);
 extern template void route_backward<bf16>(const RouterShape&, const bf16*, const int64_t*, const float*, float*);
 
-}  // namespace moe_sft::layer
+}  // namespace moe_sft::router

@@ -1,14 +1,14 @@
-// check_finite: scans for the first NaN/Inf in the layer's inputs, intermediates and outputs, and reports
-// it in the caller's coordinates (token / slot / expert / row / column) with the stage it appeared at, so
-// that "where did the first NaN come from" is one error message instead of eight hand-inserted probes.
+// check_finite: finds the first NaN/Inf in an array and reports it in the caller's coordinates (token,
+// column, expert, row) with the stage of the pass it appeared at, so that "where did the first NaN come
+// from" is one error message instead of hand-inserted probes. Serves the layer (inputs, intermediates,
+// outputs, weights at create), the router (logits) and the quantizer (weights to quantize).
 #pragma once
 #include <cstdint>
 #include <string>
 
-#include "layer/routing.h"
 #include "runtime/bf16.h"
 
-namespace moe_sft::layer {
+namespace moe_sft::checks {
 
 struct NonFinite {
   bool found = false;
@@ -20,11 +20,6 @@ struct NonFinite {
 NonFinite first_non_finite(const float* p, int64_t n);
 NonFinite first_non_finite(const bf16* p, int64_t n);
 
-// For [rows, cols] blocks in expert-sorted row order (ld = row stride): the non-finite element that comes
-// first in the caller's order (token, then slot, then column). index = row * cols + column.
-NonFinite first_non_finite_rows(const float* p, int64_t rows, int64_t cols, int64_t ld, const Routing& routing);
-NonFinite first_non_finite_rows(const bf16* p, int64_t rows, int64_t cols, int64_t ld, const Routing& routing);
-
 // A stage of a pass, as the message names it: "(stage 4 of 7: gate/up projection)".
 struct Stage {
   int number, of;
@@ -34,18 +29,18 @@ struct Stage {
 // Throws Error(MOE_SFT_ERR_NON_FINITE): "non-finite value nan in <tensor> at <where> (stage n of m: name)".
 [[noreturn]] void throw_non_finite(float value, const std::string& tensor, const std::string& where, Stage stage);
 
-// "token t, expert e, column c" for a hit in an expert-sorted block (index = row * cols + column).
-std::string row_position(const Routing& routing, const NonFinite& hit, int64_t cols);
 // "token t, column c" for an index into a [T, cols] array.
 std::string token_column(int64_t index, int64_t cols);
+// "token t, slot j" for an index into a [T, top_k] array.
+std::string token_slot(int64_t index, int64_t top_k);
 // "expert e, row i, column c" for an index into an [E, rows, cols] array.
 std::string expert_row_column(int64_t index, int64_t rows, int64_t cols);
 
-// For a [rows, cols] block in expert-sorted order: throws at its first bad element in the caller's order.
+// For a [T, cols] array (token order): throws at its first bad element.
 template <class T>
-void check_rows(const T* p, int64_t cols, const Routing& routing, const char* tensor, Stage stage) {
-  const NonFinite hit = first_non_finite_rows(p, routing.rows(), cols, cols, routing);
-  if (hit.found) throw_non_finite(hit.value, tensor, row_position(routing, hit, cols), stage);
+void check_tokens(const T* p, int64_t tokens, int64_t cols, const char* tensor, Stage stage) {
+  const NonFinite hit = first_non_finite(p, tokens * cols);
+  if (hit.found) throw_non_finite(hit.value, tensor, token_column(hit.index, cols), stage);
 }
 // For an [E, rows, cols] array (base and LoRA weights, LoRA grads).
 template <class T>
@@ -55,4 +50,4 @@ void check_expert_array(const T* p, int64_t experts, int64_t rows, int64_t cols,
   if (hit.found) throw_non_finite(hit.value, tensor, expert_row_column(hit.index, rows, cols), stage);
 }
 
-}  // namespace moe_sft::layer
+}  // namespace moe_sft::checks
