@@ -317,8 +317,8 @@ def test_enum_names_come_from_the_library():
 @pytest.mark.backend_independent
 def test_nanobind_enums_match_the_library_names():
     nanobind = _backend.load("nanobind")
-    for enum, lookup in ((nanobind.WeightFormat, nanobind.weight_format_name), (nanobind.Scoring, nanobind.scoring_name),
-                         (nanobind.DType, nanobind.dtype_name)):
+    for enum, lookup in ((nanobind.WeightFormat, nanobind.weight_format_name),
+                         (nanobind.Scoring, nanobind.scoring_name), (nanobind.DType, nanobind.dtype_name)):
         for member in enum:
             assert lookup(int(member)).lower() == member.name.lower()
     for member in nanobind.Status:

@@ -3,7 +3,7 @@
     layer = moe_sft.MoESFT(gate_proj, up_proj, down_proj, lora_rank=16, lora_alpha=32.0)
     layer.update_lora(gate_a, gate_b, up_a, up_b, down_a, down_b)   # kept by reference
     out = layer.forward(x, expert_ids, routing_weights, save_for_backward=True)
-    grads = layer.backward(grad_out)
+    grads = layer.backward(grad_out)             # or layer.discard_saved() when no backward will come
 
     expert_ids, routing_weights = moe_sft.route(gate_logits, top_k)           # NaN-safe top-k router
     grad_logits = moe_sft.route_backward(gate_logits, expert_ids, grads.routing_weights)

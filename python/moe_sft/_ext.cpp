@@ -2,9 +2,10 @@
 // the dtype, dimension count, C-contiguity and device (CPU) the ABI reads, so a wrong array is a TypeError
 // here rather than a bad pointer in the library. Every array argument is noconvert(): nanobind would otherwise
 // pass a converted copy, and the library writes outputs and reads bound LoRA arrays in place. bf16 arrays
-// cross as their uint16 bits (moe_sft._arrays makes that view without copying). A Layer owns its moe_sft_layer and keeps the bound LoRA arrays alive
-// for as long as the library reads them in place. Statuses are returned, not raised: moe_sft._errors turns
-// them into exceptions for this backend and the cffi one alike. Compute calls release the GIL.
+// cross as their uint16 bits (moe_sft._arrays makes that view without copying). A Layer owns its
+// moe_sft_layer and keeps the bound LoRA arrays alive for as long as the library reads them in place.
+// Statuses are returned, not raised: moe_sft._errors turns them into exceptions for this backend and the cffi
+// one alike. Compute calls release the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/array.h>

@@ -156,9 +156,10 @@ class BaseWeights:
         """The config's arrays by the backends' create() argument names: gate/up/down, their scales and zero
         points (None where the format has none; bf16 as its uint16 bits)."""
         weights, scales, zeros = zip(*(self.projections[n] for n in PROJECTIONS))
-        names = ("gate", "up", "down")
-        return {**{n: _bits(a) for n, a in zip(names, weights)}, **{f"{n}_scale": _bits(a) for n, a in zip(names, scales)},
-                **{f"{n}_zero": a for n, a in zip(names, zeros)}}
+        arrays = {}
+        for name, weight, scale, zero in zip(("gate", "up", "down"), weights, scales, zeros):
+            arrays.update({name: _bits(weight), f"{name}_scale": _bits(scale), f"{name}_zero": zero})
+        return arrays
 
 
 def from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size):
