@@ -139,8 +139,11 @@ def backend(request):
 
 
 class CurrentBackend:
-    """The pointer-level backend selected for the running test, looked up at each use (a module-level
-    ``from moe_sft._backend import backend`` would keep the one active at import)."""
+    """The C ABI at the pointer level (tests/c_abi.py: raw cffi, arrays as addresses), for the tests that send
+    NULLs, misaligned addresses and bad enum values as a C caller could; the moe_sft backends take typed
+    arrays and cannot. Imported at first use, so that a machine without cffi still runs the rest."""
 
     def __getattr__(self, name):
-        return getattr(_backend.backend, name)
+        pytest.importorskip("cffi", reason="the pointer-level tests reach the C ABI through cffi")
+        import c_abi
+        return getattr(c_abi, name)

@@ -406,7 +406,7 @@ PYTHON_CASES = [
     (lambda L: moe_sft.route(L, 2, scoring="tanh"), "scoring = 'tanh' is not one of 'softmax', 'sigmoid'"),
     (lambda L: moe_sft.route(L, 2, correction_bias=np.zeros(5)), "correction_bias has shape (5,); expected (6,)"),
     (lambda L: moe_sft.route(L, 2, correction_bias=bias_with(2, np.nan)),
-     "moe_sft_route: correction_bias[2] = nan is not finite"),
+     "moe_sft.route: correction_bias[2] = nan is not finite"),
     (lambda L: moe_sft.route_backward(L, np.zeros((4, 2), np.int64), np.zeros((5, 2))),
      "expert_ids has shape (4, 2); expected [5, top_k]"),
     (lambda L: moe_sft.route_backward(L, np.zeros((5, 2)), np.zeros((5, 2))), "expert_ids has dtype float64"),
@@ -415,7 +415,7 @@ PYTHON_CASES = [
     (lambda L: moe_sft.route_backward(L, np.zeros((5, 7), np.int64), np.zeros((5, 7))),
      "top_k = 7 is out of range [1, 6]"),
     (lambda L: moe_sft.route_backward(L, np.full((5, 2), 6), np.zeros((5, 2))),
-     "moe_sft_route_backward: expert_ids[0, 0] = 6 is out of range [0, 6)"),
+     "moe_sft.route_backward: expert_ids[0, 0] = 6 is out of range [0, 6)"),
 ]
 
 

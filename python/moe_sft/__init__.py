@@ -3,7 +3,7 @@
     layer = moe_sft.MoESFT(gate_proj, up_proj, down_proj, lora_rank=16, lora_alpha=32.0)
     layer.update_lora(gate_a, gate_b, up_a, up_b, down_a, down_b)   # kept by reference
     out = layer.forward(x, expert_ids, routing_weights, save_for_backward=True)
-    grads = layer.backward(grad_out)
+    grads = layer.backward(grad_out)             # or layer.discard_saved() when no backward will come
 
     expert_ids, routing_weights = moe_sft.route(gate_logits, top_k)           # NaN-safe top-k router
     grad_logits = moe_sft.route_backward(gate_logits, expert_ids, grads.routing_weights)
@@ -15,17 +15,17 @@
 """
 from . import _backend
 from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
-from ._errors import InvalidArgumentError, MoESFTError, error_for
+from ._errors import (CacheEmptyError, CacheFullError, InternalError, InvalidArgumentError, MoESFTError,
+                      NonFiniteError, OutOfMemoryError, UnsupportedError, error_for)
 from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
 from ._quantize import QuantizedWeight, dequantize, quantize
 from ._router import route, route_backward
 
-__version__ = "0.3.0"
-
-__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "bfloat16", "quantize", "dequantize",
-           "QuantizedWeight", "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor", "BadGroup",
-           "get_include", "get_library", "library_version", "backend", "isa", "__version__"]
+__all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "OutOfMemoryError", "CacheFullError",
+           "CacheEmptyError", "NonFiniteError", "UnsupportedError", "InternalError", "bfloat16", "quantize",
+           "dequantize", "QuantizedWeight", "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor",
+           "BadGroup", "get_include", "get_library", "library_version", "backend", "isa", "__version__"]
 
 
 def isa():
@@ -41,6 +41,11 @@ def library_version():
     """Version of the loaded C library as (major, minor, patch)."""
     v = _backend.backend.version()
     return (v // 10000, v // 100 % 100, v % 100)
+
+
+# The version is written once, in moe_sft.h (MOE_SFT_VERSION_MAJOR/MINOR/PATCH); the package metadata is read
+# from there at build time (pyproject.toml), and the package reports the library it loaded.
+__version__ = ".".join(map(str, library_version()))
 
 
 def backend():

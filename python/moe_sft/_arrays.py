@@ -1,22 +1,37 @@
 """Checks and conversions of the numpy arrays that cross into the library, and of its statuses, shared by the
-layer, the router and quantization: each names the argument at fault, and yields arrays whose address the C
-ABI can read as is."""
+layer, the router and quantization: each names the argument at fault, and yields arrays the backend can hand
+to the C ABI as they are (bf16 crosses as its uint16 bits, see ``_bits``)."""
+import functools
+
 import ml_dtypes
 import numpy as np
 
 from . import _backend
-from ._errors import error_for, invalid
+from ._errors import error_for, invalid, python_message
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _check(status):
     if status != 0:
-        raise error_for(status, _backend.backend.last_error())
+        raise error_for(status, python_message(_backend.backend.last_error()))
 
 
-def _address(a):
-    return a.__array_interface__["data"][0] if a.size else 0
+@functools.lru_cache(maxsize=None)
+def enum_codes(kind):
+    """{name: code} of one of the ABI's enums ("weight_format", "dtype", "scoring"), from the library's own
+    name function (moe_sft_<kind>_name), for codes 0, 1, ... until it names none."""
+    lookup = getattr(_backend.backend, f"{kind}_name")
+    codes = {}
+    while (name := lookup(len(codes))) is not None:
+        codes[name] = len(codes)
+    return codes
+
+
+def _bits(a):
+    """A bf16 array as the uint16 view the backends take (no copy; the view keeps ``a`` alive); other
+    arrays as they are."""
+    return a.view(np.uint16) if a is not None and a.dtype == bfloat16 else a
 
 
 def _as_bf16(a, name, shape=None):

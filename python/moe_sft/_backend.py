@@ -1,8 +1,10 @@
 """The backend that reaches libmoe_sft: the nanobind extension module or cffi.
 
-A backend exposes the C ABI one-to-one with arrays passed by address (see ``_ext.cpp`` and
-``_cffi_backend.py``); ``_layer`` is the only user and checks every array before its address crosses. Both
-load the same library file, so a process holds one copy of the library whichever backends it imports.
+A backend exposes the C ABI function by function, with numpy arrays for pointers, a Layer object that owns a
+moe_sft_layer (and keeps its bound LoRA arrays alive) and statuses as return values (see ``_ext.cpp`` and
+``_cffi_backend.py``, which mirror each other). ``_layer``, ``_router`` and ``_quantize`` are its users: they
+check every array (naming the argument) and turn statuses into exceptions. Both load the same library file,
+so a process holds one copy of the library whichever backends it imports.
 
 The environment variable MOE_SFT_BACKEND=nanobind|cffi forces one, read when moe_sft is imported; without it
 nanobind is used when its module imports, cffi otherwise.

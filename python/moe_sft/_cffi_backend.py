@@ -2,17 +2,21 @@
 
 The declarations are the installed header's own CDEF block, given to ffi.cdef() unchanged, so this module
 cannot drift from the ABI; the library is the one installed next to the nanobind module. The functions
-mirror ``_ext.cpp`` exactly (same names, arguments and return values; arrays as integer addresses). cffi
-releases the GIL for the duration of every ABI-mode call, as the nanobind module does for compute calls.
+mirror ``_ext.cpp`` (same names, arguments and return values): numpy arrays in, statuses out. The arrays
+come checked from moe_sft._layer / _router / _quantize (dtype, shape, C-contiguity); here they only become
+pointers. A Layer owns its moe_sft_layer and keeps the bound LoRA arrays alive. cffi releases the GIL for
+the duration of every ABI-mode call.
 """
 import os as _os
 
 import cffi as _cffi
+import numpy as _np
 
 from . import _paths
 
-__all__ = ["create", "destroy", "update_lora", "forward", "backward", "route", "route_backward", "quantize",
-           "weight_format_name", "cache_depth", "layer_isa", "isa", "status_string", "last_error", "version"]
+__all__ = ["Layer", "create", "destroy", "update_lora", "forward", "backward", "discard_saved", "cache_depth",
+           "layer_isa", "route", "route_backward", "quantize", "isa", "status_string", "weight_format_name",
+           "dtype_name", "scoring_name", "last_error", "version"]
 
 CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
 CDEF_END = "/* MOE_SFT_CDEF_END */"
@@ -33,110 +37,144 @@ _ffi.cdef(declarations(_os.path.join(_paths.get_include(), "moe_sft.h")))
 _lib = _ffi.dlopen(_paths.get_library())
 
 
-def _layer(address):
-    return _ffi.cast("moe_sft_layer *", address)
+def _ptr(ctype, a):
+    """A C pointer to array a's data; None and empty arrays are NULL, as a C caller with nothing would send."""
+    if a is None or a.size == 0:
+        return _ffi.NULL
+    return _ffi.cast(ctype, a.__array_interface__["data"][0])
 
 
-def _format(weight_format):
-    """An int as moe_sft_weight_format: cffi refuses negative ints for an enum of non-negative values (the C
-    library reports any value outside the enum, as it does for the nanobind module's plain int conversion)."""
-    return _ffi.cast("moe_sft_weight_format", weight_format)
+def _dtype(a):
+    if a.dtype == _np.float32:
+        return _lib.MOE_SFT_DTYPE_F32
+    if a.dtype == _np.uint16:
+        return _lib.MOE_SFT_DTYPE_BF16
+    raise TypeError("arrays must be float32 or bf16 bits (uint16)")
 
 
 def _text(char_pointer):
     return _ffi.string(char_pointer).decode("utf-8", "replace") if char_pointer != _ffi.NULL else ""
 
 
-def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_threads, tp_count, gate, up, down,
-           check_finite, weight_format, group_size, prequantized, gate_scale, up_scale, down_scale, gate_zero, up_zero,
-           down_zero):
-    """The config's fields in its order; addresses of 0 are NULL."""
+def _name(char_pointer):
+    return None if char_pointer == _ffi.NULL else _text(char_pointer)
+
+
+def _not_copyable(*_):
+    raise TypeError("a moe_sft layer owns library memory and cannot be copied or pickled")
+
+
+class Layer:
+    """A moe_sft_layer; made by create(), freed with its last reference or destroy()."""
+
+    __copy__ = __deepcopy__ = __reduce__ = __reduce_ex__ = _not_copyable
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.lora = None  # the bound LoRA arrays: the library reads them in place at every call
+
+    def __del__(self):
+        destroy(self)
+
+    def live(self):
+        if self.handle is None:
+            raise ValueError("the layer is closed")
+        return self.handle
+
+
+def create(experts, hidden, intermediate, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count,
+           check_finite, weight_format, group_size, prequantized, gate, up, down, gate_scale=None, up_scale=None,
+           down_scale=None, gate_zero=None, up_zero=None, down_zero=None):
     cfg = _ffi.new("moe_sft_config *")
     _lib.moe_sft_config_init(cfg)
-    cfg.expert_num = experts
-    cfg.hidden_size = hidden
-    cfg.intermediate_size = intermediate
-    cfg.lora_rank = rank
-    cfg.lora_alpha = alpha
-    cfg.max_cache_depth = max_cache_depth
-    cfg.num_threads = num_threads
-    cfg.tp_count = tp_count
-    cfg.gate_proj, cfg.up_proj, cfg.down_proj, cfg.gate_scale, cfg.up_scale, cfg.down_scale = (
-        _ffi.cast("const void *", a) for a in (gate, up, down, gate_scale, up_scale, down_scale))
-    if check_finite >= 0:  # else the library's default (MOE_SFT_CHECK_FINITE)
-        cfg.check_finite = check_finite
-    cfg.weight_format = _format(weight_format)
-    cfg.group_size = group_size
-    cfg.prequantized = prequantized
-    cfg.gate_zero, cfg.up_zero, cfg.down_zero = (
-        _ffi.cast("const uint8_t *", a) for a in (gate_zero, up_zero, down_zero))
+    cfg.expert_num, cfg.hidden_size, cfg.intermediate_size = experts, hidden, intermediate
+    cfg.lora_rank, cfg.lora_alpha, cfg.max_cache_depth = lora_rank, lora_alpha, max_cache_depth
+    cfg.num_threads, cfg.tp_count = num_threads, tp_count
+    if check_finite is not None:  # else the library's default (MOE_SFT_CHECK_FINITE)
+        cfg.check_finite = int(check_finite)
+    cfg.weight_format, cfg.group_size, cfg.prequantized = weight_format, group_size, int(prequantized)
+    cfg.gate_proj, cfg.up_proj, cfg.down_proj = (_ptr("const void *", a) for a in (gate, up, down))
+    cfg.gate_scale, cfg.up_scale, cfg.down_scale = (_ptr("const void *", a) for a in (gate_scale, up_scale, down_scale))
+    cfg.gate_zero, cfg.up_zero, cfg.down_zero = (_ptr("const uint8_t *", a) for a in (gate_zero, up_zero, down_zero))
     out = _ffi.new("moe_sft_layer **")
     status = _lib.moe_sft_create(cfg, out)
-    return status, int(_ffi.cast("uintptr_t", out[0]))
+    return status, (Layer(out[0]) if status == 0 else None)
 
 
 def destroy(layer):
-    _lib.moe_sft_destroy(_layer(layer))
+    if layer.handle is not None:
+        _lib.moe_sft_destroy(layer.handle)
+    layer.handle, layer.lora = None, None
 
 
-def update_lora(layer, dtype, gate_a, gate_b, up_a, up_b, down_a, down_b):
-    lora = _ffi.new("moe_sft_lora *", {"dtype": dtype})
-    lora.gate_a, lora.gate_b, lora.up_a, lora.up_b, lora.down_a, lora.down_b = (
-        _ffi.cast("const void *", a) for a in (gate_a, gate_b, up_a, up_b, down_a, down_b))
-    return _lib.moe_sft_update_lora(_layer(layer), lora)
+def update_lora(layer, arrays):
+    """Binds six arrays of one dtype (float32, or bf16 bits as uint16), or unbinds with None."""
+    if arrays is None:
+        status = _lib.moe_sft_update_lora(layer.live(), _ffi.NULL)
+    else:
+        arrays = tuple(arrays)
+        if len(arrays) != 6 or any(a.dtype != arrays[0].dtype for a in arrays):
+            raise TypeError("update_lora takes six LoRA arrays of one dtype")
+        lora = _ffi.new("moe_sft_lora *", {"dtype": _dtype(arrays[0])})
+        lora.gate_a, lora.gate_b, lora.up_a, lora.up_b, lora.down_a, lora.down_b = (
+            _ptr("const void *", a) for a in arrays)
+        status = _lib.moe_sft_update_lora(layer.live(), lora)
+    if status == 0:
+        layer.lora = arrays
+    return status
 
 
-def forward(layer, qlen, top_k, ids, weights, input_, output, save):
-    return _lib.moe_sft_forward(_layer(layer), qlen, top_k, _ffi.cast("const int64_t *", ids),
-                                _ffi.cast("const float *", weights), _ffi.cast("const uint16_t *", input_),
-                                _ffi.cast("uint16_t *", output), save)
+def forward(layer, expert_ids, routing_weights, input, output, save_for_backward):
+    qlen, top_k = expert_ids.shape
+    return _lib.moe_sft_forward(layer.live(), qlen, top_k, _ptr("const int64_t *", expert_ids),
+                                _ptr("const float *", routing_weights), _ptr("const uint16_t *", input),
+                                _ptr("uint16_t *", output), int(save_for_backward))
 
 
-def backward(layer, grad_output, grad_input, grad_weights, gate_a, gate_b, up_a, up_b, down_a, down_b, accumulate):
-    """grads: six addresses, or all zero for "no LoRA grads" (NULL)."""
-    addresses = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+def backward(layer, grad_output, grad_input, grad_routing_weights, lora_grads, accumulate):
+    """lora_grads: six float32 arrays, or None to skip the LoRA grads."""
     grads = _ffi.NULL
-    if any(addresses):
+    if lora_grads is not None:
         grads = _ffi.new("moe_sft_lora_grads *")
         grads.gate_a, grads.gate_b, grads.up_a, grads.up_b, grads.down_a, grads.down_b = (
-            _ffi.cast("float *", a) for a in addresses)
-    return _lib.moe_sft_backward(_layer(layer), _ffi.cast("const uint16_t *", grad_output),
-                                 _ffi.cast("uint16_t *", grad_input), _ffi.cast("float *", grad_weights), grads,
-                                 accumulate)
+            _ptr("float *", a) for a in lora_grads)
+    return _lib.moe_sft_backward(layer.live(), _ptr("const uint16_t *", grad_output), _ptr("uint16_t *", grad_input),
+                                 _ptr("float *", grad_routing_weights), grads, int(accumulate))
 
 
-def route(qlen, experts, top_k, dtype, logits, scoring, renormalize, bias, ids, weights):
-    return _lib.moe_sft_route(qlen, experts, top_k, dtype, _ffi.cast("const void *", logits), scoring, renormalize,
-                              _ffi.cast("const float *", bias), _ffi.cast("int64_t *", ids),
-                              _ffi.cast("float *", weights))
-
-
-def route_backward(qlen, experts, top_k, dtype, logits, scoring, renormalize, ids, grad_weights, grad_logits):
-    return _lib.moe_sft_route_backward(qlen, experts, top_k, dtype, _ffi.cast("const void *", logits), scoring,
-                                       renormalize, _ffi.cast("const int64_t *", ids),
-                                       _ffi.cast("const float *", grad_weights), _ffi.cast("float *", grad_logits))
-
-
-def quantize(weight_format, group_size, rows, cols, w, weights, scale, zero):
-    return _lib.moe_sft_quantize(_format(weight_format), group_size, rows, cols, _ffi.cast("const uint16_t *", w),
-                                 _ffi.cast("void *", weights), _ffi.cast("float *", scale),
-                                 _ffi.cast("uint8_t *", zero))
-
-
-def weight_format_name(weight_format):
-    """None for a value that names no format."""
-    name = _lib.moe_sft_weight_format_name(_format(weight_format))
-    return _text(name) if name != _ffi.NULL else None
+def discard_saved(layer, n):
+    return _lib.moe_sft_discard_saved(layer.live(), n)
 
 
 def cache_depth(layer):
     depth = _ffi.new("int32_t *")
-    status = _lib.moe_sft_cache_depth(_layer(layer), depth)
+    status = _lib.moe_sft_cache_depth(layer.live(), depth)
     return status, depth[0]
 
 
 def layer_isa(layer):
-    return _text(_lib.moe_sft_layer_isa(_layer(layer)))
+    return _text(_lib.moe_sft_layer_isa(layer.live()))
+
+
+def route(logits, scoring, renormalize, correction_bias, expert_ids, routing_weights):
+    (qlen, experts), top_k = logits.shape, expert_ids.shape[1]
+    return _lib.moe_sft_route(qlen, experts, top_k, _dtype(logits), _ptr("const void *", logits), scoring,
+                              int(renormalize), _ptr("const float *", correction_bias),
+                              _ptr("int64_t *", expert_ids), _ptr("float *", routing_weights))
+
+
+def route_backward(logits, scoring, renormalize, expert_ids, grad_routing_weights, grad_logits):
+    (qlen, experts), top_k = logits.shape, expert_ids.shape[1]
+    return _lib.moe_sft_route_backward(qlen, experts, top_k, _dtype(logits), _ptr("const void *", logits), scoring,
+                                       int(renormalize), _ptr("const int64_t *", expert_ids),
+                                       _ptr("const float *", grad_routing_weights), _ptr("float *", grad_logits))
+
+
+def quantize(weight_format, group_size, w, weights, scale, zero):
+    """w [rows, cols] as bf16 bits; weights, scale, zero in weight_format's layout (None where it has none)."""
+    rows, cols = w.shape
+    return _lib.moe_sft_quantize(weight_format, group_size, rows, cols, _ptr("const uint16_t *", w),
+                                 _ptr("void *", weights), _ptr("float *", scale), _ptr("uint8_t *", zero))
 
 
 def isa():
@@ -145,8 +183,22 @@ def isa():
     return status, _text(name[0])
 
 
+# Name lookups take plain ints so that a caller can probe values the enums do not hold (cffi refuses
+# negative ints for an enum of non-negative values, hence the casts).
 def status_string(status):
-    return _text(_lib.moe_sft_status_string(status))
+    return _text(_lib.moe_sft_status_string(_ffi.cast("moe_sft_status", status)))
+
+
+def weight_format_name(value):
+    return _name(_lib.moe_sft_weight_format_name(_ffi.cast("moe_sft_weight_format", value)))
+
+
+def dtype_name(value):
+    return _name(_lib.moe_sft_dtype_name(_ffi.cast("moe_sft_dtype", value)))
+
+
+def scoring_name(value):
+    return _name(_lib.moe_sft_scoring_name(_ffi.cast("moe_sft_scoring", value)))
 
 
 def last_error():

@@ -1,12 +1,19 @@
-// nanobind backend: a one-to-one binding of the C ABI in moe_sft.h, nothing more. Arrays cross as
-// addresses (the Python layer checks shapes, dtypes and contiguity and keeps the arrays alive), so this
-// module and the cffi backend present the same pointer-level interface to moe_sft._layer. Every compute
-// call releases the GIL.
+// nanobind backend: the C ABI of moe_sft.h with typed arguments. Arrays cross as nb::ndarray, constrained to
+// the dtype, dimension count, C-contiguity and device (CPU) the ABI reads, so a wrong array is a TypeError
+// here rather than a bad pointer in the library. Every array argument is noconvert(): nanobind would otherwise
+// pass a converted copy, and the library writes outputs and reads bound LoRA arrays in place. bf16 arrays
+// cross as their uint16 bits (moe_sft._arrays makes that view without copying). A Layer owns its
+// moe_sft_layer and keeps the bound LoRA arrays alive for as long as the library reads them in place.
+// Statuses are returned, not raised: moe_sft._errors turns them into exceptions for this backend and the cffi
+// one alike. Compute calls release the GIL.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -17,125 +24,279 @@ namespace nb = nanobind;
 
 namespace {
 
-template <class T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
+template <class T, class... Extra>
+using Array = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
+using AnyIn = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;  // dtype judged by the library's format
+using Weights3 = nb::ndarray<nb::ro, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+using Bf16In = Array<const uint16_t, nb::ndim<2>>;
+using Bf16Out = Array<uint16_t, nb::ndim<2>>;
+using LoraIn = Weights3;  // float32, or bf16 as uint16 bits
+using LoraGrad = Array<float, nb::ndim<3>>;
+using AnyOut = nb::ndarray<nb::c_contig, nb::device::cpu>;
+
+// An empty array reaches the library as NULL, as a C caller with nothing to pass would send it.
+template <class A>
+auto data(const A& a) -> decltype(a.data()) {
+  return a.size() ? a.data() : nullptr;
+}
+template <class A>
+const void* data(const std::optional<A>& a) {
+  return a ? static_cast<const void*>(data(*a)) : nullptr;
 }
 
-// The config's fields in its order; addresses of 0 are NULL.
-std::pair<int, uintptr_t> create(int32_t experts, int32_t hidden, int32_t intermediate, int32_t rank, float alpha,
-                                 int32_t max_cache_depth, int32_t num_threads, int32_t tp_count, uintptr_t gate,
-                                 uintptr_t up, uintptr_t down, int32_t check_finite, int32_t weight_format,
-                                 int32_t group_size, int32_t prequantized, uintptr_t gate_scale, uintptr_t up_scale,
-                                 uintptr_t down_scale, uintptr_t gate_zero, uintptr_t up_zero, uintptr_t down_zero) {
+// The ABI dtype of an array of float32 or of bf16 bits (uint16).
+template <class A>
+moe_sft_dtype dtype_of(const A& a, const char* what) {
+  if (a.dtype() == nb::dtype<float>()) return MOE_SFT_DTYPE_F32;
+  if (a.dtype() == nb::dtype<uint16_t>()) return MOE_SFT_DTYPE_BF16;
+  throw nb::type_error((std::string(what) + " must be float32 or bf16 bits (uint16)").c_str());
+}
+
+struct Layer {
+  moe_sft_layer* handle = nullptr;
+  // The bound LoRA arrays: the library keeps their addresses and reads them at every call.
+  std::optional<std::array<LoraIn, 6>> lora;
+  ~Layer() { moe_sft_destroy(handle); }
+};
+
+moe_sft_layer* live(Layer& layer) {
+  if (!layer.handle) throw nb::value_error("the layer is closed");
+  return layer.handle;
+}
+
+std::pair<int, nb::object> create(int32_t experts, int32_t hidden, int32_t intermediate, int32_t lora_rank,
+                                  float lora_alpha, int32_t max_cache_depth, int32_t num_threads, int32_t tp_count,
+                                  std::optional<bool> check_finite, moe_sft_weight_format weight_format,
+                                  int32_t group_size, bool prequantized, Weights3 gate, Weights3 up, Weights3 down,
+                                  std::optional<AnyIn> gate_scale, std::optional<AnyIn> up_scale,
+                                  std::optional<AnyIn> down_scale, std::optional<Array<const uint8_t>> gate_zero,
+                                  std::optional<Array<const uint8_t>> up_zero,
+                                  std::optional<Array<const uint8_t>> down_zero) {
   moe_sft_config cfg;
   moe_sft_config_init(&cfg);
   cfg.expert_num = experts;
   cfg.hidden_size = hidden;
   cfg.intermediate_size = intermediate;
-  cfg.lora_rank = rank;
-  cfg.lora_alpha = alpha;
+  cfg.lora_rank = lora_rank;
+  cfg.lora_alpha = lora_alpha;
   cfg.max_cache_depth = max_cache_depth;
   cfg.num_threads = num_threads;
   cfg.tp_count = tp_count;
-  cfg.gate_proj = ptr<const void>(gate);
-  cfg.up_proj = ptr<const void>(up);
-  cfg.down_proj = ptr<const void>(down);
-  if (check_finite >= 0) cfg.check_finite = check_finite;  // else the library's default (MOE_SFT_CHECK_FINITE)
-  cfg.weight_format = moe_sft_weight_format(weight_format);
+  cfg.gate_proj = data(gate);
+  cfg.up_proj = data(up);
+  cfg.down_proj = data(down);
+  if (check_finite) cfg.check_finite = *check_finite;  // else the library's default (MOE_SFT_CHECK_FINITE)
+  cfg.weight_format = weight_format;
   cfg.group_size = group_size;
   cfg.prequantized = prequantized;
-  cfg.gate_scale = ptr<const void>(gate_scale);
-  cfg.up_scale = ptr<const void>(up_scale);
-  cfg.down_scale = ptr<const void>(down_scale);
-  cfg.gate_zero = ptr<const uint8_t>(gate_zero);
-  cfg.up_zero = ptr<const uint8_t>(up_zero);
-  cfg.down_zero = ptr<const uint8_t>(down_zero);
-  moe_sft_layer* layer = nullptr;
-  moe_sft_status status = moe_sft_create(&cfg, &layer);
-  return {int(status), reinterpret_cast<uintptr_t>(layer)};
+  cfg.gate_scale = data(gate_scale);
+  cfg.up_scale = data(up_scale);
+  cfg.down_scale = data(down_scale);
+  cfg.gate_zero = static_cast<const uint8_t*>(data(gate_zero));
+  cfg.up_zero = static_cast<const uint8_t*>(data(up_zero));
+  cfg.down_zero = static_cast<const uint8_t*>(data(down_zero));
+  moe_sft_layer* handle = nullptr;
+  moe_sft_status status;
+  {
+    nb::gil_scoped_release release;
+    status = moe_sft_create(&cfg, &handle);
+  }
+  if (status != MOE_SFT_OK) return {status, nb::none()};
+  auto* layer = new Layer;
+  layer->handle = handle;
+  return {status, nb::cast(layer, nb::rv_policy::take_ownership)};
 }
 
-int update_lora(uintptr_t layer, int dtype, uintptr_t gate_a, uintptr_t gate_b, uintptr_t up_a, uintptr_t up_b,
-                uintptr_t down_a, uintptr_t down_b) {
-  moe_sft_lora lora{moe_sft_dtype(dtype),   ptr<const void>(gate_a), ptr<const void>(gate_b),
-                    ptr<const void>(up_a),  ptr<const void>(up_b),   ptr<const void>(down_a),
-                    ptr<const void>(down_b)};
-  return moe_sft_update_lora(ptr<moe_sft_layer>(layer), &lora);
+// Frees the library's layer now (the Layer object itself goes with its last reference).
+void destroy(Layer& layer) {
+  moe_sft_destroy(layer.handle);
+  layer.handle = nullptr;
+  layer.lora.reset();
 }
 
-int forward(uintptr_t layer, int64_t qlen, int32_t top_k, uintptr_t ids, uintptr_t weights, uintptr_t input,
-            uintptr_t output, int save) {
-  return moe_sft_forward(ptr<moe_sft_layer>(layer), qlen, top_k, ptr<const int64_t>(ids), ptr<const float>(weights),
-                         ptr<const uint16_t>(input), ptr<uint16_t>(output), save);
+// Binds six arrays of one dtype (float32, or bf16 bits as uint16), or unbinds with None.
+int update_lora(Layer& layer, std::optional<std::array<LoraIn, 6>> arrays) {
+  moe_sft_layer* handle = live(layer);
+  if (!arrays) {
+    const moe_sft_status status = moe_sft_update_lora(handle, nullptr);
+    if (status == MOE_SFT_OK) layer.lora.reset();
+    return status;
+  }
+  moe_sft_lora lora{};
+  lora.dtype = dtype_of((*arrays)[0], "LoRA arrays");
+  for (const LoraIn& a : *arrays) {
+    if (a.dtype() != (*arrays)[0].dtype()) throw nb::type_error("the six LoRA arrays must share one dtype");
+  }
+  const void** fields[6] = {&lora.gate_a, &lora.gate_b, &lora.up_a, &lora.up_b, &lora.down_a, &lora.down_b};
+  for (int i = 0; i < 6; ++i) *fields[i] = data((*arrays)[i]);
+  const moe_sft_status status = moe_sft_update_lora(handle, &lora);
+  if (status == MOE_SFT_OK) layer.lora = std::move(arrays);
+  return status;
 }
 
-// grads: six addresses, or all zero for "no LoRA grads".
-int backward(uintptr_t layer, uintptr_t grad_output, uintptr_t grad_input, uintptr_t grad_weights, uintptr_t gate_a,
-             uintptr_t gate_b, uintptr_t up_a, uintptr_t up_b, uintptr_t down_a, uintptr_t down_b, int accumulate) {
-  moe_sft_lora_grads grads{ptr<float>(gate_a), ptr<float>(gate_b), ptr<float>(up_a),
-                           ptr<float>(up_b),   ptr<float>(down_a), ptr<float>(down_b)};
-  const bool none = !gate_a && !gate_b && !up_a && !up_b && !down_a && !down_b;
-  return moe_sft_backward(ptr<moe_sft_layer>(layer), ptr<const uint16_t>(grad_output), ptr<uint16_t>(grad_input),
-                          ptr<float>(grad_weights), none ? nullptr : &grads, accumulate);
+int forward(Layer& layer, Array<const int64_t, nb::ndim<2>> expert_ids,
+            Array<const float, nb::ndim<2>> routing_weights, Bf16In input, Bf16Out output, bool save_for_backward) {
+  moe_sft_layer* handle = live(layer);
+  if (routing_weights.shape(0) != expert_ids.shape(0) || routing_weights.shape(1) != expert_ids.shape(1) ||
+      input.shape(0) != expert_ids.shape(0) || output.shape(0) != input.shape(0) ||
+      output.shape(1) != input.shape(1)) {
+    throw nb::value_error("forward: expert_ids and routing_weights must be [T, k], input and output [T, H]");
+  }
+  nb::gil_scoped_release release;
+  return moe_sft_forward(handle, int64_t(expert_ids.shape(0)), int32_t(expert_ids.shape(1)), data(expert_ids),
+                         data(routing_weights), data(input), data(output), save_for_backward);
 }
 
-std::pair<int, int32_t> cache_depth(uintptr_t layer) {
+// lora_grads: six float32 arrays, or None to skip the LoRA grads.
+int backward(Layer& layer, Bf16In grad_output, Bf16Out grad_input,
+             std::optional<Array<float, nb::ndim<2>>> grad_routing_weights,
+             std::optional<std::array<LoraGrad, 6>> lora_grads, bool accumulate) {
+  moe_sft_layer* handle = live(layer);
+  if (grad_input.shape(0) != grad_output.shape(0) || grad_input.shape(1) != grad_output.shape(1)) {
+    throw nb::value_error("backward: grad_output and grad_input must have one shape");
+  }
+  moe_sft_lora_grads grads{};
+  if (lora_grads) {
+    float** fields[6] = {&grads.gate_a, &grads.gate_b, &grads.up_a, &grads.up_b, &grads.down_a, &grads.down_b};
+    for (int i = 0; i < 6; ++i) *fields[i] = data((*lora_grads)[i]);
+  }
+  float* grad_weights = grad_routing_weights ? data(*grad_routing_weights) : nullptr;
+  nb::gil_scoped_release release;
+  return moe_sft_backward(handle, data(grad_output), data(grad_input), grad_weights, lora_grads ? &grads : nullptr,
+                          accumulate);
+}
+
+int discard_saved(Layer& layer, int32_t n) { return moe_sft_discard_saved(live(layer), n); }
+
+std::pair<int, int32_t> cache_depth(Layer& layer) {
   int32_t depth = 0;
-  int status = moe_sft_cache_depth(ptr<const moe_sft_layer>(layer), &depth);
+  const int status = moe_sft_cache_depth(live(layer), &depth);
   return {status, depth};
 }
 
-int route(int64_t qlen, int32_t experts, int32_t top_k, int dtype, uintptr_t logits, int scoring, int renormalize,
-          uintptr_t bias, uintptr_t ids, uintptr_t weights) {
-  return moe_sft_route(qlen, experts, top_k, moe_sft_dtype(dtype), ptr<const void>(logits), moe_sft_scoring(scoring),
-                       renormalize, ptr<const float>(bias), ptr<int64_t>(ids), ptr<float>(weights));
+std::string layer_isa(Layer& layer) {
+  const char* name = moe_sft_layer_isa(live(layer));
+  return name ? name : "";
 }
 
-int route_backward(int64_t qlen, int32_t experts, int32_t top_k, int dtype, uintptr_t logits, int scoring,
-                   int renormalize, uintptr_t ids, uintptr_t grad_weights, uintptr_t grad_logits) {
-  return moe_sft_route_backward(qlen, experts, top_k, moe_sft_dtype(dtype), ptr<const void>(logits),
-                                moe_sft_scoring(scoring), renormalize, ptr<const int64_t>(ids),
-                                ptr<const float>(grad_weights), ptr<float>(grad_logits));
+int route(AnyIn logits, moe_sft_scoring scoring, bool renormalize,
+          std::optional<Array<const float, nb::ndim<1>>> correction_bias, Array<int64_t, nb::ndim<2>> expert_ids,
+          Array<float, nb::ndim<2>> routing_weights) {
+  if (logits.ndim() != 2 || expert_ids.shape(0) != logits.shape(0) || routing_weights.shape(0) != logits.shape(0) ||
+      routing_weights.shape(1) != expert_ids.shape(1)) {
+    throw nb::value_error("route: logits must be [T, E], expert_ids and routing_weights [T, k]");
+  }
+  const float* bias = correction_bias ? data(*correction_bias) : nullptr;
+  const moe_sft_dtype dtype = dtype_of(logits, "logits");
+  nb::gil_scoped_release release;
+  return moe_sft_route(int64_t(logits.shape(0)), int32_t(logits.shape(1)), int32_t(expert_ids.shape(1)), dtype,
+                       data(logits), scoring, renormalize, bias, data(expert_ids), data(routing_weights));
 }
 
-int quantize(int32_t weight_format, int32_t group_size, int64_t rows, int64_t cols, uintptr_t w, uintptr_t weights,
-             uintptr_t scale, uintptr_t zero) {
-  return moe_sft_quantize(moe_sft_weight_format(weight_format), group_size, rows, cols, ptr<const uint16_t>(w),
-                          ptr<void>(weights), ptr<float>(scale), ptr<uint8_t>(zero));
+int route_backward(AnyIn logits, moe_sft_scoring scoring, bool renormalize,
+                   Array<const int64_t, nb::ndim<2>> expert_ids, Array<const float, nb::ndim<2>> grad_routing_weights,
+                   Array<float, nb::ndim<2>> grad_logits) {
+  if (logits.ndim() != 2 || expert_ids.shape(0) != logits.shape(0) ||
+      grad_routing_weights.shape(0) != logits.shape(0) || grad_routing_weights.shape(1) != expert_ids.shape(1) ||
+      grad_logits.shape(0) != logits.shape(0) || grad_logits.shape(1) != logits.shape(1)) {
+    throw nb::value_error("route_backward: logits and grad_logits must be [T, E], the others [T, k]");
+  }
+  const moe_sft_dtype dtype = dtype_of(logits, "logits");
+  nb::gil_scoped_release release;
+  return moe_sft_route_backward(int64_t(logits.shape(0)), int32_t(logits.shape(1)), int32_t(expert_ids.shape(1)),
+                                dtype, data(logits), scoring, renormalize, data(expert_ids),
+                                data(grad_routing_weights), data(grad_logits));
 }
 
-// None for a value that names no format.
-std::optional<std::string> weight_format_name(int32_t weight_format) {
-  const char* name = moe_sft_weight_format_name(moe_sft_weight_format(weight_format));
+// w [rows, cols] as bf16 bits; weights, scale, zero in weight_format's layout (None where it has none).
+int quantize(moe_sft_weight_format weight_format, int32_t group_size, Array<const uint16_t, nb::ndim<2>> w,
+             std::optional<AnyOut> weights, std::optional<Array<float>> scale,
+             std::optional<Array<uint8_t>> zero) {
+  void* weights_data = weights ? data(*weights) : nullptr;
+  float* scale_data = scale ? data(*scale) : nullptr;
+  uint8_t* zero_data = zero ? data(*zero) : nullptr;
+  nb::gil_scoped_release release;
+  return moe_sft_quantize(weight_format, group_size, int64_t(w.shape(0)), int64_t(w.shape(1)), data(w), weights_data,
+                          scale_data, zero_data);
+}
+
+// The library's names of its enum values; None for a value that names nothing.
+std::optional<std::string> name_or_none(const char* name) {
   return name ? std::optional<std::string>(name) : std::nullopt;
 }
 
 }  // namespace
 
 NB_MODULE(_moe_sft_ext, m) {
-  m.doc() = "nanobind backend of moe_sft: the C ABI of moe_sft.h, with arrays passed by address";
-  auto release = nb::call_guard<nb::gil_scoped_release>();
-  m.def("create", &create, release);
-  m.def("destroy", [](uintptr_t layer) { moe_sft_destroy(ptr<moe_sft_layer>(layer)); }, release);
-  m.def("update_lora", &update_lora, release);
-  m.def("forward", &forward, release);
-  m.def("backward", &backward, release);
-  m.def("route", &route, release);
-  m.def("route_backward", &route_backward, release);
-  m.def("quantize", &quantize, release);
-  m.def("weight_format_name", &weight_format_name);
-  m.def("cache_depth", &cache_depth);
-  m.def("layer_isa", [](uintptr_t layer) {
-    const char* name = moe_sft_layer_isa(ptr<const moe_sft_layer>(layer));
-    return std::string(name ? name : "");
-  });
+  m.doc() = "nanobind backend of moe_sft: the C ABI of moe_sft.h with typed array arguments";
+
+  // The ABI's enums, for callers of this module; the names are the header's without the MOE_SFT_ prefix.
+  nb::enum_<moe_sft_status>(m, "Status", nb::is_arithmetic())
+      .value("OK", MOE_SFT_OK)
+      .value("ERR_INVALID_ARGUMENT", MOE_SFT_ERR_INVALID_ARGUMENT)
+      .value("ERR_OUT_OF_MEMORY", MOE_SFT_ERR_OUT_OF_MEMORY)
+      .value("ERR_CACHE_FULL", MOE_SFT_ERR_CACHE_FULL)
+      .value("ERR_CACHE_EMPTY", MOE_SFT_ERR_CACHE_EMPTY)
+      .value("ERR_NON_FINITE", MOE_SFT_ERR_NON_FINITE)
+      .value("ERR_UNSUPPORTED", MOE_SFT_ERR_UNSUPPORTED)
+      .value("ERR_INTERNAL", MOE_SFT_ERR_INTERNAL);
+  nb::enum_<moe_sft_dtype>(m, "DType", nb::is_arithmetic())
+      .value("BF16", MOE_SFT_DTYPE_BF16)
+      .value("F32", MOE_SFT_DTYPE_F32);
+  nb::enum_<moe_sft_weight_format>(m, "WeightFormat", nb::is_arithmetic())
+      .value("BF16", MOE_SFT_WEIGHT_BF16)
+      .value("INT8", MOE_SFT_WEIGHT_INT8)
+      .value("INT4_AWQ", MOE_SFT_WEIGHT_INT4_AWQ)
+      .value("INT4_K2", MOE_SFT_WEIGHT_INT4_K2);
+  nb::enum_<moe_sft_scoring>(m, "Scoring", nb::is_arithmetic())
+      .value("SOFTMAX", MOE_SFT_SCORING_SOFTMAX)
+      .value("SIGMOID", MOE_SFT_SCORING_SIGMOID);
+
+  auto not_copyable = [](nb::handle, nb::args) -> nb::object {
+    throw nb::type_error("a moe_sft layer owns library memory and cannot be copied or pickled");
+  };
+  nb::class_<Layer>(m, "Layer", "A moe_sft_layer; made by create(), freed with its last reference or destroy().")
+      .def("__copy__", not_copyable)
+      .def("__deepcopy__", not_copyable)
+      .def("__reduce__", not_copyable)
+      .def("__reduce_ex__", not_copyable);
+
+  // Arrays are never converted (see the top of this file); an optional one may be None.
+  auto array = [](const char* name) { return nb::arg(name).noconvert(); };
+  auto optional_array = [](const char* name) { return nb::arg(name).noconvert().none(); };
+  m.def("create", &create, nb::arg("experts"), nb::arg("hidden"), nb::arg("intermediate"), nb::arg("lora_rank"),
+        nb::arg("lora_alpha"), nb::arg("max_cache_depth"), nb::arg("num_threads"), nb::arg("tp_count"),
+        nb::arg("check_finite").none(), nb::arg("weight_format"), nb::arg("group_size"), nb::arg("prequantized"),
+        array("gate"), array("up"), array("down"), optional_array("gate_scale") = nb::none(),
+        optional_array("up_scale") = nb::none(), optional_array("down_scale") = nb::none(),
+        optional_array("gate_zero") = nb::none(), optional_array("up_zero") = nb::none(),
+        optional_array("down_zero") = nb::none());
+  m.def("destroy", &destroy, nb::arg("layer"));
+  m.def("update_lora", &update_lora, nb::arg("layer"), optional_array("arrays"));
+  m.def("forward", &forward, nb::arg("layer"), array("expert_ids"), array("routing_weights"), array("input"),
+        array("output"), nb::arg("save_for_backward"));
+  m.def("backward", &backward, nb::arg("layer"), array("grad_output"), array("grad_input"),
+        optional_array("grad_routing_weights"), optional_array("lora_grads"), nb::arg("accumulate"));
+  m.def("discard_saved", &discard_saved, nb::arg("layer"), nb::arg("n"));
+  m.def("cache_depth", &cache_depth, nb::arg("layer"));
+  m.def("layer_isa", &layer_isa, nb::arg("layer"));
+  m.def("route", &route, array("logits"), nb::arg("scoring"), nb::arg("renormalize"),
+        optional_array("correction_bias"), array("expert_ids"), array("routing_weights"));
+  m.def("route_backward", &route_backward, array("logits"), nb::arg("scoring"), nb::arg("renormalize"),
+        array("expert_ids"), array("grad_routing_weights"), array("grad_logits"));
+  m.def("quantize", &quantize, nb::arg("weight_format"), nb::arg("group_size"), array("w"),
+        optional_array("weights"), optional_array("scale"), optional_array("zero"));
   m.def("isa", [] {
     const char* name = nullptr;
     const int status = moe_sft_isa(&name);
     return std::make_pair(status, std::string(name ? name : ""));
   });
+  // Name lookups take plain ints so that a caller can probe values the enums do not hold.
   m.def("status_string", [](int status) { return std::string(moe_sft_status_string(moe_sft_status(status))); });
+  m.def("weight_format_name",
+        [](int value) { return name_or_none(moe_sft_weight_format_name(moe_sft_weight_format(value))); });
+  m.def("dtype_name", [](int value) { return name_or_none(moe_sft_dtype_name(moe_sft_dtype(value))); });
+  m.def("scoring_name", [](int value) { return name_or_none(moe_sft_scoring_name(moe_sft_scoring(value))); });
   m.def("last_error", [] { return std::string(moe_sft_last_error()); });
   m.def("version", [] { return moe_sft_version(); });
 }

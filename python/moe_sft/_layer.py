@@ -1,16 +1,17 @@
 """numpy API over the C ABI: MoESFT, Grads."""
 from __future__ import annotations
 
+import operator
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _backend, _quantize
-from ._arrays import _address, _as_bf16, _as_f32, _check, _check_shape, _expert_ids, _out_array, bfloat16
-from ._errors import invalid
+from ._arrays import _as_bf16, _as_f32, _bits, _check, _check_shape, _expert_ids, _out_array, bfloat16
+from ._errors import CacheEmptyError, invalid
 
-_DTYPE_CODE = {bfloat16: 0, np.dtype(np.float32): 1}
+_LORA_DTYPES = (bfloat16, np.dtype(np.float32))
 
 
 @dataclass
@@ -49,10 +50,18 @@ class MoESFT:
 
     check_finite: stop at the first NaN/Inf with an error naming the stage, tensor, position and value
     (None: on when the environment has MOE_SFT_CHECK_FINITE=1). Base weights are checked here, once.
+
+    The shape and format attributes (expert_num, hidden_size, intermediate_size, lora_rank, lora_alpha,
+    max_cache_depth, tp_count, weight_format, group_size) are fixed at create and read-only. A layer owns
+    memory in the library: it cannot be copied or pickled (make another from the same weights).
     """
+
+    _READ_ONLY = ("expert_num", "hidden_size", "intermediate_size", "lora_rank", "lora_alpha", "max_cache_depth",
+                  "tp_count", "weight_format", "group_size")
 
     def __init__(self, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
                  num_threads=None, tp_count=1, check_finite=None, weight_format="bf16", group_size=None):
+        self._layer = None  # set first: __del__ runs even when create fails
         self._create(_quantize.from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size), lora_rank,
                      lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
 
@@ -63,45 +72,86 @@ class MoESFT:
         checkpoint, e.g. Kimi-K2's weight_packed / weight_scale as QuantizedWeight("int4_k2", 32, packed,
         scale, None)) of one format and group size, for gate_proj, up_proj [E, I, H] and down_proj [E, H, I].
         The other arguments are MoESFT's."""
-        base = _quantize.prequantized(gate_proj, up_proj, down_proj)
         layer = cls.__new__(cls)
-        layer._create(base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
+        object.__setattr__(layer, "_layer", None)
+        layer._create(_quantize.prequantized(gate_proj, up_proj, down_proj), lora_rank, lora_alpha, max_cache_depth,
+                      num_threads, tp_count, check_finite)
         return layer
 
     def _create(self, base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite):
-        E, H, I = base.experts, base.hidden, base.intermediate
-        self.expert_num, self.intermediate_size, self.hidden_size = E, I, H
-        self.weight_format, self.group_size = base.weight_format, base.group_size
-        self.lora_rank = int(lora_rank)
-        self.lora_alpha = float(lora_alpha)
-        self.max_cache_depth = int(max_cache_depth)
-        self.tp_count = int(tp_count)
-        threads = 0 if num_threads is None else int(num_threads)
-        self._handle = 0
-        self._lora = None
-        self._pending = []
+        def integer(value, name):
+            try:
+                return operator.index(value)
+            except TypeError:
+                raise invalid(f"{name} = {value!r} is not an integer") from None
+
+        fields = dict(expert_num=base.experts, hidden_size=base.hidden, intermediate_size=base.intermediate,
+                      lora_rank=integer(lora_rank, "lora_rank"), lora_alpha=float(lora_alpha),
+                      max_cache_depth=integer(max_cache_depth, "max_cache_depth"),
+                      tp_count=integer(tp_count, "tp_count"), weight_format=base.weight_format,
+                      group_size=base.group_size)
+        set_ = object.__setattr__
+        set_(self, "_fields", fields)
+        set_(self, "_lora", None)  # the bound LoRA arrays, by name (the backend's Layer keeps them alive)
+        set_(self, "_pending", [])  # what Python needs to know about each saved forward, oldest first
         # The C layer makes each call atomic; this lock also keeps _pending in the order the C cache was
         # pushed and popped when one MoESFT is shared by threads.
-        self._lock = threading.Lock()
-        addresses = base.addresses()
-        status, handle = _backend.backend.create(E, H, I, self.lora_rank, self.lora_alpha, self.max_cache_depth,
-                                                 threads, self.tp_count, *addresses[:3],
-                                                 -1 if check_finite is None else int(bool(check_finite)),
-                                                 _quantize.format_code(base.weight_format), base.group_size,
-                                                 int(base.prequantized), *addresses[3:])
+        set_(self, "_lock", threading.Lock())
+        set_(self, "_backend", _backend.backend)  # the layer keeps the backend that made it
+        set_(self, "_backend_name", _backend.NAME)
+        status, layer = self._backend.create(
+            base.experts, base.hidden, base.intermediate, fields["lora_rank"], fields["lora_alpha"],
+            fields["max_cache_depth"], 0 if num_threads is None else integer(num_threads, "num_threads"),
+            fields["tp_count"], None if check_finite is None else bool(check_finite),
+            _quantize.format_code(base.weight_format), base.group_size, base.prequantized, **base.arrays())
         _check(status)
-        self._handle = handle
+        set_(self, "_layer", layer)
+
+    # ---- read-only configuration ----
+
+    def __setattr__(self, name, value):
+        if name in self._READ_ONLY:
+            raise AttributeError(f"MoESFT.{name} is read-only: it is fixed when the layer is created (the library "
+                                 f"sized its packed weights and caches by it); make a new layer to change it")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        if name in self._READ_ONLY:
+            raise AttributeError(f"MoESFT.{name} is read-only")
+        object.__delattr__(self, name)
+
+    expert_num = property(lambda self: self._fields["expert_num"], doc="E, the number of routed experts")
+    hidden_size = property(lambda self: self._fields["hidden_size"], doc="H")
+    intermediate_size = property(lambda self: self._fields["intermediate_size"], doc="I")
+    lora_rank = property(lambda self: self._fields["lora_rank"], doc="r (0: no adapters)")
+    lora_alpha = property(lambda self: self._fields["lora_alpha"], doc="LoRA scale s = lora_alpha / lora_rank")
+    max_cache_depth = property(lambda self: self._fields["max_cache_depth"], doc="saved forwards allowed at once")
+    tp_count = property(lambda self: self._fields["tp_count"], doc="tensor-parallel parts of I")
+    weight_format = property(lambda self: self._fields["weight_format"], doc="how the base weights are stored")
+    group_size = property(lambda self: self._fields["group_size"], doc="elements along K per scale (0: none)")
+
+    # ---- not copyable ----
+
+    def _not_copyable(self, *_):
+        raise TypeError("a moe_sft.MoESFT cannot be copied or pickled: it owns packed weights and saved forwards "
+                        "in the C library. Make another layer from the same weights with MoESFT(...) instead")
+
+    __copy__ = __deepcopy__ = __reduce__ = __reduce_ex__ = __getstate__ = _not_copyable
+
+    # ---- lifetime ----
 
     def __del__(self):
         self.close()
 
     def close(self):
         """Frees the layer now (also done when it is garbage-collected). Waits for a call in flight."""
-        if getattr(self, "_handle", 0):
+        if getattr(self, "_layer", None) is not None:
             with self._lock:
-                if self._handle:
-                    _backend.backend.destroy(self._handle)
-                    self._handle = 0
+                if self._layer is not None:
+                    self._backend.destroy(self._layer)
+                    object.__setattr__(self, "_layer", None)
+                    object.__setattr__(self, "_lora", None)
+                    self._pending.clear()
 
     def __enter__(self):
         return self
@@ -110,39 +160,82 @@ class MoESFT:
         self.close()
 
     def _live(self):
-        if not self._handle:
+        if self._layer is None:
             raise invalid("the layer is closed")
-        return self._handle
+        return self._layer
+
+    def __repr__(self):
+        f = self._fields if "_fields" in self.__dict__ else None
+        if f is None:
+            return "MoESFT(<not created>)"
+        parts = [f"experts={f['expert_num']}", f"hidden_size={f['hidden_size']}",
+                 f"intermediate_size={f['intermediate_size']}", f"lora_rank={f['lora_rank']}",
+                 f"lora_alpha={f['lora_alpha']}", f"weight_format={f['weight_format']!r}"]
+        if f["group_size"]:
+            parts.append(f"group_size={f['group_size']}")
+        parts.append(f"tp_count={f['tp_count']}")
+        if self._layer is None:
+            return f"MoESFT({', '.join(parts)}, closed)"
+        parts += [f"isa={self.isa!r}", f"backend={self._backend_name!r}",
+                  f"lora={'bound' if self._lora is not None else 'unbound'}", f"saved={len(self._pending)}"]
+        return f"MoESFT({', '.join(parts)})"
+
+    # ---- state ----
 
     @property
     def isa(self):
         """Kernel family this layer runs on (e.g. 'generic')."""
         with self._lock:
-            return _backend.backend.layer_isa(self._live())
+            return self._backend.layer_isa(self._live())
+
+    @property
+    def backend(self):
+        """The backend this layer was made with: 'nanobind' or 'cffi'."""
+        return self._backend_name
 
     @property
     def cache_depth(self):
         """Saved forwards awaiting backward."""
         with self._lock:
-            status, depth = _backend.backend.cache_depth(self._live())
+            status, depth = self._backend.cache_depth(self._live())
         _check(status)
         return depth
+
+    @property
+    def lora(self):
+        """The bound LoRA arrays as a dict (gate_a, ..., down_b), or None when none are bound."""
+        return None if self._lora is None else dict(self._lora)
 
     def lora_shapes(self):
         E, H, I, r = self.expert_num, self.hidden_size, self.intermediate_size, self.lora_rank
         return {"gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H), "up_b": (E, I, r),
                 "down_a": (E, r, I), "down_b": (E, H, r)}
 
-    def update_lora(self, gate_a, gate_b, up_a, up_b, down_a, down_b):
+    # ---- calls ----
+
+    def update_lora(self, gate_a=None, gate_b=None, up_a=None, up_b=None, down_a=None, down_b=None):
         """Binds the six LoRA arrays (all float32 or all bfloat16, C-contiguous) by reference: the layer
-        reads them at every call, so in-place updates (``a -= lr * g``) need no new update_lora."""
+        reads them at every call, so in-place updates (``a -= lr * g``) need no new update_lora, and keeps
+        them alive while they are bound. ``update_lora(None)`` (no arrays) unbinds them: the layer then runs
+        the base layer only (forward without the adapters; backward gives zero LoRA grads)."""
         arrays = dict(gate_a=gate_a, gate_b=gate_b, up_a=up_a, up_b=up_b, down_a=down_a, down_b=down_b)
+        missing = [n for n, a in arrays.items() if a is None]
+        if len(missing) == len(arrays):
+            with self._lock:
+                _check(self._backend.update_lora(self._live(), None))
+                object.__setattr__(self, "_lora", None)
+            return
+        if self.lora_rank == 0:
+            raise invalid("layer.update_lora: this layer has lora_rank = 0, so it has no adapters to bind")
+        if missing:
+            raise invalid(f"layer.update_lora takes all six LoRA arrays, or none to unbind; {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} missing")
         dtype = None
         for name, shape in self.lora_shapes().items():
             a = arrays[name]
             if not isinstance(a, np.ndarray):
                 raise invalid(f"{name} must be a numpy array (it is kept by reference), got {type(a).__name__}")
-            if a.dtype not in _DTYPE_CODE:
+            if a.dtype not in _LORA_DTYPES:
                 raise invalid(f"{name} has dtype {a.dtype}; LoRA arrays must be float32 or bfloat16 (they are "
                               "read in place, so they are never converted)")
             dtype = dtype or a.dtype
@@ -152,14 +245,14 @@ class MoESFT:
             if not a.flags.c_contiguous:
                 raise invalid(f"{name} must be C-contiguous (it is read in place, never copied)")
         with self._lock:  # the binding in C and the references kept here change together
-            _check(_backend.backend.update_lora(self._live(), _DTYPE_CODE[dtype],
-                                                *(_address(arrays[n]) for n in Grads.LORA_FIELDS)))
-            self._lora = arrays  # keep them alive while the layer holds their addresses
+            _check(self._backend.update_lora(self._live(), [_bits(arrays[n]) for n in Grads.LORA_FIELDS]))
+            object.__setattr__(self, "_lora", arrays)
 
     def forward(self, x, expert_ids, routing_weights, save_for_backward=False):
         """out[t] = sum_j routing_weights[t, j] * expert_{expert_ids[t, j]}(x[t]); returns x's dtype.
 
         x: [T, H] bf16 or float; expert_ids: [T, k] int64/int32 with -1 for "no expert"; routing_weights [T, k].
+        With save_for_backward, what backward needs is kept until backward (or discard_saved) takes it.
         """
         x_in = np.asarray(x)
         xb = _as_bf16(x_in, "x")
@@ -170,9 +263,7 @@ class MoESFT:
         w = _as_f32(routing_weights, "routing_weights", (T, k))
         out = np.empty((T, self.hidden_size), dtype=bfloat16)
         with self._lock:
-            handle = self._live()
-            _check(_backend.backend.forward(handle, T, k, _address(ids), _address(w), _address(xb), _address(out),
-                                            int(bool(save_for_backward))))
+            _check(self._backend.forward(self._live(), ids, w, _bits(xb), _bits(out), bool(save_for_backward)))
             if save_for_backward:
                 self._pending.append(_Pending(T, k, x_in.dtype if x_in.dtype.kind == "f" else bfloat16))
         return out if out.dtype == x_in.dtype or x_in.dtype.kind != "f" else out.astype(x_in.dtype)
@@ -183,45 +274,63 @@ class MoESFT:
     def backward(self, grad_output, out=None, accumulate=False, lora_grads=True):
         """Backward of the most recent forward(save_for_backward=True), which it consumes.
 
-        Returns Grads. With ``out`` (a Grads), writes into its arrays instead of allocating; with
-        ``accumulate=True`` the LoRA grads are added to ``out``'s instead of overwriting them
-        (grad input and routing-weight grads are always overwritten). ``lora_grads=False`` skips them.
+        Returns Grads. With ``out`` (a Grads, e.g. the previous call's), writes into its arrays instead of
+        allocating; with ``accumulate=True`` the LoRA grads are added to ``out``'s instead of overwriting
+        them (gradient accumulation over micro-batches of any sizes). ``out.input`` and
+        ``out.routing_weights`` belong to this call: reused when they fit its T, replaced when they do not,
+        always overwritten. ``lora_grads=False`` skips the LoRA grads.
         """
         with self._lock:  # pending forward and C cache change together
             return self._backward(grad_output, out, accumulate, lora_grads)
 
     def _backward(self, grad_output, out, accumulate, lora_grads):
-        handle = self._live()  # under self._lock
-        if not self._pending:  # let the library report it, with its status and message
-            _check(_backend.backend.backward(handle, *([0] * 9), int(bool(accumulate))))
+        layer = self._live()  # under self._lock
+        if not self._pending:
+            raise CacheEmptyError(CacheEmptyError.status_name, "layer.backward: no saved forward to take: call "
+                                  "layer.forward(..., save_for_backward=True) first")
         pending = self._pending[-1]
         T, k, H = pending.qlen, pending.top_k, self.hidden_size
         go = _as_bf16(grad_output, "grad_output", (T, H))
         want_lora = lora_grads and self.lora_rank > 0
+        shapes = self.lora_shapes()
         if out is None:
             if accumulate:
-                raise invalid("accumulate=True needs out= (the grads to add into)")
-            shapes = self.lora_shapes()
-            out = Grads(np.empty((T, H), dtype=pending.dtype), np.empty((T, k), dtype=np.float32),
-                        **{n: (np.empty(shapes[n], np.float32) if want_lora else None) for n in Grads.LORA_FIELDS})
-        else:
-            if not isinstance(out, Grads):
-                raise invalid(f"out must be a moe_sft.Grads, got {type(out).__name__}")
-            if not isinstance(out.input, np.ndarray) or out.input.dtype.kind != "f" and out.input.dtype != bfloat16:
-                raise invalid("out.input must be a float or bfloat16 numpy array")
-            _check_shape(out.input, "out.input", (T, H))
-            _out_array(out.routing_weights, "out.routing_weights", (T, k), np.float32)
-            if want_lora:
-                for n, shape in self.lora_shapes().items():
-                    _out_array(getattr(out, n), f"out.{n}", shape, np.float32)
-        direct = out.input.dtype == bfloat16 and out.input.flags.c_contiguous and out.input.flags.writeable
+                raise invalid("layer.backward: accumulate=True needs out= (the grads to add into)")
+            out = Grads(None, None, **{n: None for n in Grads.LORA_FIELDS})
+        elif not isinstance(out, Grads):
+            raise invalid(f"out must be a moe_sft.Grads, got {type(out).__name__}")
+        # per-call grads: reused when they fit this call, else replaced
+        gi_out = out.input
+        if not (isinstance(gi_out, np.ndarray) and gi_out.shape == (T, H) and gi_out.flags.writeable
+                and (gi_out.dtype.kind == "f" or gi_out.dtype == bfloat16)):
+            out.input = np.empty((T, H), dtype=pending.dtype)
+        gw = out.routing_weights
+        if not (isinstance(gw, np.ndarray) and gw.shape == (T, k) and gw.dtype == np.float32
+                and gw.flags.c_contiguous and gw.flags.writeable):
+            out.routing_weights = np.empty((T, k), np.float32)
+        if want_lora:
+            for n, shape in shapes.items():
+                if getattr(out, n) is None and not accumulate:
+                    setattr(out, n, np.empty(shape, np.float32))
+                _out_array(getattr(out, n), f"out.{n}", shape, np.float32)
+        direct = out.input.dtype == bfloat16 and out.input.flags.c_contiguous
         gi = out.input if direct else np.empty((T, H), dtype=bfloat16)
-        lora_addresses = [_address(getattr(out, n)) if want_lora else 0 for n in Grads.LORA_FIELDS]
-        _check(_backend.backend.backward(handle, _address(go), _address(gi), _address(out.routing_weights),
-                                         *lora_addresses, int(bool(accumulate))))
-        if self._pending:
-            self._pending.pop()
+        grads = [getattr(out, n) for n in Grads.LORA_FIELDS] if want_lora else None
+        _check(self._backend.backward(layer, _bits(go), _bits(gi), out.routing_weights, grads, bool(accumulate)))
+        self._pending.pop()
         if not direct:
             out.input[...] = gi.astype(out.input.dtype)
         return out
 
+    def discard_saved(self, n=1):
+        """Drops the ``n`` most recent saved forwards without a backward, e.g. after an exception between
+        forward(save_for_backward=True) and backward, after a NonFiniteError in backward, or after an eval
+        forward saved by mistake; otherwise the next saving forward would raise CacheFullError."""
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise invalid(f"layer.discard_saved: n = {n!r} is not an integer") from None
+        with self._lock:
+            _check(self._backend.discard_saved(self._live(), n))
+            if n > 0:
+                del self._pending[-n:]

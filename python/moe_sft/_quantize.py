@@ -9,10 +9,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _backend
-from ._arrays import _address, _as_bf16, _check, _check_shape, bfloat16
-from ._errors import error_for, invalid
-
-FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")  # position = the moe_sft_weight_format value
+from ._arrays import _as_bf16, _bits, _check, _check_shape, bfloat16, enum_codes
+from ._errors import invalid
 
 
 @dataclass(frozen=True)
@@ -58,9 +56,10 @@ class QuantizedWeight(NamedTuple):
 
 def format_code(weight_format, name="weight_format"):
     """The moe_sft_weight_format value of a format name; ``name`` is the argument's, for the error."""
-    if not isinstance(weight_format, str) or weight_format not in FORMATS:
-        raise invalid(f"{name} = {weight_format!r}; expected one of {', '.join(map(repr, FORMATS))}")
-    return FORMATS.index(weight_format)
+    codes = enum_codes("weight_format")  # the library's names
+    if not isinstance(weight_format, str) or weight_format not in codes:
+        raise invalid(f"{name} = {weight_format!r}; expected one of {', '.join(map(repr, codes))}")
+    return codes[weight_format]
 
 
 def group_size_for(weight_format, group_size, dims):
@@ -104,10 +103,11 @@ def quantize(w, weight_format, group_size=None):
         raise invalid(f"w has shape {a.shape}; expected [N, K] or [experts, N, K]")
     code = format_code(weight_format)
     rows, K = int(np.prod(a.shape[:-1])), a.shape[-1]  # rows are independent: experts stack into one matrix
+    matrix = _bits(a).reshape(rows, K)
     if weight_format not in _FROM_BF16:
         # the library refuses it (bf16 is not a quantized format; K2 weights come quantized) and says why
-        raise error_for(_backend.backend.quantize(code, 0, rows, K, _address(a), 0, 0, 0),
-                        _backend.backend.last_error())
+        _check(_backend.backend.quantize(code, 0, matrix, None, None, None))
+        raise AssertionError(f"moe_sft_quantize accepted {weight_format}")
     layout = _LAYOUTS[weight_format]
     group_size = group_size_for(weight_format, group_size, [("K (w.shape[-1])", K)])
     lead = a.shape[:-2]
@@ -115,8 +115,7 @@ def quantize(w, weight_format, group_size=None):
     weights = np.empty(lead + weights_shape, layout.weights)
     scale = np.empty(lead + scale_shape, layout.scale)
     zero = None if zero_shape is None else np.empty(lead + zero_shape, np.uint8)
-    _check(_backend.backend.quantize(code, group_size, rows, K, _address(a), _address(weights), _address(scale),
-                                     0 if zero is None else _address(zero)))
+    _check(_backend.backend.quantize(code, group_size, matrix, weights, scale, zero))
     return QuantizedWeight(weight_format, group_size, weights, scale, zero)
 
 
@@ -153,10 +152,14 @@ class BaseWeights:
     prequantized: bool
     projections: dict  # PROJECTIONS -> (weights, scale, zero)
 
-    def addresses(self):
-        """The config's pointers in its order: gate/up/down weights, their scales, their zero points (0 = NULL)."""
-        return [0 if a is None else _address(a) for field in zip(*(self.projections[n] for n in PROJECTIONS))
-                for a in field]
+    def arrays(self):
+        """The config's arrays by the backends' create() argument names: gate/up/down, their scales and zero
+        points (None where the format has none; bf16 as its uint16 bits)."""
+        weights, scales, zeros = zip(*(self.projections[n] for n in PROJECTIONS))
+        arrays = {}
+        for name, weight, scale, zero in zip(("gate", "up", "down"), weights, scales, zeros):
+            arrays.update({name: _bits(weight), f"{name}_scale": _bits(scale), f"{name}_zero": zero})
+        return arrays
 
 
 def from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size):

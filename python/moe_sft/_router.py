@@ -9,32 +9,28 @@ import numpy as np
 
 from . import _backend
 from ._errors import invalid
-from ._arrays import _address, _as_f32, _check, _expert_ids, bfloat16
-
-_SCORING = {"softmax": 0, "sigmoid": 1}
-_BF16, _F32 = 0, 1
+from ._arrays import _as_f32, _check, _expert_ids, bfloat16, enum_codes
 
 
 def _logits(logits):
-    """A C-contiguous [T, E] array the library reads as is (bf16 or f32; other floats become f32), its code."""
+    """A C-contiguous [T, E] array the library reads as is (bf16 bits or f32; other floats become f32)."""
     a = np.asarray(logits)
-    if a.dtype == np.uint16:
-        a = a.view(bfloat16)
     if a.dtype == bfloat16:
-        code = _BF16
+        a = a.view(np.uint16)
     elif a.dtype.kind == "f":
-        a, code = a.astype(np.float32, copy=False), _F32
-    else:
+        a = a.astype(np.float32, copy=False)
+    elif a.dtype != np.uint16:
         raise invalid(f"logits has dtype {a.dtype}; expected float32, bfloat16, uint16 (bf16 bits) or a float type")
     if a.ndim != 2:
         raise invalid(f"logits has shape {a.shape}; expected 2-D [tokens, experts]")
-    return np.ascontiguousarray(a), code
+    return np.ascontiguousarray(a)
 
 
 def _scoring(scoring):
-    if scoring not in _SCORING:
-        raise invalid(f"scoring = {scoring!r} is not one of {', '.join(map(repr, _SCORING))}")
-    return _SCORING[scoring]
+    codes = enum_codes("scoring")
+    if scoring not in codes:
+        raise invalid(f"scoring = {scoring!r} is not one of {', '.join(map(repr, codes))}")
+    return codes[scoring]
 
 
 def _top_k(top_k, experts):
@@ -56,15 +52,14 @@ def route(logits, top_k, scoring="softmax", renormalize=True, correction_bias=No
     int64, routing_weights [T, k] float32), ready for ``MoESFT.forward``. NaN/Inf logits never give
     repeated ids or non-finite weights (rules in moe_sft.h, moe_sft_route).
     """
-    a, dtype = _logits(logits)
+    a = _logits(logits)
     T, E = a.shape
     k = _top_k(top_k, E)
     code = _scoring(scoring)
     bias = None if correction_bias is None else _as_f32(correction_bias, "correction_bias", (E,))
     ids = np.empty((T, k), np.int64)
     weights = np.empty((T, k), np.float32)
-    _check(_backend.backend.route(T, E, k, dtype, _address(a), code, int(bool(renormalize)),
-                                  0 if bias is None else _address(bias), _address(ids), _address(weights)))
+    _check(_backend.backend.route(a, code, bool(renormalize), bias, ids, weights))
     return ids, weights
 
 
@@ -73,13 +68,12 @@ def route_backward(logits, expert_ids, grad_routing_weights, scoring="softmax", 
     ``route(logits, k, scoring, renormalize)`` gives the selection ``expert_ids`` [T, k] (held fixed; ids in
     [0, E)). ``grad_routing_weights`` [T, k] is e.g. ``Grads.routing_weights`` from ``MoESFT.backward``.
     Non-finite logits get 0."""
-    a, dtype = _logits(logits)
+    a = _logits(logits)
     T, E = a.shape
     ids, k = _expert_ids(expert_ids, T)
     k = _top_k(k, E)
     grad = _as_f32(grad_routing_weights, "grad_routing_weights", (T, k))
     code = _scoring(scoring)
     grad_logits = np.empty((T, E), np.float32)
-    _check(_backend.backend.route_backward(T, E, k, dtype, _address(a), code, int(bool(renormalize)), _address(ids),
-                                           _address(grad), _address(grad_logits)))
+    _check(_backend.backend.route_backward(a, code, bool(renormalize), ids, grad, grad_logits))
     return grad_logits

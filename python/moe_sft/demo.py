@@ -100,6 +100,22 @@ def run(experts=8, hidden=1024, intermediate=704, top_k=2, tokens=512, rank=16, 
     return first, final
 
 
+def check_args(ap, args):
+    """Refuses impossible options the way argparse refuses malformed ones: usage, a message, exit status 2."""
+    for name in ("experts", "hidden", "intermediate", "top_k", "tokens", "rank", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+                     + (" (the demo trains LoRA adapters: rank 0 has none)" if name == "rank" else ""))
+    if args.top_k > args.experts:
+        ap.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top_k distinct experts")
+    if args.threads is not None and args.threads < 0:
+        ap.error(f"--threads must be at least 0 (0: all cores), got {args.threads}")
+    for name in ("alpha", "lr"):
+        value = getattr(args, name)
+        if not (np.isfinite(value) and value > 0):
+            ap.error(f"--{name} must be a positive finite number, got {value}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m moe_sft demo", description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, default=8)
@@ -114,6 +130,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    check_args(ap, args)
     first, final = run(args.experts, args.hidden, args.intermediate, args.top_k, args.tokens, args.rank, args.alpha,
                        args.steps, args.lr, args.seed, args.threads)
     return 0 if final < first else 1
