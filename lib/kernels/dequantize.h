@@ -16,9 +16,4 @@ namespace moe_sft::kernels {
 using DequantizeFn = void (*)(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs,
                               bf16* out, int64_t out_stride);
 
-void dequantize_scalar(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
-                       int64_t out_stride);
-void dequantize_avx512(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
-                       int64_t out_stride);  // needs AVX-512 BF16
-
 }  // namespace moe_sft::kernels

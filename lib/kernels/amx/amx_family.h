@@ -8,9 +8,9 @@
 
 namespace moe_sft::kernels::amx {
 
-// Vector helpers the AMX families borrow, picked once from the CPU.
+// Vector kernels the AMX families borrow, picked once from the CPU (vector_helpers.cpp).
 struct VectorHelpers {
-  void (*repack)(const PackedMatrix&, int64_t, int64_t, bf16*);
+  RepackFn repack;
   decltype(KernelSet::silu_mul_row) silu_mul_row;
   decltype(KernelSet::silu_mul_backward_row) silu_mul_backward_row;
   LowRankKernels low_rank;

@@ -6,11 +6,11 @@
 #include <chrono>
 #include <cstdint>
 
-#include "kernels/avx512_bf16/avx512_bf16.h"
+#include "kernels/avx512/avx512.h"
+#include "kernels/avx512/target.h"
 
 // The two loops are compiled for AVX-512 BF16; the timing around them (std::chrono templates) is not.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
 
 namespace moe_sft::kernels {
@@ -46,7 +46,7 @@ __attribute__((noinline)) float fma_chains(int64_t iterations) {
 
 }  // namespace moe_sft::kernels
 
-#pragma GCC pop_options
+MOE_SFT_AVX512_END
 
 namespace moe_sft::kernels {
 

@@ -2,6 +2,10 @@
 //   avx512_bf16: bf16 products by VDPBF16PS;
 //   avx512_fma:  the same kernels with bf16 products by f32 FMAs on widened halves (panel_gemm.h, Products),
 //                for cores that issue VDPBF16PS at a fraction of the FMA rate (Intel's).
+//
+// One file per job: panel_gemm.cpp (the register-blocked GEMM), repack.cpp (d·W's re-pairing),
+// xw_few_rows.cpp and xwt_quantized_few_rows.cpp (the few-rows paths), dequantize.cpp, activation_rows.cpp,
+// low_rank.cpp, product_rate.cpp (which family to prefer) and families.cpp (the two KernelSets).
 #pragma once
 #include "kernels/gemm.h"
 
@@ -16,13 +20,19 @@ bool vdpbf16ps_is_slow();
 
 namespace avx512 {
 void silu_mul_row(const float* g, const float* u, int64_t n, bf16* g_out, bf16* u_out, bf16* h_out);
+float silu_mul_backward_row(const bf16* g, const bf16* u, const float* dh_raw, float w, int64_t n, float* h, bf16* dg,
+                            bf16* du);
+LowRankKernels low_rank_kernels();
+// repack.h's re-pairing with 24 two-source permutes per 16x16 block.
+void repack_transposed(const PackedMatrix& w, int64_t c0, int64_t width, bf16* out);
+// dequantize.h's contract.
+void dequantize(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
+                int64_t out_stride);
 void gemm_xwt_quantized_few_rows(const GemmArgs& g);  // quantized W, g.m <= kQuantizedFewRows
 // d·W for g.m <= kXwFewRows rows, W in any format (quantized: group % 8 == 0), straight from the packed
 // panels with f32 FMAs (xw_few_rows.cpp). Uses g.scratch for A widened to f32.
 constexpr int64_t kXwFewRows = 8;
 void gemm_xw_few_rows(const GemmArgs& g);
-float silu_mul_backward_row(const bf16* g, const bf16* u, const float* dh_raw, float w, int64_t n, float* h, bf16* dg,
-                            bf16* du);
 }  // namespace avx512
 
 }  // namespace moe_sft::kernels

@@ -17,16 +17,15 @@
 // group of panels. Nothing is read twice, so no cache has to hold a slice: the slices of consecutive panels
 // sit a multiple of 4 KiB apart and would all compete for the same few cache sets.
 //
-// No std:: template is instantiated under the target pragma (see gemm_avx512_bf16.cpp).
-#include "kernels/avx512_bf16/avx512_bf16.h"
+#include "kernels/avx512/avx512.h"
+#include "kernels/avx512/target.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
 
-#include "kernels/avx512_bf16/widen.h"
+#include "kernels/avx512/vector.h"
 
-namespace moe_sft::kernels {
+namespace moe_sft::kernels::avx512 {
 
 namespace {
 
@@ -65,8 +64,8 @@ template <WeightFormat F>
 inline void load_pair(const uint8_t* panel, int64_t kp, __m512& even, __m512& odd) {
   if constexpr (F == WeightFormat::bf16) {
     const __m512i v = _mm512_loadu_si512(panel + kp * 2 * P * int64_t(sizeof(bf16)));
-    even = avx512::low_half_f32(v);
-    odd = avx512::high_half_f32(v);
+    even = low_half_f32(v);
+    odd = high_half_f32(v);
   } else if constexpr (F == WeightFormat::int8) {  // one signed byte per element, in bf16 lane order
     const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kp * 2 * P)));
     even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16));
@@ -106,11 +105,11 @@ void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, 
       run_end = group_end < pairs ? group_end : pairs;
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-        const __m512 scale = avx512::group_scale(w, p0 + g, group);
+        const __m512 scale = group_scale(w, p0 + g, group);
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; ++r) d[g][r] = _mm512_mul_ps(_mm512_loadu_ps(af + r * ldaf + g * P), scale);
         if constexpr (kHasBias<F>) {
-          const __m512 bias = avx512::group_bias(w, p0 + g, group, scale);
+          const __m512 bias = group_bias(w, p0 + g, group, scale);
           for (int r = 0; r < ROWS; ++r) {
             float* b = out.bias[r][group - out.first_group];
             _mm512_store_ps(b, _mm512_fmadd_ps(_mm512_loadu_ps(af + r * ldaf + g * P), bias, _mm512_load_ps(b)));
@@ -160,24 +159,26 @@ void xw_panels(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t kp0
 }
 
 using PanelsFn = void (*)(const float*, int64_t, const PackedMatrix&, int64_t, int64_t, const Accumulators&);
-
 template <WeightFormat F>
-constexpr PanelsFn kPanels[avx512::kXwFewRows] = {xw_panels<F, 1>, xw_panels<F, 2>, xw_panels<F, 3>, xw_panels<F, 4>,
-                                          xw_panels<F, 5>, xw_panels<F, 6>, xw_panels<F, 7>, xw_panels<F, 8>};
+struct PanelsInstances {
+  template <int ROWS, int>
+  static constexpr PanelsFn at() { return &xw_panels<F, ROWS>; }
+};
+// kPanels<format>.fn[rows - 1][0]
+template <WeightFormat F>
+constexpr auto kPanels = Instances<PanelsInstances<F>, PanelsFn, int(kXwFewRows), 1>;
 
 PanelsFn panels_fn(WeightFormat f, int64_t rows) {
   switch (f) {
-    case WeightFormat::bf16: return kPanels<WeightFormat::bf16>[rows - 1];
-    case WeightFormat::int8: return kPanels<WeightFormat::int8>[rows - 1];
-    case WeightFormat::int4_awq: return kPanels<WeightFormat::int4_awq>[rows - 1];
-    case WeightFormat::int4_k2: return kPanels<WeightFormat::int4_k2>[rows - 1];
+    case WeightFormat::bf16: return kPanels<WeightFormat::bf16>.fn[rows - 1][0];
+    case WeightFormat::int8: return kPanels<WeightFormat::int8>.fn[rows - 1][0];
+    case WeightFormat::int4_awq: return kPanels<WeightFormat::int4_awq>.fn[rows - 1][0];
+    case WeightFormat::int4_k2: return kPanels<WeightFormat::int4_k2>.fn[rows - 1][0];
   }
   return nullptr;
 }
 
 }  // namespace
-
-namespace avx512 {
 
 // A widened to f32 in scratch (zeros past W's rows, so the panels' zero padding rows never meet stale
 // values), the one pass, and one lane sum per output element.
@@ -209,8 +210,6 @@ void gemm_xw_few_rows(const GemmArgs& g) {
     }
 }
 
-}  // namespace avx512
+}  // namespace moe_sft::kernels::avx512
 
-}  // namespace moe_sft::kernels
-
-#pragma GCC pop_options
+MOE_SFT_AVX512_END

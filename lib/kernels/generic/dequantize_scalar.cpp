@@ -1,4 +1,5 @@
-#include "kernels/dequantize.h"
+// The portable dequantization (dequantize.h), one element at a time.
+#include "kernels/generic/generic.h"
 
 namespace moe_sft::kernels {
 

@@ -1,4 +1,5 @@
-#include "kernels/repack.h"
+// The portable re-pairing (repack.h), one element at a time.
+#include "kernels/generic/generic.h"
 
 namespace moe_sft::kernels {
 
