@@ -91,7 +91,8 @@ void MoELayer::backward_with(const LoraView<T>& lora, const BackwardCall& call) 
   auto sums_slot = layout.add<float>(size_t(threads_ * H));
   int64_t widest_part = 0;
   for (const ExpertPart& part : parts_) widest_part = std::max(widest_part, part.width());
-  const int64_t repack = kernels::xw_scratch_elems(weight_format_, std::max(H, widest_part));  // per worker
+  // per worker
+  const int64_t repack = kernels_->scratch_elems(kernels::GemmOp::xw, weight_format_, std::max(H, widest_part));
   auto repack_slot = layout.add<bf16>(size_t(threads_ * repack));
   auto staged_gi_slot = layout.add<bf16>(check ? size_t(T_ * H) : 0);
   auto staged_gw_slot = layout.add<float>(check && call.grad_weights != nullptr ? size_t(T_ * k) : 0);

@@ -69,7 +69,7 @@ void MoELayer::forward_with(const LoraView<T>& lora, const ForwardCall& call) {
   auto tiles_slot = layout.add<float>(size_t(threads_ * 2 * tile));
   auto sums_slot = layout.add<float>(size_t(threads_ * H));
   auto lora_t_slot = layout.add<float>(size_t(threads_ * r * cb));  // a LoRA B block transposed, per worker
-  const int64_t dequant = kernels::xwt_scratch_elems(weight_format_);  // per worker, quantized weights only
+  const int64_t dequant = kernels_->scratch_elems(kernels::GemmOp::xwt, weight_format_, std::max(H, I));  // per worker
   auto dequant_slot = layout.add<bf16>(size_t(threads_ * dequant));
   // With check_finite the output is assembled here and copied out only once it passed the check.
   auto staged_out_slot = layout.add<bf16>(check_finite_ ? size_t(call.qlen * H) : 0);

@@ -13,9 +13,10 @@ const VectorHelpers& vector_helpers() {
     if (f.avx512_bf16_usable())
       return VectorHelpers{avx512::repack_transposed, avx512::silu_mul_row, avx512::silu_mul_backward_row,
                            avx512::low_rank_kernels(), avx512::dequantize,
-                           avx512::gemm_xwt_quantized_few_rows, avx512::gemm_xw_few_rows};
+                           {avx512::gemm_xw_few_rows, avx512::kXwFewRows, avx512::xw_few_rows_scratch_elems},
+                           {avx512::gemm_xwt_quantized_few_rows, avx512::kXwtQuantizedFewRows, nullptr}};
     return VectorHelpers{repack_transposed_scalar, silu_mul_row_generic, silu_mul_backward_row_generic,
-                         portable_low_rank(), dequantize_scalar, nullptr, nullptr};
+                         portable_low_rank(), dequantize_scalar, {}, {}};
   }();
   return helpers;
 }

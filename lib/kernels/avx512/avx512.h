@@ -28,11 +28,18 @@ void repack_transposed(const PackedMatrix& w, int64_t c0, int64_t width, bf16* o
 // dequantize.h's contract.
 void dequantize(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
                 int64_t out_stride);
-void gemm_xwt_quantized_few_rows(const GemmArgs& g);  // quantized W, g.m <= kQuantizedFewRows
-// d·W for g.m <= kXwFewRows rows, W in any format (quantized: group % 8 == 0), straight from the packed
-// panels with f32 FMAs (xw_few_rows.cpp). Uses g.scratch for A widened to f32.
+
+// The few-rows kernels (FewRowsPath) and the most rows each is built for: their register blocks and stack
+// buffers are sized by these, so a family may serve fewer rows with them, never more (families.cpp).
+//
+// x·W^T of a quantized W (groups a multiple of kFewRowsGroupMultiple), codes decoded in registers.
+constexpr int64_t kXwtQuantizedFewRows = 4;
+void gemm_xwt_quantized_few_rows(const GemmArgs& g);
+// d·W, W in any format (quantized: groups a multiple of kFewRowsGroupMultiple), straight from the packed
+// panels with f32 FMAs (xw_few_rows.cpp). Uses g.scratch for A widened to f32: xw_few_rows_scratch_elems.
 constexpr int64_t kXwFewRows = 8;
 void gemm_xw_few_rows(const GemmArgs& g);
+int64_t xw_few_rows_scratch_elems(int64_t rows, int64_t w_rows);
 }  // namespace avx512
 
 }  // namespace moe_sft::kernels

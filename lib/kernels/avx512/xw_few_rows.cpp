@@ -19,6 +19,7 @@
 //
 #include "kernels/avx512/avx512.h"
 #include "kernels/avx512/target.h"
+#include "runtime/assert.h"
 
 MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
@@ -30,7 +31,8 @@ namespace moe_sft::kernels::avx512 {
 namespace {
 
 constexpr int64_t P = PackedMatrix::kPanelRows;
-constexpr int64_t kMaxGroups = kColBlock / 8 + 1;  // scale groups a task's columns touch (group % 8 == 0)
+// Scale groups a task's kColBlock columns can touch: whole groups inside, plus one cut at each end.
+constexpr int64_t kMaxGroups = kColBlock / kFewRowsGroupMultiple + 1;
 
 // Where the 16-lane sums go: acc[row][column] and, for formats with a bias, bias[row][group - first_group].
 struct Accumulators {
@@ -180,10 +182,18 @@ PanelsFn panels_fn(WeightFormat f, int64_t rows) {
 
 }  // namespace
 
+// A's rows widened to f32, each padded to whole panels.
+int64_t xw_few_rows_scratch_elems(int64_t rows, int64_t w_rows) {
+  return rows * ((w_rows + P - 1) / P * P) * int64_t(sizeof(float) / sizeof(bf16));
+}
+
 // A widened to f32 in scratch (zeros past W's rows, so the panels' zero padding rows never meet stale
 // values), the one pass, and one lane sum per output element.
 void gemm_xw_few_rows(const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
+  MOE_SFT_ASSERT(g.m <= kXwFewRows && g.c1 - g.c0 <= kColBlock);
+  MOE_SFT_ASSERT(g.scratch_elems < 0 || g.scratch_elems >= xw_few_rows_scratch_elems(g.m, w.rows()));
+  MOE_SFT_ASSERT(w.format() == WeightFormat::bf16 || w.group() % kFewRowsGroupMultiple == 0);
   if (g.m == 0) return;
   const int64_t panels = (w.rows() + P - 1) / P, ldaf = panels * P, width = g.c1 - g.c0, pairs = (width + 1) / 2;
   float* af = reinterpret_cast<float*>(g.scratch);
@@ -196,6 +206,7 @@ void gemm_xw_few_rows(const GemmArgs& g) {
   const bool quantized = w.format() != WeightFormat::bf16;
   const int64_t first_group = quantized ? g.c0 / w.group() : 0;
   const int64_t groups = quantized ? (g.c1 - 1) / w.group() - first_group + 1 : 0;
+  MOE_SFT_ASSERT(groups <= kMaxGroups);
   for (int64_t r = 0; r < g.m; ++r) {
     for (int64_t j = 0; j < 2 * pairs; ++j) _mm512_store_ps(acc[r][j], _mm512_setzero_ps());
     for (int64_t j = 0; j < groups; ++j) _mm512_store_ps(bias[r][j], _mm512_setzero_ps());

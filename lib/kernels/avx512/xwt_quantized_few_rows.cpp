@@ -10,7 +10,7 @@
 //         group), with A's group sums taken once per row.
 #include "kernels/avx512/avx512.h"
 #include "kernels/avx512/target.h"
-#include "kernels/weight_gemm.h"
+#include "runtime/assert.h"
 
 MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
@@ -23,6 +23,8 @@ namespace {
 
 constexpr int64_t P = PackedMatrix::kPanelRows;
 constexpr int kMaxPanels = int(kColBlock / P);
+static_assert(kColBlock % P == 0, "a column block must be whole panels");
+static_assert(kFewRowsGroupMultiple % 8 == 0, "int4 is decoded in units of four pairs: groups must be whole units");
 
 // Pair kp of a panel's codes as exact bf16 integers (see the file comment).
 inline __m512bh decode_int8(const uint8_t* codes, int64_t kp) {
@@ -113,14 +115,17 @@ struct FewRowsInstances {
   static constexpr FewRowsFn at() { return &few_rows<INT4, ROWS, PANELS>; }
 };
 // .fn[rows - 1][panels - 1]
-constexpr auto kInt8 = Instances<FewRowsInstances<false>, FewRowsFn, int(kQuantizedFewRows), kMaxPanels>;
-constexpr auto kInt4 = Instances<FewRowsInstances<true>, FewRowsFn, int(kQuantizedFewRows), kMaxPanels>;
+constexpr auto kInt8 = Instances<FewRowsInstances<false>, FewRowsFn, int(kXwtQuantizedFewRows), kMaxPanels>;
+constexpr auto kInt4 = Instances<FewRowsInstances<true>, FewRowsFn, int(kXwtQuantizedFewRows), kMaxPanels>;
 
 }  // namespace
 
 void gemm_xwt_quantized_few_rows(const GemmArgs& g) {
+  MOE_SFT_ASSERT(g.m <= kXwtQuantizedFewRows && g.c1 - g.c0 <= kColBlock);
+  MOE_SFT_ASSERT(g.w->format() != WeightFormat::bf16 && g.w->group() % kFewRowsGroupMultiple == 0);
   if (g.m == 0) return;
   const int panels = int((g.c1 - g.c0 + P - 1) / P);
+  MOE_SFT_ASSERT(panels >= 1);
   (is_int4(g.w->format()) ? kInt4.fn : kInt8.fn)[g.m - 1][panels - 1](g);
 }
 

@@ -92,8 +92,19 @@ float silu_mul_backward_row_generic(const bf16* g, const bf16* u, const float* d
 }
 
 const KernelSet& generic_kernels() {
-  static const KernelSet set{"generic",           gemm_xwt_generic, gemm_xw_generic, silu_mul_row_generic,
-                             silu_mul_backward_row_generic, portable_low_rank(), dequantize_scalar, nullptr, nullptr};
+  // One kernel per direction for every row count; d·W reads W in place (no scratch).
+  static const KernelSet set = [] {
+    KernelSet s{};
+    s.name = "generic";
+    s.gemm_xwt = gemm_xwt_generic;
+    s.gemm_xw = gemm_xw_generic;
+    s.xw_repairs = false;
+    s.silu_mul_row = silu_mul_row_generic;
+    s.silu_mul_backward_row = silu_mul_backward_row_generic;
+    s.low_rank = portable_low_rank();
+    s.dequantize = dequantize_scalar;
+    return s;
+  }();
   return set;
 }
 
