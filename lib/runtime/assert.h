@@ -14,7 +14,7 @@ namespace moe_sft {
 #define MOE_SFT_ASSERT(cond) \
   (__builtin_expect(!!(cond), 1) ? void(0) : ::moe_sft::assert_failed(#cond, __FILE__, __LINE__))
 #else
-#define MOE_SFT_ASSERT(cond) void(sizeof(!(cond)))  // type-checked, never evaluated
+#define MOE_SFT_ASSERT(cond) static_cast<void>(sizeof(!(cond)))  // type-checked, never evaluated
 #endif
 
 // Whether p sits on an `alignment`-byte boundary (for MOE_SFT_ASSERT).

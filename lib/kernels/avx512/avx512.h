@@ -1,7 +1,7 @@
 // The AVX-512 families. Their functions may only run where CPUID and XCR0 report AVX-512 BF16.
 //   avx512_bf16: bf16 products by VDPBF16PS;
 //   avx512_fma:  the same kernels with bf16 products by f32 FMAs on widened halves (panel_gemm.h, Products),
-//                for cores that issue VDPBF16PS at a fraction of the FMA rate (Intel's).
+//                for cores that issue VDPBF16PS at a fraction of the FMA rate.
 //
 // One file per job: panel_gemm.cpp (the register-blocked GEMM), repack.cpp (d·W's re-pairing),
 // xw_few_rows.cpp and xwt_quantized_few_rows.cpp (the few-rows paths), dequantize.cpp, activation_rows.cpp,

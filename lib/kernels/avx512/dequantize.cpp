@@ -7,6 +7,7 @@
 #include "kernels/avx512/avx512.h"
 #include "kernels/avx512/target.h"
 #include "kernels/dequantize.h"
+#include "runtime/assert.h"
 
 MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
@@ -47,6 +48,7 @@ inline __m512 widen_u16(__m256i words) { return _mm512_cvtepi32_ps(_mm512_cvtepu
 
 void dequantize(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
                 int64_t out_stride) {
+  MOE_SFT_ASSERT(dequantize_block_ok(w, panel0, panels, pair0, pairs));
   const bool int4 = is_int4(w.format());
   const __m512i nibble = _mm512_set1_epi16(0xF);
   const int64_t group_pairs = w.group() / 2;  // groups are whole pairs (validated at create)

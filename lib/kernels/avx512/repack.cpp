@@ -3,6 +3,7 @@
 #include "kernels/avx512/avx512.h"
 #include "kernels/avx512/target.h"
 #include "kernels/repack.h"
+#include "runtime/assert.h"
 
 MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
@@ -39,38 +40,36 @@ void make_index(const int (&a)[32], const int (&b)[32], const int (&want)[32], _
 // Level 2 merges two level-1 outputs of the same h, keeping rows [8h + 4g, 8h + 4g + 4) of 8 columns.
 // Level 3 merges the two level-2 outputs of the same (h, g) into two final registers: row pair j holds
 // element 2c + a = (row 2j + a, col c). The tags are relative: they do not depend on p, r or h.
+//
+// Every level's inputs are two registers whose 32 elements are rows of `width` columns side by side (2, 4,
+// then 8 columns); side_by_side tags them: a holds columns [0, width), b columns [width, 2 width).
+void side_by_side(int width, int (&a)[32], int (&b)[32]) {
+  for (int e = 0; e < 32; ++e) {
+    a[e] = (e / width) * 16 + e % width;
+    b[e] = a[e] + width;
+  }
+}
+
 const TransposeIndex& transpose_index() {
   static const TransposeIndex index = [] {
     TransposeIndex t{};
-    int s0[32], s1[32];
-    for (int e = 0; e < 32; ++e) {
-      s0[e] = (e / 2) * 16 + (e % 2);      // source t = 0: cols 0, 1
-      s1[e] = (e / 2) * 16 + 2 + (e % 2);  // source t = 1: cols 2, 3
+    int a[32], b[32], want[32];
+    // Levels 1 and 2: rows of `width` columns in, the upper (h = 0) or lower (h = 1) half of the rows of
+    // 2 width columns out.
+    __m512i* const levels[2] = {t.level1, t.level2};
+    for (int level = 0, width = 2; level < 2; ++level, width *= 2) {
+      side_by_side(width, a, b);
+      const int out_width = 2 * width, out_rows = 32 / out_width;
+      for (int h = 0; h < 2; ++h) {
+        for (int e = 0; e < 32; ++e) want[e] = (out_rows * h + e / out_width) * 16 + e % out_width;
+        make_index(a, b, want, &levels[level][h]);
+      }
     }
-    int l1[2][32];
-    for (int h = 0; h < 2; ++h) {
-      for (int e = 0; e < 32; ++e) l1[h][e] = (8 * h + e / 4) * 16 + e % 4;
-      make_index(s0, s1, l1[h], &t.level1[h]);
-    }
-    // Level 2 inputs: level-1 outputs for columns 0-3 and 4-7 (same h; use h = 0, rows relative).
-    int a2[32], b2[32], l2[2][32];
-    for (int e = 0; e < 32; ++e) {
-      a2[e] = (e / 4) * 16 + e % 4;
-      b2[e] = (e / 4) * 16 + 4 + e % 4;
-    }
-    for (int g = 0; g < 2; ++g) {
-      for (int e = 0; e < 32; ++e) l2[g][e] = (4 * g + e / 8) * 16 + e % 8;
-      make_index(a2, b2, l2[g], &t.level2[g]);
-    }
-    // Level 3 inputs: level-2 outputs for columns 0-7 and 8-15 (rows relative, g = 0).
-    int a3[32], b3[32], l3[2][32];
-    for (int e = 0; e < 32; ++e) {
-      a3[e] = (e / 8) * 16 + e % 8;
-      b3[e] = (e / 8) * 16 + 8 + e % 8;
-    }
+    // Level 3: rows of 8 columns in, row pair j of the block out (element 2c + a = (row 2j + a, col c)).
+    side_by_side(8, a, b);
     for (int o = 0; o < 2; ++o) {
-      for (int e = 0; e < 32; ++e) l3[o][e] = (2 * o + e % 2) * 16 + e / 2;
-      make_index(a3, b3, l3[o], &t.level3[o]);
+      for (int e = 0; e < 32; ++e) want[e] = (2 * o + e % 2) * 16 + e / 2;
+      make_index(a, b, want, &t.level3[o]);
     }
     return t;
   }();
@@ -104,6 +103,7 @@ constexpr int64_t kPrefetchPanels = 2;
 
 void repack_transposed(const PackedMatrix& w, int64_t c0, int64_t width, bf16* out) {
   constexpr int64_t P = PackedMatrix::kPanelRows;
+  MOE_SFT_ASSERT(repack_block_ok(w, c0, width));
   const TransposeIndex& ix = transpose_index();
   const int64_t stride = repacked_panel_stride(w);
   const int64_t out_panels = (width + P - 1) / P, panels = w.padded_rows() / P;

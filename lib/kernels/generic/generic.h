@@ -8,6 +8,9 @@ namespace moe_sft::kernels {
 
 const KernelSet& generic_kernels();
 
+void gemm_xwt_generic(const GemmArgs& g);
+void gemm_xw_generic(const GemmArgs& g);
+
 void silu_mul_row_generic(const float* g, const float* u, int64_t n, bf16* g_out, bf16* u_out, bf16* h_out);
 float silu_mul_backward_row_generic(const bf16* g, const bf16* u, const float* dh_raw, float w, int64_t n, float* h,
                                     bf16* dg, bf16* du);
