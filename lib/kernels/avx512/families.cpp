@@ -36,13 +36,13 @@ void gemm_xw(const GemmArgs& g) {
 // VDPBF16PS, so it stops paying off at about 4 rows, where the re-pairing's 3 permutes per vector are shared
 // by enough rows (an estimate from instruction counts).
 template <avx512::Products kProducts>
-constexpr int64_t kXwFewRows = kProducts == avx512::Products::fma ? avx512::kXwFewRows : 4;
-static_assert(kXwFewRows<avx512::Products::fma> <= avx512::kXwFewRows &&
-                  kXwFewRows<avx512::Products::dpbf16> <= avx512::kXwFewRows,
+constexpr int64_t kBf16XwFewRows = kProducts == avx512::Products::fma ? avx512::kXwFewRows : 4;
+static_assert(kBf16XwFewRows<avx512::Products::fma> <= avx512::kXwFewRows &&
+                  kBf16XwFewRows<avx512::Products::dpbf16> <= avx512::kXwFewRows,
               "gemm_xw_few_rows' buffers hold avx512::kXwFewRows rows");
 // Quantized d·W: the scale folded into A and the codes converted in registers beat dequantizing a block up
 // to the kernel's row limit for both ways of forming products.
-constexpr int64_t kXwQuantizedFewRows = avx512::kXwFewRows;
+constexpr int64_t kQuantizedXwFewRows = avx512::kXwFewRows;
 // The few-rows path's widened A must fit where a re-paired block would go, so the d·W scratch a family
 // states for its general path covers it (scratch_elems takes the larger anyway).
 static_assert(2 * avx512::kXwFewRows <= kColBlock, "widened A of the few-rows path outgrows a re-paired block");
@@ -54,8 +54,8 @@ KernelSet make_family(const char* name) {
   s.gemm_xwt = gemm_xwt<kProducts>;
   s.gemm_xw = gemm_xw<kProducts>;
   s.xw_repairs = true;
-  s.xw_few_rows = {avx512::gemm_xw_few_rows, kXwFewRows<kProducts>, avx512::xw_few_rows_scratch_elems};
-  s.xw_quantized_few_rows = {avx512::gemm_xw_few_rows, kXwQuantizedFewRows, avx512::xw_few_rows_scratch_elems};
+  s.xw_few_rows = {avx512::gemm_xw_few_rows, kBf16XwFewRows<kProducts>, avx512::xw_few_rows_scratch_elems};
+  s.xw_quantized_few_rows = {avx512::gemm_xw_few_rows, kQuantizedXwFewRows, avx512::xw_few_rows_scratch_elems};
   s.xwt_quantized_few_rows = {avx512::gemm_xwt_quantized_few_rows, avx512::kXwtQuantizedFewRows, nullptr};
   s.silu_mul_row = avx512::silu_mul_row;
   s.silu_mul_backward_row = avx512::silu_mul_backward_row;

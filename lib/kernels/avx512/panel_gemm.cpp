@@ -35,18 +35,18 @@ inline void pair_step_dpbf16(__m512 (&acc)[ROWS][PANELS], const bf16* a, int64_t
   }
 }
 
-// The same by two f32 FMAs on B's widened halves, with A already widened (af: row r's pair i at
-// af[r * lda + 2i], 2i + 1). Even elements first, then odd, so only PANELS widened B vectors are live next
+// The same by two f32 FMAs on B's widened halves, with A already widened (a_f32: row r's pair i at
+// a_f32[r * lda + 2i], 2i + 1). Even elements first, then odd, so only PANELS widened B vectors are live next
 // to the accumulators; A's values are broadcast straight from memory (a load, no ALU work).
 template <int ROWS, int PANELS>
-inline void pair_step_fma(__m512 (&acc)[ROWS][PANELS], const float* af, int64_t lda, int64_t i, const bf16* b,
+inline void pair_step_fma(__m512 (&acc)[ROWS][PANELS], const float* a_f32, int64_t lda, int64_t i, const bf16* b,
                           int64_t panel_stride, int64_t kp) {
   __m512 bv[PANELS];
 #pragma GCC unroll 4
   for (int p = 0; p < PANELS; ++p) bv[p] = low_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
 #pragma GCC unroll 6
   for (int r = 0; r < ROWS; ++r) {
-    const __m512 lo = _mm512_set1_ps(af[r * lda + 2 * i]);
+    const __m512 lo = _mm512_set1_ps(a_f32[r * lda + 2 * i]);
 #pragma GCC unroll 4
     for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(lo, bv[p], acc[r][p]);
   }
@@ -54,20 +54,21 @@ inline void pair_step_fma(__m512 (&acc)[ROWS][PANELS], const float* af, int64_t 
   for (int p = 0; p < PANELS; ++p) bv[p] = high_half_f32(_mm512_loadu_si512(b + p * panel_stride + kp * 32));
 #pragma GCC unroll 6
   for (int r = 0; r < ROWS; ++r) {
-    const __m512 hi = _mm512_set1_ps(af[r * lda + 2 * i + 1]);
+    const __m512 hi = _mm512_set1_ps(a_f32[r * lda + 2 * i + 1]);
 #pragma GCC unroll 4
     for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_fmadd_ps(hi, bv[p], acc[r][p]);
   }
 }
 
-// A's elements [2 kp0, 2 kp0 + n) of ROWS rows widened to f32 into af (row stride 2 kPairsPerBlock), with
+// A's elements [2 kp0, 2 kp0 + n) of ROWS rows widened to f32 into a_f32 (row stride 2 kPairsPerBlock), with
 // zeros up to a whole pair: the partner of an odd K's lone last element.
 template <int ROWS>
-inline void widen_a(const bf16* a, int64_t lda, int64_t kp0, int64_t n, float* af) {
+inline void widen_a(const bf16* a, int64_t lda, int64_t kp0, int64_t n, float* a_f32) {
 #pragma GCC unroll 6
   for (int r = 0; r < ROWS; ++r)
     for (int64_t e = 0; e < n; e += 16)
-      _mm512_store_ps(af + r * 2 * kPairsPerBlock + e, load_bf16_as_f32(a + r * lda + 2 * kp0 + e, tail_mask(n - e)));
+      _mm512_store_ps(a_f32 + r * 2 * kPairsPerBlock + e,
+                      load_bf16_as_f32(a + r * lda + 2 * kp0 + e, tail_mask(n - e)));
 }
 
 // One register block: ROWS rows x PANELS panels over pairs [kp0, kp1) (at most kPairsPerBlock of them).
@@ -82,14 +83,14 @@ void block(const bf16* a, int64_t lda, int64_t kp0, int64_t kp1, int64_t full_pa
       const __mmask16 mask = p == PANELS - 1 ? last_mask : __mmask16(0xffff);
       acc[r][p] = load_c ? _mm512_maskz_loadu_ps(mask, c + r * ldc + 16 * p) : _mm512_setzero_ps();
     }
-  alignas(64) float af[kProducts == Products::fma ? ROWS : 1][2 * kPairsPerBlock];
+  alignas(64) float a_f32[kProducts == Products::fma ? ROWS : 1][2 * kPairsPerBlock];
   if constexpr (kProducts == Products::fma) {
     const int64_t elements = (kp1 > full_pairs ? 2 * full_pairs + 1 : 2 * kp1) - 2 * kp0;
-    widen_a<ROWS>(a, lda, kp0, elements, af[0]);
+    widen_a<ROWS>(a, lda, kp0, elements, a_f32[0]);
   }
   auto step = [&](int64_t kp) {
     if constexpr (kProducts == Products::fma)
-      pair_step_fma(acc, af[0], 2 * kPairsPerBlock, kp - kp0, b, panel_stride, kp);
+      pair_step_fma(acc, a_f32[0], 2 * kPairsPerBlock, kp - kp0, b, panel_stride, kp);
     else
       pair_step_dpbf16(acc, a, lda, kp, full_pairs, b, panel_stride);
   };
@@ -147,10 +148,10 @@ void panel_gemm(const bf16* a, int64_t lda, int64_t m, int64_t k, const bf16* b,
   }
 }
 
-template void panel_gemm<Products::dpbf16>(const bf16*, int64_t, int64_t, int64_t, const bf16*, int64_t, int64_t, float*,
-                                           int64_t, bool);
-template void panel_gemm<Products::fma>(const bf16*, int64_t, int64_t, int64_t, const bf16*, int64_t, int64_t, float*,
-                                        int64_t, bool);
+template void panel_gemm<Products::dpbf16>(const bf16*, int64_t, int64_t, int64_t, const bf16*, int64_t, int64_t,
+                                           float*, int64_t, bool);
+template void panel_gemm<Products::fma>(const bf16*, int64_t, int64_t, int64_t, const bf16*, int64_t, int64_t,
+                                        float*, int64_t, bool);
 
 }  // namespace avx512
 

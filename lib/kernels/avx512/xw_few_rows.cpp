@@ -84,9 +84,9 @@ inline void load_pair(const uint8_t* panel, int64_t kp, __m512& even, __m512& od
 template <WeightFormat F>
 constexpr bool kHasBias = F == WeightFormat::int4_awq || F == WeightFormat::int4_k2;
 
-// Panels [p0, p0 + G), the task's pairs [kp0, kp0 + pairs), ROWS rows of af (A in f32, from panel p0's row).
+// Panels [p0, p0 + G), the task's pairs [kp0, kp0 + pairs), ROWS rows of a_f32 (A in f32, from panel p0's row).
 template <WeightFormat F, int ROWS, int G>
-void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, int64_t kp0, int64_t pairs,
+void xw_group(const float* a_f32, int64_t ld_a_f32, const PackedMatrix& w, int64_t p0, int64_t kp0, int64_t pairs,
               const Accumulators& out, GroupPrefetch prefetch) {
   const int64_t prefetch_per_pair = prefetch.lines / (pairs > 0 ? pairs : 1) + 1;
   const uint8_t* panel[G];  // (locals: nothing the loop stores can alias them)
@@ -101,7 +101,7 @@ void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, 
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
-        for (int r = 0; r < ROWS; ++r) d[g][r] = _mm512_loadu_ps(af + r * ldaf + g * P);
+        for (int r = 0; r < ROWS; ++r) d[g][r] = _mm512_loadu_ps(a_f32 + r * ld_a_f32 + g * P);
     } else {
       const int64_t group = 2 * (kp0 + kp) / w.group(), group_end = ((group + 1) * w.group() + 1) / 2 - kp0;
       run_end = group_end < pairs ? group_end : pairs;
@@ -109,12 +109,12 @@ void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, 
       for (int g = 0; g < G; ++g) {
         const __m512 scale = group_scale(w, p0 + g, group);
 #pragma GCC unroll 8
-        for (int r = 0; r < ROWS; ++r) d[g][r] = _mm512_mul_ps(_mm512_loadu_ps(af + r * ldaf + g * P), scale);
+        for (int r = 0; r < ROWS; ++r) d[g][r] = _mm512_mul_ps(_mm512_loadu_ps(a_f32 + r * ld_a_f32 + g * P), scale);
         if constexpr (kHasBias<F>) {
           const __m512 bias = group_bias(w, p0 + g, group, scale);
           for (int r = 0; r < ROWS; ++r) {
             float* b = out.bias[r][group - out.first_group];
-            _mm512_store_ps(b, _mm512_fmadd_ps(_mm512_loadu_ps(af + r * ldaf + g * P), bias, _mm512_load_ps(b)));
+            _mm512_store_ps(b, _mm512_fmadd_ps(_mm512_loadu_ps(a_f32 + r * ld_a_f32 + g * P), bias, _mm512_load_ps(b)));
           }
         }
       }
@@ -142,7 +142,7 @@ void xw_group(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t p0, 
 
 // All panels for ROWS rows: groups of G (as many as the registers hold A values for), then single panels.
 template <WeightFormat F, int ROWS>
-void xw_panels(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t kp0, int64_t pairs,
+void xw_panels(const float* a_f32, int64_t ld_a_f32, const PackedMatrix& w, int64_t kp0, int64_t pairs,
                const Accumulators& out) {
   constexpr int G = ROWS <= 4 ? 4 : 2;
   const int64_t panels = (w.rows() + P - 1) / P;
@@ -152,11 +152,11 @@ void xw_panels(const float* af, int64_t ldaf, const PackedMatrix& w, int64_t kp0
   for (; p + G <= panels; p += G) {
     const int64_t ahead = panels - p - G < G ? panels - p - G : G;
     GroupPrefetch prefetch{slice(w, p + G, kp0), panel_bytes(w), lines_per_panel, ahead * lines_per_panel, 0};
-    xw_group<F, ROWS, G>(af + p * P, ldaf, w, p, kp0, pairs, out, prefetch);
+    xw_group<F, ROWS, G>(a_f32 + p * P, ld_a_f32, w, p, kp0, pairs, out, prefetch);
   }
   for (; p < panels; ++p) {
     GroupPrefetch none{nullptr, 0, 1, 0, 0};
-    xw_group<F, ROWS, 1>(af + p * P, ldaf, w, p, kp0, pairs, out, none);
+    xw_group<F, ROWS, 1>(a_f32 + p * P, ld_a_f32, w, p, kp0, pairs, out, none);
   }
 }
 
@@ -195,11 +195,11 @@ void gemm_xw_few_rows(const GemmArgs& g) {
   MOE_SFT_ASSERT(g.scratch_elems < 0 || g.scratch_elems >= xw_few_rows_scratch_elems(g.m, w.rows()));
   MOE_SFT_ASSERT(w.format() == WeightFormat::bf16 || w.group() % kFewRowsGroupMultiple == 0);
   if (g.m == 0) return;
-  const int64_t panels = (w.rows() + P - 1) / P, ldaf = panels * P, width = g.c1 - g.c0, pairs = (width + 1) / 2;
-  float* af = reinterpret_cast<float*>(g.scratch);
+  const int64_t panels = (w.rows() + P - 1) / P, ld_a_f32 = panels * P, width = g.c1 - g.c0, pairs = (width + 1) / 2;
+  float* a_f32 = reinterpret_cast<float*>(g.scratch);
   for (int64_t r = 0; r < g.m; ++r) {
-    for (int64_t n = 0; n < w.rows(); ++n) af[r * ldaf + n] = to_float(g.a[r * g.lda + n]);
-    for (int64_t n = w.rows(); n < ldaf; ++n) af[r * ldaf + n] = 0.0f;
+    for (int64_t n = 0; n < w.rows(); ++n) a_f32[r * ld_a_f32 + n] = to_float(g.a[r * g.lda + n]);
+    for (int64_t n = w.rows(); n < ld_a_f32; ++n) a_f32[r * ld_a_f32 + n] = 0.0f;
   }
   alignas(64) float acc[kXwFewRows][kColBlock][16];
   alignas(64) float bias[kXwFewRows][kMaxGroups][16];
@@ -211,7 +211,7 @@ void gemm_xw_few_rows(const GemmArgs& g) {
     for (int64_t j = 0; j < 2 * pairs; ++j) _mm512_store_ps(acc[r][j], _mm512_setzero_ps());
     for (int64_t j = 0; j < groups; ++j) _mm512_store_ps(bias[r][j], _mm512_setzero_ps());
   }
-  panels_fn(w.format(), g.m)(af, ldaf, w, g.c0 / 2, pairs, Accumulators{acc, bias, first_group});
+  panels_fn(w.format(), g.m)(a_f32, ld_a_f32, w, g.c0 / 2, pairs, Accumulators{acc, bias, first_group});
   for (int64_t r = 0; r < g.m; ++r)
     for (int64_t j = 0; j < width; ++j) {
       float sum = _mm512_reduce_add_ps(_mm512_load_ps(acc[r][j]));
