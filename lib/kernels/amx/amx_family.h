@@ -6,6 +6,7 @@
 #include "kernels/amx/gemm_amx.h"
 #include "kernels/gemm.h"
 #include "kernels/repack.h"
+#include "runtime/assert.h"
 
 namespace moe_sft::kernels::amx {
 
@@ -31,6 +32,7 @@ struct Family {
   }
   static void gemm_xw(const GemmArgs& g) {
     const PackedMatrix& w = *g.w;
+    MOE_SFT_ASSERT(g.scratch_elems < 0 || g.scratch_elems >= xw_block_elems(w.rows()));
     vector_helpers().repack(w, g.c0, g.c1 - g.c0, g.scratch);
     PanelGemm<Tiles>::run(g.a, g.lda, g.m, w.rows(), g.scratch, repacked_panel_stride(w), g.c1 - g.c0, g.c, g.ldc,
                           g.accumulate);

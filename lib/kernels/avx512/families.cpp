@@ -4,6 +4,7 @@
 #include "kernels/avx512/panel_gemm.h"
 #include "kernels/avx512/target.h"
 #include "kernels/repack.h"
+#include "runtime/assert.h"
 
 MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
@@ -24,6 +25,7 @@ void gemm_xwt(const GemmArgs& g) {
 template <avx512::Products kProducts>
 void gemm_xw(const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
+  MOE_SFT_ASSERT(g.scratch_elems < 0 || g.scratch_elems >= xw_block_elems(w.rows()));
   avx512::repack_transposed(w, g.c0, g.c1 - g.c0, g.scratch);
   avx512::panel_gemm<kProducts>(g.a, g.lda, g.m, w.rows(), g.scratch, repacked_panel_stride(w), g.c1 - g.c0, g.c,
                                 g.ldc, g.accumulate);
