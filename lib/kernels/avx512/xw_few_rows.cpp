@@ -1,5 +1,5 @@
-// d·W for a few rows of A straight from the packed panels, for every weight format (the small-M path of
-// d·W; avx512_bf16.h). No re-pairing of W and no dequantized copy of it:
+// d·W for a few rows of A straight from the packed panels, for every weight format (KernelSet::xw_few_rows
+// and xw_quantized_few_rows; avx512.h). No re-pairing of W and no dequantized copy of it:
 //
 // A packed vector holds 16 contraction rows n of one column pair. Widened to f32 (bf16: the low halves
 // shifted up for the even column, the high halves masked for the odd one; int8/int4: the codes converted

@@ -1,4 +1,4 @@
-// x·W^T for a quantized W and a few rows of A (weight_gemm.h's small-M path), straight from the codes.
+// x·W^T for a quantized W and a few rows of A (KernelSet::xwt_quantized_few_rows), straight from the codes.
 //
 // With few rows, dequantizing a block to scratch and reading it back costs more than the products. Here
 // each B vector is decoded in registers to exact small integers in bf16 and multiplied into per-group f32
