@@ -16,9 +16,10 @@ namespace moe_sft::kernels {
 using DequantizeFn = void (*)(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs,
                               bf16* out, int64_t out_stride);
 
-void dequantize_scalar(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
-                       int64_t out_stride);
-void dequantize_avx512(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
-                       int64_t out_stride);  // needs AVX-512 BF16
+// The bounds above, for MOE_SFT_ASSERT in each family's dequantize.
+inline bool dequantize_block_ok(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs) {
+  return w.format() != WeightFormat::bf16 && pair0 % 4 == 0 && pairs % 4 == 0 && panel0 >= 0 && panels >= 0 &&
+         panel0 + panels <= w.panels() && pair0 >= 0 && 2 * (pair0 + pairs) <= w.padded_cols();
+}
 
 }  // namespace moe_sft::kernels

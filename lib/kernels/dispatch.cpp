@@ -5,7 +5,7 @@
 #include <string>
 
 #include "kernels/amx/amx.h"
-#include "kernels/avx512_bf16/avx512_bf16.h"
+#include "kernels/avx512/avx512.h"
 #include "kernels/gemm.h"
 #include "kernels/generic/generic.h"
 #include "runtime/cpu_features.h"

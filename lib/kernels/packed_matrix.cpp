@@ -1,5 +1,6 @@
 #include "packed_matrix.h"
 
+#include "runtime/assert.h"
 #include "runtime/numa.h"
 
 #if defined(__linux__)
@@ -57,6 +58,8 @@ PackedMatrix::PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t 
 
 PackedMatrix PackedMatrix::view(const bf16* data, int64_t rows, int64_t cols, int64_t padded_rows,
                                 int64_t padded_cols) {
+  MOE_SFT_ASSERT(padded_rows % kPanelRows == 0 && padded_cols % kColAlign == 0);
+  MOE_SFT_ASSERT(rows <= padded_rows && cols <= padded_cols && MOE_SFT_ALIGNED(data, 64));
   PackedMatrix m;
   m.rows_ = rows;
   m.cols_ = cols;

@@ -16,8 +16,14 @@ namespace moe_sft::kernels {
 // Panel stride of repacked blocks (elements).
 inline int64_t repacked_panel_stride(const PackedMatrix& w) { return w.padded_rows() * PackedMatrix::kPanelRows; }
 
-// c0 a multiple of 32; writes ceil(width / 16) panels.
-void repack_transposed_scalar(const PackedMatrix& w, int64_t c0, int64_t width, bf16* out);
-void repack_transposed_avx512(const PackedMatrix& w, int64_t c0, int64_t width, bf16* out);  // needs AVX-512BW
+// A family's re-pairing of columns [c0, c0 + width) of w into `out` (repacked_panel_stride(w) per output
+// panel): c0 a multiple of 32; writes ceil(width / 16) panels. generic/ and avx512/ define one each.
+using RepackFn = void (*)(const PackedMatrix& w, int64_t c0, int64_t width, bf16* out);
+
+// The bounds above, for MOE_SFT_ASSERT in each family's re-pairing.
+inline bool repack_block_ok(const PackedMatrix& w, int64_t c0, int64_t width) {
+  return w.format() == WeightFormat::bf16 && c0 >= 0 && c0 % (2 * PackedMatrix::kPanelRows) == 0 && width >= 0 &&
+         c0 + width <= w.padded_cols();
+}
 
 }  // namespace moe_sft::kernels

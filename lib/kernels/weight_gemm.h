@@ -1,10 +1,16 @@
-// gemm_xwt / gemm_xw (gemm.h) for a W in any stored format: bf16 goes straight to the family's kernel;
-// a quantized W is dequantized block by block into the worker's scratch (dequantize.h) and each block
-// goes through the same bf16 kernel. Nothing larger than a block is ever dequantized.
+// gemm_xwt / gemm_xw (gemm.h) for a W in any stored format, and the one place that picks which of a
+// family's kernels serves a call, from the format and the rows of A:
 //
-//   x·W^T: blocks of the task's <= kColBlock output columns x kXwtBlockPairs column pairs of W (L1-sized),
-//          accumulated into C one block of K after the other;
-//   d·W:   the task's <= kColBlock columns of W over all its rows (the family's re-pairing reads it next).
+//   x·W^T  bf16 W:       gemm_xwt
+//          quantized W:  xwt_quantized_few_rows while it serves the rows (and the groups), else blocks of
+//                        the task's <= kColBlock output columns x kXwtBlockPairs column pairs of W (L1-sized),
+//                        each dequantized into scratch and fed to gemm_xwt, accumulated one block of K after
+//                        the other;
+//   d·W    bf16 W:       xw_few_rows while it serves the rows, else gemm_xw;
+//          quantized W:  xw_quantized_few_rows while it serves the rows (and the groups), else the task's
+//                        <= kColBlock columns of W over all its rows dequantized into scratch, then as bf16.
+//
+// Nothing larger than a block is ever dequantized.
 #pragma once
 #include <cstdint>
 
@@ -13,19 +19,8 @@
 namespace moe_sft::kernels {
 
 constexpr int64_t kXwtBlockPairs = 128;
-// Up to this many rows, x·W^T of a quantized W takes the family's few-rows kernel where it has one
-// (KernelSet::gemm_xwt_quantized_few_rows): codes decoded in registers, no block written to scratch. It
-// walks int4 units of four pairs, so it serves groups that are a multiple of 8 (all the usual ones).
-constexpr int64_t kQuantizedFewRows = 4;
-// Up to this many rows, d·W of a quantized W takes the family's few-rows kernel where it has one
-// (KernelSet::gemm_xw_quantized_few_rows): the scale folded into A, codes converted in registers.
-constexpr int64_t kQuantizedXwFewRows = 8;
 
 void gemm_xwt(const KernelSet& kernels, const GemmArgs& args);
 void gemm_xw(const KernelSet& kernels, const GemmArgs& args);
-
-// bf16 elements of GemmArgs::scratch a call needs for a W of format f with `rows` rows (d·W) or for x·W^T.
-int64_t xw_scratch_elems(WeightFormat f, int64_t rows);
-int64_t xwt_scratch_elems(WeightFormat f);
 
 }  // namespace moe_sft::kernels

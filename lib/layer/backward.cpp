@@ -94,7 +94,7 @@ struct BackwardFrame {
   static int64_t repack_scratch_elems(const LayerParts& l) {
     int64_t widest_part = 0;
     for (const ExpertPart& part : l.parts) widest_part = std::max(widest_part, part.width());
-    return kernels::xw_scratch_elems(l.weight_format, std::max(l.hidden, widest_part));
+    return l.kernels->scratch_elems(kernels::GemmOp::xw, l.weight_format, std::max(l.hidden, widest_part));
   }
   const kernels::LowRankKernels& low_rank() const { return layer.kernels->low_rank; }
   float routing_weight(int64_t row) const { return saved.routing_weights[size_t(routing.row_pair[row])]; }

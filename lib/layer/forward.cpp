@@ -69,7 +69,8 @@ struct ForwardFrame {
   ForwardFrame(const LayerParts& l, const ForwardCall& c, const LoraView<T>& v, const Routing& r)
       : layer(l), call(c), lora(v), routing(r), hidden(l.hidden), intermediate(l.intermediate), rank(v.rank),
         top_k(c.top_k), rows(r.rows()), tile_elems(r.max_expert_rows() * kernels::kColBlock),
-        dequant_elems(kernels::xwt_scratch_elems(l.weight_format)), row_tasks(row_chunks(r, kRowChunk)),
+        dequant_elems(l.kernels->scratch_elems(kernels::GemmOp::xwt, l.weight_format, std::max(l.hidden, l.intermediate))),
+        row_tasks(row_chunks(r, kRowChunk)),
         intermediate_grid(r, column_blocks(l.parts, kernels::kColBlock)),
         hidden_grid(r, column_blocks(l.hidden, kernels::kColBlock)) {}
 

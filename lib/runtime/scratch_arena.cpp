@@ -1,5 +1,7 @@
 #include "scratch_arena.h"
 
+#include "runtime/assert.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -30,6 +32,7 @@ std::byte* ScratchArena::frame(const ScratchLayout& layout) {
     data_ = static_cast<std::byte*>(p);
     capacity_ = grown;
   }
+  MOE_SFT_ASSERT(MOE_SFT_ALIGNED(data_, ScratchLayout::kAlign));
   if (debug_fill_enabled() && need > 0) std::memset(data_, 0xff, need);  // 0xffff.. is NaN in f32 and bf16
   return data_;
 }

@@ -1,11 +1,11 @@
-// Scratch arena (the design's SharedMemBuffer): one buffer for the per-call temporaries of every layer in
-// the process, grown to the largest request seen.
+// Scratch arena: one buffer for the per-call temporaries of every layer in the process, grown to the largest
+// request seen.
 //
-// The original implementation handed every request offset 0 and corrupted its own caches. Here a call
-// first describes all its temporaries in a ScratchLayout, which gives each one its own aligned,
-// non-overlapping range, and only then asks the arena for the total. Nothing that must outlive a call
-// (packed weights, forward caches) ever lives here. With MOE_SFT_DEBUG_SCRATCH=1 every fresh frame is
-// filled with NaN bytes, so a read of a temporary that was never written shows up in the results.
+// Two temporaries of one call must never share bytes, and nothing may be allocated once a call has begun
+// writing its outputs. So a call first describes all its temporaries in a ScratchLayout, which gives each
+// one its own aligned, non-overlapping range, and only then asks the arena for the total. Nothing that must
+// outlive a call (packed weights, forward caches) ever lives here. With MOE_SFT_DEBUG_SCRATCH=1 every fresh
+// frame is filled with NaN bytes, so a read of a temporary that was never written shows up in the results.
 #pragma once
 #include <cstddef>
 #include <cstdint>

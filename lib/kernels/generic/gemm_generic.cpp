@@ -2,7 +2,6 @@
 // Plain loops the compiler can vectorize; correctness and every tail first, speed is the other families'.
 #include <algorithm>
 
-#include "kernels/activation.h"
 #include "kernels/gemm.h"
 #include "kernels/generic/generic.h"
 
@@ -16,6 +15,8 @@ constexpr int64_t P = PackedMatrix::kPanelRows;
 void init_row(float* crow, int64_t width, bool accumulate) {
   if (!accumulate) std::fill(crow, crow + width, 0.0f);
 }
+
+}  // namespace
 
 // C[m, c] += sum_k A[m, k] W[c, k]: one panel of P output columns at a time, k-pairs innermost.
 void gemm_xwt_generic(const GemmArgs& g) {
@@ -64,37 +65,6 @@ void gemm_xw_generic(const GemmArgs& g) {
       for (int64_t c = std::max(k0, g.c0); c < std::min(k1, g.c1); ++c) crow[c - g.c0] += acc[c - k0];
     }
   }
-}
-
-}  // namespace
-
-void silu_mul_row_generic(const float* g, const float* u, int64_t n, bf16* g_out, bf16* u_out, bf16* h_out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const bf16 gb = to_bf16(g[i]), ub = to_bf16(u[i]);
-    g_out[i] = gb;
-    u_out[i] = ub;
-    h_out[i] = to_bf16(activation(to_float(gb), to_float(ub)));
-  }
-}
-
-float silu_mul_backward_row_generic(const bf16* g, const bf16* u, const float* dh_raw, float w, int64_t n, float* h,
-                                    bf16* dg, bf16* du) {
-  float dot = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float gv = to_float(g[i]), uv = to_float(u[i]);
-    h[i] = to_float(to_bf16(activation(gv, uv)));
-    dot += dh_raw[i] * h[i];
-    const ActivationGrad ag = activation_grad(gv, uv, w * dh_raw[i]);
-    dg[i] = to_bf16(ag.gate);
-    du[i] = to_bf16(ag.up);
-  }
-  return dot;
-}
-
-const KernelSet& generic_kernels() {
-  static const KernelSet set{"generic",           gemm_xwt_generic, gemm_xw_generic, silu_mul_row_generic,
-                             silu_mul_backward_row_generic, portable_low_rank(), dequantize_scalar, nullptr, nullptr};
-  return set;
 }
 
 }  // namespace moe_sft::kernels

@@ -3,17 +3,18 @@
 // A bf16 pair vector holds 16 rows x 2 columns, (row r, column a) at lane 2r + a. VCVTNE2PS2BF16 writes its
 // second source's 16 floats to lanes 0-15 and its first source's to lanes 16-31, so the codes are widened in
 // two halves of 16 (rows 0-7 and rows 8-15, each in pair order) and every half needs its rows' scales
-// duplicated per lane pair: VPERMPS from the panel's 16 per-row scales, once per group. (No std:: template
-// is instantiated under the target pragma: see gemm_avx512_bf16.cpp.)
+// duplicated per lane pair: VPERMPS from the panel's 16 per-row scales, once per group.
+#include "kernels/avx512/avx512.h"
+#include "kernels/avx512/target.h"
 #include "kernels/dequantize.h"
+#include "runtime/assert.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
 
-#include "kernels/avx512_bf16/widen.h"
+#include "kernels/avx512/vector.h"
 
-namespace moe_sft::kernels {
+namespace moe_sft::kernels::avx512 {
 
 namespace {
 
@@ -24,7 +25,7 @@ struct HalfScales {
 };
 
 HalfScales group_scales(const PackedMatrix& w, int64_t p, int64_t g) {
-  const __m512 s = avx512::group_scale(w, p, g), b = avx512::group_bias(w, p, g, s);
+  const __m512 s = group_scale(w, p, g), b = group_bias(w, p, g, s);
   const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   return {{_mm512_permutexvar_ps(lo, s), _mm512_permutexvar_ps(hi, s)},
@@ -45,8 +46,9 @@ inline __m512 widen_u16(__m256i words) { return _mm512_cvtepi32_ps(_mm512_cvtepu
 
 }  // namespace
 
-void dequantize_avx512(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
-                       int64_t out_stride) {
+void dequantize(const PackedMatrix& w, int64_t panel0, int64_t panels, int64_t pair0, int64_t pairs, bf16* out,
+                int64_t out_stride) {
+  MOE_SFT_ASSERT(dequantize_block_ok(w, panel0, panels, pair0, pairs));
   const bool int4 = is_int4(w.format());
   const __m512i nibble = _mm512_set1_epi16(0xF);
   const int64_t group_pairs = w.group() / 2;  // groups are whole pairs (validated at create)
@@ -71,6 +73,6 @@ void dequantize_avx512(const PackedMatrix& w, int64_t panel0, int64_t panels, in
   }
 }
 
-}  // namespace moe_sft::kernels
+}  // namespace moe_sft::kernels::avx512
 
-#pragma GCC pop_options
+MOE_SFT_AVX512_END

@@ -1,4 +1,4 @@
-// x·W^T for a quantized W and a few rows of A (weight_gemm.h's small-M path), straight from the codes.
+// x·W^T for a quantized W and a few rows of A (KernelSet::xwt_quantized_few_rows), straight from the codes.
 //
 // With few rows, dequantizing a block to scratch and reading it back costs more than the products. Here
 // each B vector is decoded in registers to exact small integers in bf16 and multiplied into per-group f32
@@ -8,25 +8,23 @@
 //         since
 //         code·s + bias = (128 + code)·s + (bias - 128·s), C += s ⊙ acc + (bias - 128·s) ⊙ (sum of A's
 //         group), with A's group sums taken once per row.
-// No std:: template is instantiated under the target pragma (see gemm_avx512_bf16.cpp).
-#include <cstring>
-#include <utility>
+#include "kernels/avx512/avx512.h"
+#include "kernels/avx512/target.h"
+#include "runtime/assert.h"
 
-#include "kernels/avx512_bf16/avx512_bf16.h"
-#include "kernels/weight_gemm.h"
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
 
-#include "kernels/avx512_bf16/widen.h"
+#include "kernels/avx512/vector.h"
 
-namespace moe_sft::kernels {
+namespace moe_sft::kernels::avx512 {
 
 namespace {
 
 constexpr int64_t P = PackedMatrix::kPanelRows;
 constexpr int kMaxPanels = int(kColBlock / P);
+static_assert(kColBlock % P == 0, "a column block must be whole panels");
+static_assert(kFewRowsGroupMultiple % 8 == 0, "int4 is decoded in units of four pairs: groups must be whole units");
 
 // Pair kp of a panel's codes as exact bf16 integers (see the file comment).
 inline __m512bh decode_int8(const uint8_t* codes, int64_t kp) {
@@ -49,15 +47,14 @@ inline void decode_int4_unit(const uint8_t* codes, int64_t unit, __m512bh (&out)
 inline float sum_bf16(const bf16* p, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
-    acc = _mm512_add_ps(acc, avx512::load_bf16_as_f32(p + i, mask));
+    acc = _mm512_add_ps(acc, load_bf16_as_f32(p + i, tail_mask(n - i)));
   }
   return _mm512_reduce_add_ps(acc);
 }
 
 // bias - 128·scale: the constant the 128 offset of int4's decoded codes calls for.
 inline __m512 group_offset(const PackedMatrix& w, int64_t panel, int64_t g, __m512 scale) {
-  return _mm512_fnmadd_ps(scale, _mm512_set1_ps(128.0f), avx512::group_bias(w, panel, g, scale));
+  return _mm512_fnmadd_ps(scale, _mm512_set1_ps(128.0f), group_bias(w, panel, g, scale));
 }
 
 template <bool INT4, int ROWS, int PANELS>
@@ -65,8 +62,7 @@ void few_rows(const GemmArgs& g) {
   const PackedMatrix& w = *g.w;
   const int64_t K = w.cols(), pairs = (K + 1) / 2, full_pairs = K / 2, group_pairs = w.group() / 2;
   const int64_t panel0 = g.c0 / P, width = g.c1 - g.c0;
-  const __mmask16 last = width - (PANELS - 1) * P >= P ? __mmask16(0xffff)
-                                                      : __mmask16((1u << (width - (PANELS - 1) * P)) - 1);
+  const __mmask16 last = tail_mask(width - (PANELS - 1) * P);
   const uint8_t* codes[PANELS];
   for (int q = 0; q < PANELS; ++q) codes[q] = w.codes(panel0 + q);
   if (!g.accumulate)
@@ -88,9 +84,8 @@ void few_rows(const GemmArgs& g) {
       for (int i = 0; i < (INT4 ? 4 : 1); ++i)
         for (int r = 0; r < ROWS; ++r) {
           const int64_t at = kp + i;
-          int32_t pair = 0;  // beyond K: 0, so the padding's codes contribute nothing
-          if (at < full_pairs) std::memcpy(&pair, g.a + r * g.lda + 2 * at, sizeof pair);
-          else if (at < pairs) pair = int32_t(g.a[r * g.lda + 2 * at].bits);  // odd K: one element, partner 0
+          // Beyond K: 0, so the padding's codes contribute nothing.
+          const int32_t pair = at < pairs ? a_pair(g.a + r * g.lda, at, full_pairs) : 0;
           const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
           for (int q = 0; q < PANELS; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, b[q][i]);
         }
@@ -100,7 +95,7 @@ void few_rows(const GemmArgs& g) {
       for (int r = 0; r < ROWS; ++r) a_sum[r] = sum_bf16(g.a + r * g.lda + 2 * g0, (2 * gend < K ? 2 * gend : K) - 2 * g0);
     const int64_t group = g0 / group_pairs;
     for (int q = 0; q < PANELS; ++q) {
-      const __m512 scale = avx512::group_scale(w, panel0 + q, group);
+      const __m512 scale = group_scale(w, panel0 + q, group);
       const __m512 offset = INT4 ? group_offset(w, panel0 + q, group, scale) : _mm512_setzero_ps();
       const __mmask16 mask = q == PANELS - 1 ? last : __mmask16(0xffff);
       for (int r = 0; r < ROWS; ++r) {
@@ -114,30 +109,26 @@ void few_rows(const GemmArgs& g) {
 }
 
 using FewRowsFn = void (*)(const GemmArgs&);
-
-template <bool INT4, int ROWS, int... Q>
-constexpr void fill_panels(FewRowsFn (&row)[kMaxPanels], std::integer_sequence<int, Q...>) {
-  ((row[Q] = &few_rows<INT4, ROWS, Q + 1>), ...);
-}
-template <bool INT4, int... R>
-constexpr auto make_table(std::integer_sequence<int, R...>) {
-  struct Table {
-    FewRowsFn fn[kQuantizedFewRows][kMaxPanels];
-  } t{};
-  ((fill_panels<INT4, R + 1>(t.fn[R], std::make_integer_sequence<int, kMaxPanels>{})), ...);
-  return t;
-}
-constexpr auto kInt8 = make_table<false>(std::make_integer_sequence<int, int(kQuantizedFewRows)>{});
-constexpr auto kInt4 = make_table<true>(std::make_integer_sequence<int, int(kQuantizedFewRows)>{});
+template <bool INT4>
+struct FewRowsInstances {
+  template <int ROWS, int PANELS>
+  static constexpr FewRowsFn at() { return &few_rows<INT4, ROWS, PANELS>; }
+};
+// .fn[rows - 1][panels - 1]
+constexpr auto kInt8 = Instances<FewRowsInstances<false>, FewRowsFn, int(kXwtQuantizedFewRows), kMaxPanels>;
+constexpr auto kInt4 = Instances<FewRowsInstances<true>, FewRowsFn, int(kXwtQuantizedFewRows), kMaxPanels>;
 
 }  // namespace
 
-void avx512::gemm_xwt_quantized_few_rows(const GemmArgs& g) {
+void gemm_xwt_quantized_few_rows(const GemmArgs& g) {
+  MOE_SFT_ASSERT(g.m <= kXwtQuantizedFewRows && g.c1 - g.c0 <= kColBlock);
+  MOE_SFT_ASSERT(g.w->format() != WeightFormat::bf16 && g.w->group() % kFewRowsGroupMultiple == 0);
   if (g.m == 0) return;
   const int panels = int((g.c1 - g.c0 + P - 1) / P);
+  MOE_SFT_ASSERT(panels >= 1);
   (is_int4(g.w->format()) ? kInt4.fn : kInt8.fn)[g.m - 1][panels - 1](g);
 }
 
-}  // namespace moe_sft::kernels
+}  // namespace moe_sft::kernels::avx512
 
-#pragma GCC pop_options
+MOE_SFT_AVX512_END

@@ -14,10 +14,11 @@
 namespace moe_sft::kernels::avx512 {
 
 // How a bf16 x bf16 product is formed. Both are exact in f32 and accumulate in f32:
-//   dpbf16: VDPBF16PS, one instruction per pair of products (AMD Zen 4 issues it at the f32 FMA rate);
+//   dpbf16: VDPBF16PS, one instruction per pair of products: the faster where a core issues it at its f32
+//           FMA rate;
 //   fma:    B's bf16 halves widened to f32 (a shift, a mask), A's widened once per register block, and
-//           two VFMADD231PS. Intel cores issue VDPBF16PS at a quarter of the FMA rate, where this is about
-//           twice as fast.
+//           two VFMADD231PS: the faster where a core issues VDPBF16PS at a fraction of its FMA rate
+//           (vdpbf16ps_is_slow decides at run time).
 enum class Products { dpbf16, fma };
 
 template <Products kProducts>

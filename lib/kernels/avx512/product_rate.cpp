@@ -1,16 +1,16 @@
-// Which way of forming bf16 products this core runs faster (avx512_bf16.h): independent VDPBF16PS chains
-// against as many 512-bit FMA chains, ~0.2 ms in all, once per process. The gap it looks for is wide: AMD
-// Zen 4 issues VDPBF16PS at its FMA rate (its ~455 GFLOP/s bf16 peak on 2 cores is one per cycle), the
-// Intel Xeon this was developed on at a quarter of it (2.2 cycles against 0.5), so the answer does not
-// hinge on timing noise. Each side is timed best-of-several, so a preemption cannot decide it.
+// Which way of forming bf16 products this core runs faster (avx512.h): independent VDPBF16PS chains against
+// as many 512-bit FMA chains, timed once per process. The gap it looks for is wide: some cores issue
+// VDPBF16PS at their FMA rate, others at a quarter of it or less, so the answer does not hinge on timing
+// noise. Each side is timed best-of-several, so a preemption cannot decide it. README's kernel section has
+// the rates measured on real machines.
 #include <chrono>
 #include <cstdint>
 
-#include "kernels/avx512_bf16/avx512_bf16.h"
+#include "kernels/avx512/avx512.h"
+#include "kernels/avx512/target.h"
 
 // The two loops are compiled for AVX-512 BF16; the timing around them (std::chrono templates) is not.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+MOE_SFT_AVX512_BEGIN
 #include <immintrin.h>
 
 namespace moe_sft::kernels {
@@ -46,7 +46,7 @@ __attribute__((noinline)) float fma_chains(int64_t iterations) {
 
 }  // namespace moe_sft::kernels
 
-#pragma GCC pop_options
+MOE_SFT_AVX512_END
 
 namespace moe_sft::kernels {
 
@@ -69,7 +69,7 @@ double best_time(float (*chains)(int64_t), int64_t iterations) {
 
 bool vdpbf16ps_is_slow() {
   static const bool slow = [] {
-    constexpr int64_t kIterations = 2000;  // 24k instructions a run: ~10 us even where VDPBF16PS is slow
+    constexpr int64_t kIterations = 2000;  // 24k instructions a run: short, yet far above the timer's resolution
     best_time(fma_chains, kIterations);  // warm-up: wakes the 512-bit units and the clock
     const double dpbf16 = best_time(dpbf16_chains, kIterations), fma = best_time(fma_chains, kIterations);
     return dpbf16 > 2.0 * fma;
