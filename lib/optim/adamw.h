@@ -9,7 +9,7 @@
 // parameter would never move; the master accumulates them.
 //
 // A step is two passes over the chunks of all tensors on the runtime's worker pool: the sum of squares of
-// every chunk's grads (which also finds NaN/Inf: a finite sum means finite grads), then, if nothing is
+// every chunk's grads in double (which also finds NaN/Inf: a finite sum means finite grads), then, if nothing is
 // non-finite, the update with the clipping factor. Per-chunk sums are added in chunk order, so the norm and
 // the update do not depend on the number of threads. Not thread-safe: the ABI handle serializes calls.
 #pragma once
