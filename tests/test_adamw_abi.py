@@ -293,6 +293,38 @@ def test_results_do_not_depend_on_the_thread_count(abi):
             assert np.array_equal(x, y)
 
 
+def test_optimizers_stepped_from_two_threads_equal_running_them_in_turn(abi):
+    """Steps take the library's worker pool in turn (cffi releases the GIL): two optimizers driven from two
+    threads at once end exactly where the same steps run one after the other end."""
+    import threading
+
+    def run(opts_and_grads, parallel):
+        def drive(opt, grads):
+            for g in grads:
+                opt.step(g)
+        if parallel:
+            threads = [threading.Thread(target=drive, args=og) for og in opts_and_grads]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for og in opts_and_grads:
+                drive(*og)
+
+    results = []
+    for parallel in (False, True):
+        rng = np.random.default_rng(9)
+        work = []
+        for _ in range(2):
+            params = make_params(rng, np.float32, (("a", (200_000,)), ("b", (3, 5))))
+            work.append((Opt(abi, params, lr=1e-2, max_grad_norm=50.0), [make_grads(rng, params) for _ in range(4)]))
+        run(work, parallel)
+        results.append([a.copy() for opt, _ in work for a in opt.params.values()])
+    for x, y in zip(*results):
+        assert np.array_equal(x, y)
+
+
 def test_caller_grads_are_not_modified(abi):
     rng = np.random.default_rng(4)
     params = make_params(rng, np.float32)
