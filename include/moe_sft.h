@@ -319,7 +319,7 @@ moe_sft_status moe_sft_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
  * clipping factor:
  *
  *   p = p * (1 - lr * weight_decay)                     (decoupled weight decay)
- *   m = beta1 * m + (1 - beta1) * g                     (computed as torch does: m + (1 - beta1) (g - m))
+ *   m = beta1 * m + (1 - beta1) * g                     (as torch's lerp: m + (1 - beta1) (g - m))
  *   v = beta2 * v + (1 - beta2) * g * g
  *   p = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
  *
