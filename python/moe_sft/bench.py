@@ -372,20 +372,43 @@ def lora_shapes(E, H, I, r):
             "down_b": (E, H, r)}
 
 
-def bench_adamw(name, shape, reps, budget, threads, out=print):
+def torch_adamw_step(torch, shapes, dtype):
+    """torch's fastest CPU AdamW (fused=True) plus clip_grad_norm_ (foreach) over the same tensors, as a
+    closure, or None where this torch lacks it. bf16 parameters: torch keeps moments in bf16 and no master."""
+    rng = np.random.default_rng(0)
+    tdt = torch.float32 if dtype == "f32" else torch.bfloat16
+    params = [torch.tensor(0.02 * rng.standard_normal(s, np.float32)).to(tdt).requires_grad_() for s in shapes.values()]
+    for p in params:
+        p.grad = torch.tensor(rng.standard_normal(p.shape, np.float32)).to(tdt)
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+    return step
+
+
+def bench_adamw(name, shape, reps, budget, threads, out=print, torch=None):
     """One AdamW step (moe_sft_adamw_step: grad norm, clipping, the update) over one layer's LoRA of `shape`,
     f32 and bf16 parameters, against the time to read params, grads and both moments once at the read
     bandwidth bench/peak measures right before each row (bf16: the bf16 parameter and its f32 master). The
     step itself moves more: the grads twice (the norm and the NaN guard must see all of them before the first
-    write), and params, moments (and the bf16 copy) written back."""
+    write), and params, moments (and the bf16 copy) written back. With torch: its fused CPU AdamW plus
+    clip_grad_norm_ on the same tensors (xtorch = its time / ours)."""
     from ._optim import AdamW
     E, H, I, r = shape["E"], shape["H"], shape["I"], shape["r"]
     shapes = lora_shapes(E, H, I, r)
     n = sum(int(np.prod(s)) for s in shapes.values())
     out(f"\n## AdamW step, {name} LoRA (E={E} H={H} I={I} r={r}: {n / 1e6:.1f} M parameters), threads={threads}, "
         "weight_decay and clipping on")
-    out("| params | streamed MiB | read GB/s | step ms | best ms | GB/s | stream ms | xstream | best xstream |")
-    out("|---|---|---|---|---|---|---|---|---|")
+    cols = ["params", "streamed MiB", "read GB/s", "step ms", "best ms", "GB/s", "stream ms", "xstream", "best xstream"]
+    if torch is not None:
+        cols += ["torch ms", "xtorch"]
+    out("| " + " | ".join(cols) + " |")
+    out("|" + "---|" * len(cols))
     rows = []
     for dtype, per_element in (("f32", 16), ("bf16", 18)):
         rng = np.random.default_rng(0)
@@ -415,6 +438,14 @@ def bench_adamw(name, shape, reps, budget, threads, out=print):
             cells += [f"{1e3 * stream:.2f}", f"{t / stream:.2f}", f"{best / stream:.2f}"]
         else:
             cells += ["-", "-", "-"]
+        if torch is not None:
+            torch_step = torch_adamw_step(torch, shapes, dtype)
+            if torch_step is None:
+                cells += ["-", "-"]
+            else:
+                tt = timed(torch_step, reps, budget)
+                row.update(torch_ms=1e3 * tt, speedup_vs_torch=tt / t)
+                cells += [f"{1e3 * tt:.2f}", f"{tt / t:.1f}"]
         out("| " + " | ".join(cells) + " |")
         rows.append(row)
     return rows
@@ -460,7 +491,8 @@ def main(argv=None):
           "twice, at the measured bandwidth; xC = C's time / ours (fwd/f+b)")
     results = dict(peaks=peaks, torch=getattr(contenders.get("torch"), "__version__", None), shapes={})
     if args.adamw != "no":
-        results["adamw"] = bench_adamw(args.shapes[0], SHAPES[args.shapes[0]], args.reps, args.budget, args.threads)
+        results["adamw"] = bench_adamw(args.shapes[0], SHAPES[args.shapes[0]], args.reps, args.budget, args.threads,
+                                       torch=contenders.get("torch"))
     if args.adamw == "only":
         args.shapes, args.formats = [], []
     for name in args.shapes:
