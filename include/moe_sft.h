@@ -294,6 +294,155 @@ moe_sft_status moe_sft_route_backward(int64_t qlen, int32_t expert_num, int32_t 
                                       const int64_t *expert_ids, const float *grad_routing_weights,
                                       float *grad_logits);
 
+/* ---- bf16 arrays (version 0.3) ----------------------------------------------------------------------------
+ * So that a C program needs nothing but this header to make the layer's bf16 inputs or read its outputs.
+ * bf16 is the upper half of an IEEE f32: sign, 8 exponent bits, 7 mantissa bits. */
+
+/* dst[i] = src[i] rounded to bf16, to nearest with ties to even, for i < n. Inf stays Inf, finite values
+ * beyond bf16's largest round to Inf as IEEE rounding does, subnormals round like any other value, and
+ * every NaN becomes the quiet NaN 0x7fc0 with its sign (0xffc0 for a negative one), as ml_dtypes and Eigen
+ * give. n >= 0 (0 does nothing); src and dst must not overlap. Runs on the calling thread; stateless and
+ * thread-safe. Errors (MOE_SFT_ERR_INVALID_ARGUMENT, nothing written): n < 0, a NULL or misaligned array
+ * with n > 0, overlapping arrays. */
+moe_sft_status moe_sft_bf16_from_f32(const float *src, uint16_t *dst, int64_t n);
+
+/* dst[i] = src[i] widened to f32 (exact: every bf16 is an f32; NaN payloads are kept), for i < n. Same rules
+ * for n, the arrays, threads and errors as moe_sft_bf16_from_f32. */
+moe_sft_status moe_sft_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
+
+/* ---- AdamW (version 0.3) -----------------------------------------------------------------------------------
+ * torch.optim.AdamW's update over a fixed set of parameter tensors (any number: the LoRA arrays of every layer
+ * of a model in one optimizer, so that clipping sees the global norm), with torch.nn.utils.clip_grad_norm_'s
+ * clipping and a non-finite guard. A parameter is a flat array (f32 or bf16) the optimizer updates in place;
+ * it knows nothing of layers, so the arrays bound to a layer with moe_sft_update_lora are trained without
+ * re-binding. Per step t (1, 2, ... counted by the optimizer), per element, with g the grad times the
+ * clipping factor:
+ *
+ *   p = p * (1 - lr * weight_decay)                     (decoupled weight decay)
+ *   m = beta1 * m + (1 - beta1) * g                     (as torch's lerp: m + (1 - beta1) (g - m))
+ *   v = beta2 * v + (1 - beta2) * g * g
+ *   p = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+ *
+ * in f32 arithmetic, in torch's order of operations, with each scalar rounded to f32 as torch rounds a Python
+ * float for an f32 tensor, and no fused multiply-add, so every machine gives the same bits. torch's own CPU
+ * kernels fuse some of these products (its vectorized lerp), so the two agree to f32 rounding (1.2e-7 after 20
+ * steps at lr 1e-2 in the tests), not bit for bit.
+ *
+ * State: f32 moments m and v for every element (zero at create) and, for a bf16 parameter, an f32 master copy
+ * (the parameter's value at create). A bf16 parameter is updated in its master and then overwritten with the
+ * master rounded to nearest even. Why: bf16 keeps 8 bits of mantissa, so an update smaller than half a unit
+ * in the last place (|update| < 2^-9 |p|, the usual size late in training at small lr) would round back to
+ * the old value every step and the weight would stop moving; the master accumulates such updates. The master
+ * is the value of record: to change a bf16 parameter's value, write its master (moe_sft_adamw_state); the
+ * next step overwrites the bf16 array. Memory: 8 bytes per element, 12 for a bf16 one.
+ *
+ * Clipping (max_grad_norm > 0): norm = sqrt(sum of g^2 over all elements of all parameters), computed in
+ * double from per-chunk partial sums added in a fixed order (the same on any number of threads); when
+ * coef = max_grad_norm / (norm + 1e-6) < 1, every grad is read as g * (float)coef. The caller's grad arrays
+ * are never written.
+ *
+ * Non-finite guard: a step whose grads hold a NaN or Inf anywhere changes nothing (parameters, masters,
+ * moments and step count stay as they were) and reports the first one (lowest parameter index, then element
+ * index) in moe_sft_adamw_report with skipped = 1. The call still returns MOE_SFT_OK: a skipped step is an
+ * outcome of valid input, like a loss spike under mixed precision (torch's GradScaler skips such steps
+ * silently too), not a mistake in the call, and the caller decides what to do (lower the lr, skip the batch,
+ * stop); check report.skipped.
+ *
+ * Threads: a step runs on the library's worker pool (num_threads of it), in chunks of 16 Ki elements, and
+ * holds the pool for its duration, as a layer's forward and backward do: steps of several optimizers and
+ * calls of layers from several threads run one after another. The calls on one optimizer (step, the setters
+ * and getters) are each atomic; destroy must not race with any other call on it. The pointers
+ * moe_sft_adamw_state returns must not be used while a step on that optimizer runs. */
+
+typedef struct moe_sft_adamw moe_sft_adamw;
+
+typedef struct moe_sft_adamw_config {
+  size_t struct_size;    /* = sizeof(moe_sft_adamw_config); set by moe_sft_adamw_config_init */
+  double lr;             /* >= 0, finite; default 1e-3 */
+  double beta1, beta2;   /* each in [0, 1); defaults 0.9, 0.999 */
+  double eps;            /* > 0, finite; default 1e-8 */
+  double weight_decay;   /* >= 0, finite; default 0 (torch.optim.AdamW's default is 0.01: set it) */
+  double max_grad_norm;  /* >= 0, finite; 0 = no clipping (default) */
+  int32_t num_threads;   /* 0 = the worker pool's default (all cores, as a layer's 0); at most 4096 */
+} moe_sft_adamw_config;
+
+/* One parameter tensor. */
+typedef struct moe_sft_adamw_param {
+  const char *name;      /* copied at create, used in reports; NULL names it "params[i]" */
+  moe_sft_dtype dtype;   /* MOE_SFT_DTYPE_F32 or MOE_SFT_DTYPE_BF16 (16-bit words) */
+  void *data;            /* count elements of dtype, updated in place by every step; the caller keeps it alive
+                            until destroy */
+  int64_t count;         /* >= 1 elements (a tensor's product of dims) */
+} moe_sft_adamw_param;
+
+/* What a step did. The caller sets struct_size = sizeof(moe_sft_adamw_report) before the call; the library
+ * writes the fields it knows within struct_size. */
+typedef struct moe_sft_adamw_report {
+  size_t struct_size;
+  double grad_norm;      /* global L2 norm of all grads before clipping (NaN or Inf when skipped) */
+  double clip_coef;      /* the factor the grads were scaled by: 1 when not clipped (or skipped) */
+  int32_t skipped;       /* 1: a grad was NaN/Inf and the step changed nothing; 0: the step was applied */
+  int32_t bad_param;     /* skipped: index of the first parameter with a NaN/Inf grad; else -1 */
+  const char *bad_param_name; /* skipped: its name (the optimizer's copy, valid until destroy); else NULL */
+  int64_t bad_index;     /* skipped: flat index of the first NaN/Inf element of that grad; else -1 */
+  float bad_value;       /* skipped: its value (NaN, Inf or -Inf); else 0 */
+  int64_t step;          /* the optimizer's step count after the call */
+} moe_sft_adamw_report;
+
+/* Fills cfg with the defaults above and sets struct_size. NULL does nothing. Thread-safe. */
+void moe_sft_adamw_config_init(moe_sft_adamw_config *cfg);
+
+/* Creates an optimizer over params[0 .. n_params-1] in *out (set to NULL on error): allocates zeroed moments,
+ * copies each bf16 parameter into its f32 master, step count 0. The parameter arrays are read at create and
+ * written by every step; the params array itself and the names may be freed after the call.
+ * Errors (MOE_SFT_ERR_INVALID_ARGUMENT naming the field, index and value; nothing allocated): cfg, params or
+ * out NULL; cfg->struct_size 0 or smaller than this struct (MOE_SFT_ERR_UNSUPPORTED for a larger one whose extra
+ * bytes are not all zero: fields this library does not know); a hyperparameter out of its range or not finite;
+ * n_params <= 0; a param's dtype unknown, data NULL or misaligned, count <= 0 or above 2^50; two parameters'
+ * arrays overlapping. MOE_SFT_ERR_OUT_OF_MEMORY if the state does not fit. */
+moe_sft_status moe_sft_adamw_create(const moe_sft_adamw_config *cfg, int32_t n_params,
+                                    const moe_sft_adamw_param *params, moe_sft_adamw **out);
+
+/* Frees the optimizer and its state (never the parameters). NULL is fine. */
+void moe_sft_adamw_destroy(moe_sft_adamw *opt);
+
+/* One step (see above). grads[i]: f32, params[i].count elements, the gradient of parameter i (read only).
+ * report: NULL, or filled as described at moe_sft_adamw_report (also for a skipped step).
+ * Errors (MOE_SFT_ERR_INVALID_ARGUMENT naming the argument and index; nothing written, report included): opt
+ * or grads NULL, grads[i] NULL or misaligned, a grad array overlapping a parameter or the optimizer's state,
+ * report->struct_size smaller than the first version's report. */
+moe_sft_status moe_sft_adamw_step(moe_sft_adamw *opt, const float *const *grads, moe_sft_adamw_report *report);
+
+/* The optimizer's hyperparameters and thread count now, in *cfg (struct_size set). */
+moe_sft_status moe_sft_adamw_get_config(const moe_sft_adamw *opt, moe_sft_adamw_config *cfg);
+
+/* Replaces all hyperparameters and the thread count (validated as at create; on error nothing changes). The
+ * state (moments, masters, step count) is kept: for load_state_dict, or changing betas mid-run. */
+moe_sft_status moe_sft_adamw_set_config(moe_sft_adamw *opt, const moe_sft_adamw_config *cfg);
+
+/* Sets the learning rate used from the next step on (lr >= 0, finite): for schedules. */
+moe_sft_status moe_sft_adamw_set_lr(moe_sft_adamw *opt, double lr);
+
+/* The step count (steps applied since create or the last set_step; skipped steps do not count). */
+moe_sft_status moe_sft_adamw_get_step(const moe_sft_adamw *opt, int64_t *step);
+
+/* Sets the step count (>= 0) the next step's bias correction continues from: for load_state_dict. */
+moe_sft_status moe_sft_adamw_set_step(moe_sft_adamw *opt, int64_t step);
+
+/* Number of parameters, in *n_params. */
+moe_sft_status moe_sft_adamw_num_params(const moe_sft_adamw *opt, int32_t *n_params);
+
+/* Parameter i as given at create, in *param (name: the optimizer's copy, valid until destroy). */
+moe_sft_status moe_sft_adamw_param_info(const moe_sft_adamw *opt, int32_t param_index, moe_sft_adamw_param *param);
+
+/* Pointers into the optimizer's own state of parameter param_index (0 <= param_index < n_params), each
+ * params[param_index].count f32 elements, valid until destroy: *m and *v the moments, *master the f32 master
+ * of a bf16 parameter (NULL for an f32 one), *step the step count. Any output pointer may be NULL (not
+ * wanted). The caller may read them (state_dict) and write them (load_state_dict) between steps, never while
+ * a step on this optimizer runs. */
+moe_sft_status moe_sft_adamw_state(moe_sft_adamw *opt, int32_t param_index, float **m, float **v, float **master,
+                                   int64_t *step);
+
 /* MOE_SFT_CDEF_END */
 
 #if defined(__GNUC__)

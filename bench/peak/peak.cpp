@@ -1,8 +1,12 @@
 // Machine peaks the benchmarks are judged against, measured here rather than taken from a data sheet:
 //   bf16_gflops  VDPBF16PS throughput on T threads (24 independent zmm accumulators per thread, so
 //                neither latency nor loads limit it): 64 flops per instruction
-//   read_gbs     memory read bandwidth on T threads (AVX-512 loads over a buffer far larger than L3)
-// Prints one JSON object. Build: c++ -O2 -pthread -mavx512f -mavx512bf16 peak.cpp -o peak
+//   read_gbs     memory read bandwidth on T threads (AVX-512 loads, or AVX2 where the CPU has no AVX-512,
+//                over a buffer far larger than L3)
+// Prints one JSON object. `peak T read` measures the bandwidth only, so it also runs on CPUs without
+// AVX-512 BF16 (the AdamW bench row streams memory and needs nothing else). The ISA-specific functions carry
+// their own target attributes, so nothing else in the program uses an instruction the CPU may lack.
+// Build: c++ -O2 -pthread peak.cpp -o peak
 #include <immintrin.h>
 
 #include <algorithm>
@@ -10,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -39,7 +44,7 @@ double timed_parallel(int threads, Fn fn) {
   return now() - start;
 }
 
-float bf16_loop(long iters) {
+__attribute__((target("avx512f,avx512bf16"))) float bf16_loop(long iters) {
   __m512 acc[24];
   for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(float(i));
   const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x00010001);
@@ -62,8 +67,36 @@ double peak_bf16(int threads) {
   return double(threads) * iters * 24 * 64 / best / 1e9;
 }
 
+__attribute__((target("avx512f"))) float read_avx512(const char* buf, size_t bytes) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  const float* p = reinterpret_cast<const float*>(buf);
+  for (size_t i = 0; i < bytes / 4; i += 64) {
+    acc0 = _mm512_add_ps(acc0, _mm512_load_ps(p + i));
+    acc1 = _mm512_add_ps(acc1, _mm512_load_ps(p + i + 16));
+    acc2 = _mm512_add_ps(acc2, _mm512_load_ps(p + i + 32));
+    acc3 = _mm512_add_ps(acc3, _mm512_load_ps(p + i + 48));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+}
+
+__attribute__((target("avx2"))) float read_avx2(const char* buf, size_t bytes) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  const float* p = reinterpret_cast<const float*>(buf);
+  for (size_t i = 0; i < bytes / 4; i += 32) {
+    acc0 = _mm256_add_ps(acc0, _mm256_load_ps(p + i));
+    acc1 = _mm256_add_ps(acc1, _mm256_load_ps(p + i + 8));
+    acc2 = _mm256_add_ps(acc2, _mm256_load_ps(p + i + 16));
+    acc3 = _mm256_add_ps(acc3, _mm256_load_ps(p + i + 24));
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, s);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+}
+
 double read_bandwidth(int threads) {
   const size_t per_thread = size_t(512) << 20;  // 512 MiB each: far beyond any cache
+  float (*read)(const char*, size_t) = __builtin_cpu_supports("avx512f") ? read_avx512 : read_avx2;
   std::vector<char*> bufs(threads);
   std::vector<float> sink(threads);
   timed_parallel(threads, [&](int t) {  // first touch on the thread that reads it
@@ -72,17 +105,7 @@ double read_bandwidth(int threads) {
   });
   double best = 1e30;
   for (int rep = 0; rep < 3; ++rep)
-    best = std::min(best, timed_parallel(threads, [&](int t) {
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-      const float* p = reinterpret_cast<const float*>(bufs[t]);
-      for (size_t i = 0; i < per_thread / 4; i += 64) {
-        acc0 = _mm512_add_ps(acc0, _mm512_load_ps(p + i));
-        acc1 = _mm512_add_ps(acc1, _mm512_load_ps(p + i + 16));
-        acc2 = _mm512_add_ps(acc2, _mm512_load_ps(p + i + 32));
-        acc3 = _mm512_add_ps(acc3, _mm512_load_ps(p + i + 48));
-      }
-      sink[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-    }));
+    best = std::min(best, timed_parallel(threads, [&](int t) { sink[t] = read(bufs[t], per_thread); }));
   for (char* b : bufs) std::free(b);
   return double(threads) * per_thread / best / 1e9;
 }
@@ -92,6 +115,15 @@ double read_bandwidth(int threads) {
 int main(int argc, char** argv) {
   int threads = argc > 1 ? std::atoi(argv[1]) : int(std::thread::hardware_concurrency());
   if (threads < 1) threads = 1;
+  __builtin_cpu_init();
+  if (argc > 2 && std::strcmp(argv[2], "read") == 0) {
+    std::printf("{\"threads\": %d, \"read_gbs\": %.1f}\n", threads, read_bandwidth(threads));
+    return 0;
+  }
+  if (!__builtin_cpu_supports("avx512bf16")) {
+    std::fprintf(stderr, "peak: this CPU has no AVX-512 BF16 (run `peak %d read` for the read bandwidth)\n", threads);
+    return 1;
+  }
   std::printf("{\"threads\": %d, \"bf16_gflops\": %.1f, \"read_gbs\": %.1f}\n", threads, peak_bf16(threads),
               read_bandwidth(threads));
   return 0;

@@ -50,6 +50,19 @@ def machine_peaks(threads):
         return None  # e.g. a CPU without AVX-512 BF16
 
 
+def read_bandwidth(threads):
+    """GB/s of bench/peak's read-bandwidth mode (`moe_sft_peak THREADS read`: runs on any x86-64 with AVX2,
+    where the bf16 peak needs AVX-512 BF16), or None where it cannot run."""
+    program = _paths.get_peak_program()
+    if program is None:
+        return None
+    try:
+        out = subprocess.run([program, str(threads), "read"], capture_output=True, text=True, check=True, timeout=300)
+        return json.loads(out.stdout)["read_gbs"]
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError):
+        return None
+
+
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -354,6 +367,90 @@ def bench_formats(name, shape, formats, tokens, reps, budget, threads, out=print
     return rows
 
 
+def lora_shapes(E, H, I, r):
+    return {"gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H), "up_b": (E, I, r), "down_a": (E, r, I),
+            "down_b": (E, H, r)}
+
+
+def torch_adamw_step(torch, shapes, dtype):
+    """torch's fastest CPU AdamW (fused=True) plus clip_grad_norm_ (foreach) over the same tensors, as a
+    closure, or None where this torch lacks it. bf16 parameters: torch keeps moments in bf16 and no master."""
+    rng = np.random.default_rng(0)
+    tdt = torch.float32 if dtype == "f32" else torch.bfloat16
+    params = [torch.tensor(0.02 * rng.standard_normal(s, np.float32)).to(tdt).requires_grad_() for s in shapes.values()]
+    for p in params:
+        p.grad = torch.tensor(rng.standard_normal(p.shape, np.float32)).to(tdt)
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+    return step
+
+
+def bench_adamw(name, shape, reps, budget, threads, out=print, torch=None):
+    """One AdamW step (moe_sft_adamw_step: grad norm, clipping, the update) over one layer's LoRA of `shape`,
+    f32 and bf16 parameters, against the time to read params, grads and both moments once at the read
+    bandwidth bench/peak measures right before each row (bf16: the bf16 parameter and its f32 master). The
+    step itself moves more: the grads twice (the norm and the NaN guard must see all of them before the first
+    write), and params, moments (and the bf16 copy) written back. With torch: its fused CPU AdamW plus
+    clip_grad_norm_ on the same tensors (xtorch = its time / ours)."""
+    from ._optim import AdamW
+    E, H, I, r = shape["E"], shape["H"], shape["I"], shape["r"]
+    shapes = lora_shapes(E, H, I, r)
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    out(f"\n## AdamW step, {name} LoRA (E={E} H={H} I={I} r={r}: {n / 1e6:.1f} M parameters), threads={threads}, "
+        "weight_decay and clipping on")
+    cols = ["params", "streamed MiB", "read GB/s", "step ms", "best ms", "GB/s", "stream ms", "xstream", "best xstream"]
+    if torch is not None:
+        cols += ["torch ms", "xtorch"]
+    out("| " + " | ".join(cols) + " |")
+    out("|" + "---|" * len(cols))
+    rows = []
+    for dtype, per_element in (("f32", 16), ("bf16", 18)):
+        rng = np.random.default_rng(0)
+        dt = np.float32 if dtype == "f32" else bfloat16
+        params = {k: (0.02 * rng.standard_normal(s, np.float32)).astype(dt) for k, s in shapes.items()}
+        grads = {k: rng.standard_normal(s, np.float32) for k, s in shapes.items()}
+        opt = AdamW(params, lr=1e-4, weight_decay=0.01, max_grad_norm=1.0, num_threads=threads)
+        read_gbs = read_bandwidth(threads)
+        times = []
+        step = lambda: opt.step(grads)  # noqa: E731
+        step()
+        start = time.perf_counter()
+        while len(times) < max(reps, 5) and (len(times) < 3 or time.perf_counter() - start < budget):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        opt.close()
+        t, best = statistics.median(times), min(times)
+        nbytes = n * per_element
+        row = dict(shape=name, dtype=dtype, params=n, bytes=nbytes, step_ms=1e3 * t, best_ms=1e3 * best,
+                   gbs=nbytes / t / 1e9, read_gbs=read_gbs)
+        cells = [dtype, f"{nbytes / 2**20:.0f}", f"{read_gbs:.1f}" if read_gbs else "-", f"{1e3 * t:.2f}",
+                 f"{1e3 * best:.2f}", f"{row['gbs']:.1f}"]
+        if read_gbs:
+            stream = nbytes / (read_gbs * 1e9)
+            row.update(stream_ms=1e3 * stream, x_stream=t / stream, best_x_stream=best / stream)
+            cells += [f"{1e3 * stream:.2f}", f"{t / stream:.2f}", f"{best / stream:.2f}"]
+        else:
+            cells += ["-", "-", "-"]
+        if torch is not None:
+            torch_step = torch_adamw_step(torch, shapes, dtype)
+            if torch_step is None:
+                cells += ["-", "-"]
+            else:
+                tt = timed(torch_step, reps, budget)
+                row.update(torch_ms=1e3 * tt, speedup_vs_torch=tt / t)
+                cells += [f"{1e3 * tt:.2f}", f"{tt / t:.1f}"]
+        out("| " + " | ".join(cells) + " |")
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m moe_sft bench", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -366,6 +463,8 @@ def main(argv=None):
     ap.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4_awq"],
                     help="base-weight formats to compare side by side (first shape only; none to skip)")
     ap.add_argument("--format-tokens", nargs="+", type=int, default=[1, 1024])
+    ap.add_argument("--adamw", choices=["yes", "no", "only"], default="yes",
+                    help="time an AdamW step over the first shape's LoRA (only: nothing else)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-numpy", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write all results here")
@@ -391,6 +490,11 @@ def main(argv=None):
           "weights x2 / f+b time; xstream = fwd time / time to stream the active experts once, and f+b time / "
           "twice, at the measured bandwidth; xC = C's time / ours (fwd/f+b)")
     results = dict(peaks=peaks, torch=getattr(contenders.get("torch"), "__version__", None), shapes={})
+    if args.adamw != "no":
+        results["adamw"] = bench_adamw(args.shapes[0], SHAPES[args.shapes[0]], args.reps, args.budget, args.threads,
+                                       torch=contenders.get("torch"))
+    if args.adamw == "only":
+        args.shapes, args.formats = [], []
     for name in args.shapes:
         results["shapes"][name] = bench_shape(name, SHAPES[name], args.tokens, args.reps, args.budget, contenders,
                                               peaks, args.threads, args.check_finite_tokens)
