@@ -335,7 +335,8 @@ def _load_per_expert(f, path, L, keys, r, dtype):
                       f"{list(gb)}; expected [r, in] and [out, r] with r = {r} (adapter_config.json)")
     H, I = ga[1], gb[0]
     want = {"gate": ((r, H), (I, r)), "up": ((r, H), (I, r)), "down": ((r, I), (H, r))}
-    for (e, proj, ab), shape in shape_of.items():
+    order = {"gate": 0, "up": 1, "down": 2}
+    for (e, proj, ab), shape in sorted(shape_of.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2])):
         expected = want[proj][ab == "B"]
         if tuple(shape) != expected:
             raise invalid(f"{path}: {keys[(e, proj, ab)]} has shape {list(shape)}; expected {list(expected)} "
@@ -363,7 +364,7 @@ def _load_fused(f, path, L, keys, r, dtype):
     if len(depth) != 2:
         raise invalid(f"{path}: layer {L} has fused LoRA for {len(depth)} parameter(s) ({_some(sorted(keys.values()))}); "
                       "expected two: mlp.experts.gate_up_proj and mlp.experts.down_proj")
-    pairs = [(keys[(d, "A")], keys[(d, "B")]) for d in depth]
+    pairs = [(keys[(d, "A")], keys[(d, "B")]) for d in reversed(depth)]  # PEFT's gate_up_proj (inner) first
     for a_key, b_key in pairs:
         sa, sb = f.shape(a_key), f.shape(b_key)
         if len(sa) != 2 or len(sb) != 2 or sa[0] % r or sb[1] != sa[0]:
