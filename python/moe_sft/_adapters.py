@@ -75,6 +75,12 @@ class Adapter:
     config: dict = field(repr=False)
     other_keys: list = field(default_factory=list, repr=False)
 
+    def __repr__(self):
+        shapes = {L: {n: a.shape for n, a in arrays.items()} for L, arrays in sorted(self.layers.items())}
+        first = next(iter(shapes.values()), {})
+        return (f"Adapter(layers={sorted(self.layers)}, rank={self.rank}, alpha={self.alpha}, "
+                f"use_rslora={self.use_rslora}, layout={self.layout!r}, shapes={first})")
+
     @property
     def scaling(self):
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)

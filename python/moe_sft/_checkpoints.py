@@ -63,6 +63,11 @@ class ExpertWeights:
     layout: str
     source_dtype: str
 
+    def __repr__(self):
+        return (f"ExpertWeights(layer_idx={self.layer_idx}, weight_format={self.weight_format!r}, experts="
+                f"{self.experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"layout={self.layout!r}, source_dtype={self.source_dtype!r})")
+
     def create_layer(self, cls=None, **layer_kwargs):
         """A MoESFT (or ``cls``) on these weights; layer_kwargs are MoESFT's (lora_rank, lora_alpha, ...)."""
         if cls is None:
