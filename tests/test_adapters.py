@@ -144,6 +144,11 @@ def test_reads_peft_style_names(tmp_path):
     assert adapter.other_keys == [attention]
     for n in NAMES:
         assert same_bits(adapter.layers[1][n], a[n].astype(ml_dtypes.bfloat16)), n
+    missing = "base_model.model.model.layers.1.block_sparse_moe.experts.1.w3.lora_B.weight"
+    del tensors[missing]
+    moe_sft.save_safetensors(tmp_path / "adapter_model.safetensors", tensors)
+    with pytest.raises(moe_sft.InvalidArgumentError, match=f"layer 1 lacks {missing} "):
+        moe_sft.load_adapter(tmp_path)
 
 
 # ---- bad input: an error naming the key and both shapes, nothing returned ----

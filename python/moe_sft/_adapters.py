@@ -331,9 +331,14 @@ def _load_per_expert(f, path, L, keys, r, dtype):
         for proj in ("gate", "up", "down"):
             for ab in "AB":
                 if (e, proj, ab) not in keys:
-                    have = keys.get((0, proj, ab)) or next(iter(keys.values()))
-                    raise invalid(f"{path}: layer {L} lacks {_PER_EXPERT_KEY.format(L, e, proj + '', ab)} "
-                                  f"(it has experts up to {E - 1}, e.g. {have} with shape {list(f.shape(have))})")
+                    like = next(k for (_, p, x), k in keys.items() if (p, x) == (proj, ab)) if any(
+                        (p, x) == (proj, ab) for _, p, x in keys) else None
+                    m = _PER_EXPERT_RE.match(like) if like else None
+                    missing = (like[:m.start("expert")] + str(e) + like[m.end("expert"):] if m
+                               else _PER_EXPERT_KEY.format(L, e, proj, ab))
+                    have = like or next(iter(keys.values()))
+                    raise invalid(f"{path}: layer {L} lacks {missing} (it has experts up to {E - 1}, e.g. {have} "
+                                  f"with shape {list(f.shape(have))})")
     shape_of = {k: f.shape(keys[k]) for k in keys}
     ga, gb = shape_of[(0, "gate", "A")], shape_of[(0, "gate", "B")]
     if len(ga) != 2 or len(gb) != 2:
