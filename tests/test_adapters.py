@@ -260,3 +260,18 @@ def test_save_refuses_bad_arrays(tmp_path):
     with pytest.raises(moe_sft.InvalidArgumentError, match=r"layers\[0\] lacks down_b"):
         moe_sft.save_adapter(tmp_path, {0: {n: v for n, v in lora_arrays().items() if n != "down_b"}}, 4, 8)
     assert not list(tmp_path.iterdir())
+
+
+@backend_independent
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_check_adapter_reads_saved_adapters(tmp_path, layout):
+    a = lora_arrays(shared_a=True)
+    a["down_b"][2, 5, 1] = np.nan
+    moe_sft.save_adapter(tmp_path, {6: a}, lora_rank=4, lora_alpha=8, layout=layout)
+    report = moe_sft.check_adapter(tmp_path / "adapter_model.safetensors")
+    (bad,) = report.bad_tensors
+    assert (bad.component, bad.layer, bad.projection, bad.which) == ("routed_experts", 6, "down", "lora_B")
+    if layout == "per_expert":
+        assert bad.name == PER_EXPERT.format(6, 2, "down", "B") and bad.expert == 2 and bad.first_bad_index == (5, 1)
+    else:  # B [H, r·E]: column j·E + e
+        assert bad.name == FUSED_DOWN.format(6, "B") and bad.first_bad_index == (5, 1 * 4 + 2)

@@ -224,6 +224,10 @@ def _parse_name(name):
         component = "other"
     if component in ("routed_experts", "shared_experts"):
         leaf = _EXPERT_PROJECTIONS.get(leaf, leaf)
+    if component == "routed_experts" and expert is None and leaf in ("experts", "base_layer"):
+        # PEFT's fused target_parameters layout (see moe_sft._adapters): experts.base_layer.lora_* is
+        # gate_up_proj (wrapped first), experts.lora_* is down_proj
+        leaf = "gate_up" if leaf == "base_layer" else "down"
     return component, layer, expert, leaf, which
 
 
