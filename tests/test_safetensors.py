@@ -210,3 +210,28 @@ def test_check_adapter_uses_this_reader(tmp_path, monkeypatch):
     path = moe_sft.save_safetensors(tmp_path / "a.safetensors", {"layers.0.mlp.experts.1.up_proj.lora_B.weight": a})
     report = moe_sft.check_adapter(path)
     assert opened == [str(path)] and not report.ok and report.bad_tensors[0].first_bad_index == (0, 1)
+
+
+def test_corrupted_headers_fail_cleanly(tmp_path):
+    """Random byte flips in the length and header: either a valid file or InvalidArgumentError, never another
+    exception."""
+    good = open(moe_sft.save_safetensors(tmp_path / "g.safetensors", {k: v for k, v in sample_tensors().items()
+                                                                      if k in ("f32", "bf16", "i64")}), "rb").read()
+    header_end = 8 + struct.unpack("<Q", good[:8])[0]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "c.safetensors"
+    outcomes = set()
+    for _ in range(300):
+        data = bytearray(good)
+        for i in rng.integers(0, header_end, rng.integers(1, 4)):
+            data[i] = rng.integers(0, 256)
+        path.write_bytes(bytes(data[:rng.integers(header_end - 4, len(data) + 1)]))
+        try:
+            f = moe_sft.SafetensorsFile(path)
+            for name in f:
+                f[name].sum() if f[name].dtype.kind in "fiu" else None
+            outcomes.add("ok")
+        except moe_sft.InvalidArgumentError as err:
+            assert str(path) in str(err)
+            outcomes.add("error")
+    assert "error" in outcomes
