@@ -159,7 +159,7 @@ BAD_FILES = {
     "header past the end": (struct.pack("<Q", 1000) + b"{}", "header length 1000 exceeds the file"),
     "header not JSON": (struct.pack("<Q", 4) + b"{no}", "its header is not JSON"),
     "header not an object": (struct.pack("<Q", 2) + b"[]", "its header is not a JSON object"),
-    "unknown dtype": (_patch("w", "dtype", "F8_E4M3"), "tensor 'w' has dtype F8_E4M3"),
+    "unknown dtype": (_patch("w", "dtype", "C64"), "tensor 'w' has dtype C64"),
     "offsets outside": (_patch("w", "data_offsets", [0, 400]), "tensor 'w' has data_offsets [0, 400] outside"),
     "size mismatch": (_patch("w", "shape", [3, 3]), "(24 bytes) but dtype F32 and shape [3, 3] need 36 bytes"),
     "bad shape": (_patch("w", "shape", [2, -3]), "tensor 'w' has shape [2, -3]"),

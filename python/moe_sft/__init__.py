@@ -12,20 +12,28 @@
     layer = moe_sft.MoESFT(gate_proj, up_proj, down_proj, weight_format="int4_awq", group_size=128)  # QLoRA
     q = [moe_sft.quantize(w, "int8") for w in (gate_proj, up_proj, down_proj)]   # or a checkpoint's arrays
     layer = moe_sft.MoESFT.from_quantized(*q, lora_rank=16)
+
+    layer = moe_sft.MoESFT.from_checkpoint("path/to/hf_checkpoint", layer_idx=3, lora_rank=16)  # or load_experts
+    moe_sft.save_adapter("out", {3: lora_arrays}, lora_rank=16, lora_alpha=32)  # PEFT files; load_adapter reads
 """
 from . import _backend
+from ._adapters import Adapter, load_adapter, save_adapter
 from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
+from ._checkpoints import ExpertWeights, load_experts
 from ._errors import (CacheEmptyError, CacheFullError, InternalError, InvalidArgumentError, MoESFTError,
                       NonFiniteError, OutOfMemoryError, UnsupportedError, error_for)
 from ._layer import Grads, MoESFT, bfloat16
 from ._paths import get_include, get_library
 from ._quantize import QuantizedWeight, dequantize, quantize
 from ._router import route, route_backward
+from ._safetensors import SafetensorsFile, save_safetensors
 
 __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "OutOfMemoryError", "CacheFullError",
            "CacheEmptyError", "NonFiniteError", "UnsupportedError", "InternalError", "bfloat16", "quantize",
            "dequantize", "QuantizedWeight", "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor",
-           "BadGroup", "get_include", "get_library", "library_version", "backend", "isa", "__version__"]
+           "BadGroup", "get_include", "get_library", "library_version", "backend", "isa", "__version__",
+           "save_adapter", "load_adapter", "Adapter", "load_experts", "ExpertWeights", "SafetensorsFile",
+           "save_safetensors"]
 
 
 def isa():

@@ -3,8 +3,8 @@ training resumes from it or inference loads it (an adapter can come out of train
 poisoned tensors, and the first symptom is a sampling error far downstream).
 
 Input: a dict name -> array, or the path of a ``.safetensors`` file, read here without the safetensors
-package (8-byte little-endian header length, JSON header of dtype / shape / data_offsets, raw data) from a
-memory map, a bounded chunk at a time. Names are understood in two conventions:
+package, by the package's own reader (moe_sft._safetensors: a memory map, the header validated first), a
+bounded chunk at a time. Names are understood in two conventions:
 
 - PEFT: ``base_model.model.model.layers.3.mlp.experts.17.gate_proj.lora_A.weight`` -> layer 3, routed
   expert 17, projection "gate", "lora_A". Shared experts, attention and dense MLP modules are grouped too.
@@ -14,7 +14,6 @@ memory map, a bounded chunk at a time. Names are understood in two conventions:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -25,14 +24,10 @@ import numpy as np
 
 from ._errors import invalid
 from ._arrays import bfloat16
+from ._safetensors import SafetensorsFile
 
 __all__ = ["check_adapter", "AdapterReport", "BadTensor", "BadGroup"]
 
-# safetensors dtypes whose values are scanned, and those that cannot hold a NaN or an Inf at all
-_FLOAT_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": bfloat16}
-_EXACT_DTYPES = {"BOOL": np.dtype("?"), "U8": np.dtype("u1"), "I8": np.dtype("i1"), "U16": np.dtype("<u2"),
-                 "I16": np.dtype("<i2"), "U32": np.dtype("<u4"), "I32": np.dtype("<i4"), "U64": np.dtype("<u8"),
-                 "I64": np.dtype("<i8")}
 _CHUNK = 1 << 22  # elements scanned at a time: bounds the temporaries for multi-GB tensors
 
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)(?=\.|$)")
@@ -150,48 +145,11 @@ def _readable(a, name):
 
 
 def _read_safetensors(path):
-    """(name, array) for every tensor of the file, each array a view of one memory map."""
-    size = os.path.getsize(path)
-    if size < 8:
-        raise invalid(f"{path} is not a safetensors file: {size} bytes, shorter than the 8-byte header length")
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    if header_len > size - 8:
-        raise invalid(f"{path} is not a safetensors file: header length {header_len} exceeds the file ({size} bytes)")
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    try:
-        header = json.loads(bytes(data[8:8 + header_len]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise invalid(f"{path} is not a safetensors file: its header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise invalid(f"{path} is not a safetensors file: its header is not a JSON object")
-    body = data[8 + header_len:]
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        yield name, _tensor_view(path, body, name, info)
-
-
-def _tensor_view(path, body, name, info):
-    def bad(why):
-        return invalid(f"{path}: tensor {name!r} {why}")
-
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise bad("lacks dtype, shape or data_offsets")
-    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    dtype = _FLOAT_DTYPES.get(code) or _EXACT_DTYPES.get(code)
-    if dtype is None:
-        raise bad(f"has dtype {code}; check_adapter reads {', '.join(_FLOAT_DTYPES)} and integer/bool tensors")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise bad(f"has shape {shape!r}; expected a list of non-negative ints")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= body.size):
-        raise bad(f"has data_offsets {offsets!r} outside the data section (0 .. {body.size})")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise bad(f"has data_offsets {offsets} ({offsets[1] - offsets[0]} bytes) but dtype {code} and shape {shape} "
-                  f"need {nbytes} bytes")
-    return body[offsets[0]:offsets[1]].view(dtype).reshape(shape)
+    """(name, array) for every tensor of the file, each a view of one memory map (the package's reader, which
+    validates the whole header before the first tensor is handed out)."""
+    f = SafetensorsFile(path)
+    for name in f:
+        yield name, f[name]
 
 
 def _check_tensor(report, name, a):
@@ -266,6 +224,10 @@ def _parse_name(name):
         component = "other"
     if component in ("routed_experts", "shared_experts"):
         leaf = _EXPERT_PROJECTIONS.get(leaf, leaf)
+    if component == "routed_experts" and expert is None and leaf in ("experts", "base_layer"):
+        # PEFT's fused target_parameters layout (see moe_sft._adapters): experts.base_layer.lora_* is
+        # gate_up_proj (wrapped first), experts.lora_* is down_proj
+        leaf = "gate_up" if leaf == "base_layer" else "down"
     return component, layer, expert, leaf, which
 
 

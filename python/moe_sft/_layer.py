@@ -78,6 +78,13 @@ class MoESFT:
                       num_threads, tp_count, check_finite)
         return layer
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir, layer_idx, **layer_kwargs):
+        """A layer on the routed experts of layer ``layer_idx`` of a Hugging Face checkpoint directory (bf16,
+        f16, f32 or compressed-tensors int4 weights; see moe_sft.load_experts). layer_kwargs are MoESFT's."""
+        from ._checkpoints import load_experts
+        return load_experts(checkpoint_dir, layer_idx).create_layer(cls, **layer_kwargs)
+
     def _create(self, base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite):
         def integer(value, name):
             try:

@@ -1,0 +1,356 @@
+"""Base weights of one MoE layer's routed experts from a Hugging Face checkpoint directory, without torch:
+load_experts and ExpertWeights (MoESFT.from_checkpoint is built on them).
+
+The directory: config.json (optional; its expert counts and quantization_config are checked when present) and
+model.safetensors.index.json with its shards, or one model.safetensors. Only the requested layer's expert
+tensors are read, through the memory map of moe_sft._safetensors, expert by expert into preallocated stacked
+arrays, the pages read dropped from the resident set as it goes: loading costs about the layer's expert bytes.
+
+Key layouts under ``{prefix}layers.{L}.`` (any prefix, e.g. ``model.`` or ``language_model.model.``):
+  per expert   mlp.experts.{e}.{gate,up,down}_proj.weight         [I, H], [I, H], [H, I]   Qwen2/3-MoE, DeepSeek-V2/V3,
+                                                                                        OLMoE, GLM-4-MoE
+  Mixtral      block_sparse_moe.experts.{e}.{w1,w3,w2}.weight      w1 gate, w3 up, w2 down
+  fused        mlp.experts.gate_up_proj [E, 2I, H] (gate's I rows, then up's: transformers 5's
+               ``gate, up = linear(x, gate_up_proj[e]).chunk(2, dim=-1)``), mlp.experts.down_proj [E, H, I]
+Shared experts (mlp.shared_experts / shared_expert) are not routed experts and are never read.
+
+dtypes: BF16 as is; F16 and F32 rounded to bf16 (round to nearest even); compressed-tensors pack-quantized int4
+(Kimi-K2: per expert and projection ``weight_packed`` int32 [N, K/8], ``weight_scale`` bf16 [N, K/g],
+``weight_shape`` [2] = [N, K]) stacked as they are into the INT4_K2 arrays of MoESFT.from_quantized.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from ._arrays import bfloat16
+from ._errors import invalid
+from ._quantize import QuantizedWeight
+from ._safetensors import SafetensorsFile
+
+__all__ = ["ExpertWeights", "load_experts"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_FLOAT_CODES = ("BF16", "F16", "F32")
+_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+_EXPERT_KEY = re.compile(r"^(?P<block>mlp|block_sparse_moe)\.experts\.(?:(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|"
+                         r"down_proj|w1|w3|w2)\.(?P<field>\w+)|(?P<fused>gate_up_proj|down_proj)(?:\.weight)?)$")
+_ANY_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class ExpertWeights:
+    """One layer's routed-expert base weights, ready for MoESFT: ``gate_proj``, ``up_proj`` [E, I, H] and
+    ``down_proj`` [E, H, I] as bf16 arrays (weight_format "bf16": MoESFT(gate_proj, up_proj, down_proj, ...))
+    or as QuantizedWeight (weight_format "int4_k2": MoESFT.from_quantized(...)); ``create_layer(**kwargs)``
+    picks the right one. ``layout``: "per_expert", "mixtral" or "fused"; ``source_dtype``: the checkpoint's
+    ("BF16", "F16", "F32" or "int4-pack-quantized")."""
+
+    layer_idx: int
+    weight_format: str
+    gate_proj: Union[np.ndarray, QuantizedWeight]
+    up_proj: Union[np.ndarray, QuantizedWeight]
+    down_proj: Union[np.ndarray, QuantizedWeight]
+    experts: int
+    hidden_size: int
+    intermediate_size: int
+    layout: str
+    source_dtype: str
+
+    def __repr__(self):
+        return (f"ExpertWeights(layer_idx={self.layer_idx}, weight_format={self.weight_format!r}, experts="
+                f"{self.experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"layout={self.layout!r}, source_dtype={self.source_dtype!r})")
+
+    def create_layer(self, cls=None, **layer_kwargs):
+        """A MoESFT (or ``cls``) on these weights; layer_kwargs are MoESFT's (lora_rank, lora_alpha, ...)."""
+        if cls is None:
+            from ._layer import MoESFT as cls
+        if self.weight_format == "bf16":
+            return cls(self.gate_proj, self.up_proj, self.down_proj, **layer_kwargs)
+        return cls.from_quantized(self.gate_proj, self.up_proj, self.down_proj, **layer_kwargs)
+
+
+class _Checkpoint:
+    """config.json and the key -> shard map of a checkpoint directory; shards opened on first use."""
+
+    def __init__(self, directory):
+        self.dir = os.fspath(directory)
+        if not os.path.isdir(self.dir):
+            raise invalid(f"{self.dir} is not a directory (expected a Hugging Face checkpoint directory)")
+        self.config = {}
+        config_path = os.path.join(self.dir, "config.json")
+        if os.path.isfile(config_path):
+            self.config = _read_json(config_path)
+        index_path = os.path.join(self.dir, INDEX_NAME)
+        single = os.path.join(self.dir, SINGLE_NAME)
+        self._files = {}
+        if os.path.isfile(index_path):
+            index = _read_json(index_path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise invalid(f"{index_path} has no weight_map object of key -> shard file name")
+            self.weight_map = weight_map
+            self.source = index_path
+        elif os.path.isfile(single):
+            self._files[SINGLE_NAME] = SafetensorsFile(single)
+            self.weight_map = {k: SINGLE_NAME for k in self._files[SINGLE_NAME]}
+            self.source = single
+        else:
+            found = sorted(os.listdir(self.dir))
+            raise invalid(f"{self.dir} has neither {INDEX_NAME} nor {SINGLE_NAME} (found: "
+                          f"{', '.join(found[:12]) or 'nothing'}{', ...' if len(found) > 12 else ''})")
+
+    def file(self, key):
+        name = self.weight_map[key]
+        f = self._files.get(name)
+        if f is None:
+            path = os.path.join(self.dir, name)
+            if os.path.basename(name) != name or not os.path.isfile(path):
+                raise invalid(f"{self.source} maps {key} to shard {name!r}, which is not a file in {self.dir}")
+            f = self._files[name] = SafetensorsFile(path)
+        if key not in f:
+            raise invalid(f"{self.source} maps {key} to {f.path}, which has no such tensor")
+        return f
+
+    def shape(self, key):
+        return self.file(key).shape(key)
+
+    def code(self, key):
+        return self.file(key).code(key)
+
+
+def _read_json(path):
+    try:
+        with open(path, "rb") as fh:
+            value = json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise invalid(f"{path} is not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise invalid(f"{path} is not a JSON object")
+    return value
+
+
+def _text_config(config):
+    for sub in ("text_config", "language_config", "llm_config"):
+        if isinstance(config.get(sub), dict):
+            return {**config, **config[sub]}
+    return config
+
+
+def load_experts(checkpoint_dir, layer_idx):
+    """The routed experts of layer ``layer_idx`` of a Hugging Face checkpoint directory, as ExpertWeights
+    (bf16 arrays, or int4_k2 QuantizedWeight for compressed-tensors pack-quantized checkpoints)."""
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, (int, np.integer)) or layer_idx < 0:
+        raise invalid(f"layer_idx = {layer_idx!r}; expected a non-negative integer")
+    L = int(layer_idx)
+    ckpt = _Checkpoint(checkpoint_dir)
+    config = _text_config(ckpt.config)
+    layer_re = re.compile(rf"^(?P<pre>(?:.*\.)?)layers\.{L}\.(?P<rest>.+)$")
+    layer_keys, groups = [], {}
+    for key in ckpt.weight_map:
+        m = layer_re.match(key)
+        if not m:
+            continue
+        layer_keys.append(key)
+        e = _EXPERT_KEY.match(m["rest"])
+        if e:
+            groups.setdefault((m["pre"], e["block"]), []).append((key, e))
+    where = f"{ckpt.source}"
+    if not layer_keys:
+        layers = sorted({int(m.group(1)) for k in ckpt.weight_map for m in [_ANY_LAYER.search(k)] if m})
+        layers_text = f"{layers[0]}..{layers[-1]}" if layers else "none"
+        raise invalid(f"{where} has no layer {L} (its layers: {layers_text})")
+    if not groups:
+        raise invalid(f"layer {L} of {where} has no routed experts (expected e.g. "
+                      f"model.layers.{L}.mlp.experts.0.gate_proj.weight or model.layers.{L}.mlp.experts.gate_up_proj); "
+                      f"its keys: {_some(sorted(layer_keys))}")
+    if len(groups) > 1:
+        raise invalid(f"layer {L} of {where} has routed experts under several prefixes: "
+                      + ", ".join(f"{pre}layers.{L}.{block}.experts" for pre, block in sorted(groups)))
+    (pre, block), entries = next(iter(groups.items()))
+    base = f"{pre}layers.{L}.{block}.experts."
+    fused = {m["fused"]: key for key, m in entries if m["fused"]}
+    per_expert = {}
+    for key, m in entries:
+        if m["e"] is not None:
+            per_expert.setdefault((int(m["e"]), _PROJ[m["proj"]]), {})[m["field"]] = key
+    if fused and per_expert:
+        raise invalid(f"layer {L} of {where} mixes fused ({_some(sorted(fused.values()))}) and per-expert "
+                      f"({_some(sorted(k for v in per_expert.values() for k in v.values()))}) expert tensors")
+    if fused:
+        result = _load_fused(ckpt, L, base, fused)
+    else:
+        layout = "mixtral" if block == "block_sparse_moe" else "per_expert"
+        names = ({"gate": "w1", "up": "w3", "down": "w2"} if layout == "mixtral"
+                 else {p: p + "_proj" for p in ("gate", "up", "down")})
+        result = _load_per_expert(ckpt, L, base, names, per_expert, layout, config)
+    _check_config(config, result, where)
+    return result
+
+
+def _some(keys, n=12):
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
+
+
+def _check_config(config, w, where):
+    for name in ("n_routed_experts", "num_experts", "num_local_experts"):
+        value = config.get(name)
+        if isinstance(value, int) and value > 0:
+            if value != w.experts:
+                raise invalid(f"config.json has {name} = {value} but layer {w.layer_idx} of {where} has "
+                              f"{w.experts} routed experts")
+            break
+    for name, have in (("hidden_size", w.hidden_size), ("moe_intermediate_size", w.intermediate_size)):
+        value = config.get(name)
+        if isinstance(value, int) and value > 0 and value != have:
+            raise invalid(f"config.json has {name} = {value} but layer {w.layer_idx}'s experts in {where} have {have}")
+
+
+def _float_code(ckpt, key):
+    code = ckpt.code(key)
+    if code not in _FLOAT_CODES:
+        hint = " (FP8 checkpoints are not supported yet)" if code.startswith("F8") else ""
+        raise invalid(f"{key} has dtype {code}; load_experts reads {', '.join(_FLOAT_CODES)} weights and "
+                      f"compressed-tensors int4 (weight_packed){hint}")
+    return code
+
+
+def _load_fused(ckpt, L, base, fused):
+    for name in ("gate_up_proj", "down_proj"):
+        if name not in fused:
+            have = next(iter(fused.values()))
+            raise invalid(f"layer {L} of {ckpt.source} has {have} {list(ckpt.shape(have))} but lacks {base}{name}")
+    gu_key, dn_key = fused["gate_up_proj"], fused["down_proj"]
+    gu, dn = ckpt.shape(gu_key), ckpt.shape(dn_key)
+    if len(gu) != 3 or len(dn) != 3 or gu[1] % 2 or dn[0] != gu[0] or dn[1] != gu[2] or 2 * dn[2] != gu[1]:
+        raise invalid(f"{gu_key} has shape {list(gu)} and {dn_key} {list(dn)}; expected [E, 2I, H] and [E, H, I] "
+                      "(transformers 5's orientation; transposed [E, H, 2I] layouts are not read)")
+    codes = {_float_code(ckpt, gu_key), _float_code(ckpt, dn_key)}
+    E, H, I = gu[0], gu[2], dn[2]
+    gate, up, down = (np.empty(s, bfloat16) for s in ((E, I, H), (E, I, H), (E, H, I)))
+    fg, fd = ckpt.file(gu_key), ckpt.file(dn_key)
+    for e in range(E):
+        fg.copy_into(gu_key, gate[e], (e, slice(0, I)))
+        fg.copy_into(gu_key, up[e], (e, slice(I, 2 * I)))
+        fd.copy_into(dn_key, down[e], e)
+    return ExpertWeights(L, "bf16", gate, up, down, E, H, I, "fused", "/".join(sorted(codes)))
+
+
+def _expert_count(ckpt, L, base, names, per_expert, field):
+    E = max(e for e, _ in per_expert) + 1
+    for e in range(E):
+        for proj in ("gate", "up", "down"):
+            fields = per_expert.get((e, proj), {})
+            if field not in fields:
+                raise invalid(f"layer {L} of {ckpt.source} lacks {base}{e}.{names[proj]}.{field} (it has experts up "
+                              f"to {E - 1}" + (f"; that module has {', '.join(sorted(fields))}" if fields else "")
+                              + ")")
+    return E
+
+
+def _load_per_expert(ckpt, L, base, names, per_expert, layout, config):
+    fields = set().union(*per_expert.values())
+    if "weight_packed" in fields:
+        return _load_k2(ckpt, L, base, names, per_expert, layout, config)
+    if "weight" not in fields:
+        raise invalid(f"layer {L} of {ckpt.source}: the experts hold {', '.join(sorted(fields))}; load_experts reads "
+                      "weight (BF16/F16/F32) or weight_packed / weight_scale / weight_shape (compressed-tensors int4)")
+    if "weight_scale_inv" in fields or "weight_scale" in fields:
+        raise invalid(f"layer {L} of {ckpt.source}: the experts have weight_scale(_inv) tensors: quantized "
+                      "checkpoints other than compressed-tensors int4 are not supported yet")
+    E = _expert_count(ckpt, L, base, names, per_expert, "weight")
+    key = {(e, p): per_expert[(e, p)]["weight"] for e in range(E) for p in ("gate", "up", "down")}
+    I, H = _shape2(ckpt, key[(0, "gate")])
+    want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    codes = set()
+    for (e, p), k in key.items():
+        if tuple(ckpt.shape(k)) != want[p]:
+            raise invalid(f"{k} has shape {list(ckpt.shape(k))}; expected {list(want[p])} (from "
+                          f"{key[(0, 'gate')]} {list(want['gate'])})")
+        codes.add(_float_code(ckpt, k))
+    out = {p: np.empty((E,) + want[p], bfloat16) for p in ("gate", "up", "down")}
+    for e in range(E):
+        for p in ("gate", "up", "down"):
+            ckpt.file(key[(e, p)]).copy_into(key[(e, p)], out[p][e])
+    return ExpertWeights(L, "bf16", out["gate"], out["up"], out["down"], E, H, I, layout, "/".join(sorted(codes)))
+
+
+def _shape2(ckpt, key):
+    shape = ckpt.shape(key)
+    if len(shape) != 2:
+        raise invalid(f"{key} has shape {list(shape)}; expected 2-D [out, in]")
+    return shape
+
+
+def _load_k2(ckpt, L, base, names, per_expert, layout, config):
+    E = _expert_count(ckpt, L, base, names, per_expert, "weight_packed")
+    _expert_count(ckpt, L, base, names, per_expert, "weight_scale")
+    if any("weight_zero_point" in v for v in per_expert.values()):
+        raise invalid(f"layer {L} of {ckpt.source}: the experts have weight_zero_point (asymmetric int4); "
+                      "load_experts reads symmetric pack-quantized int4 (Kimi-K2's) only")
+    qc = config.get("quantization_config") or {}
+    if qc and qc.get("format") not in (None, "pack-quantized"):
+        raise invalid(f"config.json's quantization_config.format is {qc.get('format')!r}; load_experts reads "
+                      "compressed-tensors pack-quantized int4")
+    group_from_config = None
+    for group in (qc.get("config_groups") or {}).values():
+        weights = (group or {}).get("weights") or {}
+        if weights.get("num_bits") not in (None, 4) or weights.get("symmetric") is False:
+            raise invalid(f"config.json's quantization_config has weights {weights}; load_experts reads symmetric "
+                          "4-bit pack-quantized weights")
+        group_from_config = weights.get("group_size") or group_from_config
+    dims = {}  # proj -> (N, K), from weight_shape (or the packed shape)
+    for e in range(E):
+        for p in ("gate", "up", "down"):
+            f = per_expert[(e, p)]
+            packed, scale = f["weight_packed"], f["weight_scale"]
+            if ckpt.code(packed) != "I32":
+                raise invalid(f"{packed} has dtype {ckpt.code(packed)}; expected I32 (8 int4 values a word)")
+            if ckpt.code(scale) != "BF16":
+                raise invalid(f"{scale} has dtype {ckpt.code(scale)}; expected BF16 (the INT4_K2 format's scales)")
+            N, Kw = _shape2(ckpt, packed)
+            if "weight_shape" in f:
+                ws = f["weight_shape"]
+                shape_file = ckpt.file(ws)
+                if ckpt.code(ws) not in ("I64", "I32") or shape_file.shape(ws) != (2,):
+                    raise invalid(f"{ws} has dtype {ckpt.code(ws)} and shape {list(shape_file.shape(ws))}; "
+                                  "expected 2 integers [N, K]")
+                NK = tuple(int(v) for v in shape_file[ws])
+            else:
+                NK = (N, 8 * Kw)
+            if NK[0] != N or NK[1] % 8 or NK[1] // 8 != Kw:
+                raise invalid(f"{packed} has shape {[N, Kw]} but the weight's shape is {list(NK)}: expected "
+                              f"[{NK[0]}, {NK[1]} / 8]")
+            S = ckpt.shape(scale)
+            if len(S) != 2 or S[0] != N or S[1] == 0 or NK[1] % S[1]:
+                raise invalid(f"{scale} has shape {list(S)}; expected [{N}, K / group_size] for K = {NK[1]}")
+            dims.setdefault(p, (NK, NK[1] // S[1], packed))
+            first, g, first_key = dims[p]
+            if (NK, NK[1] // S[1]) != (first, g):
+                raise invalid(f"{packed} is [{NK[0]}, {NK[1]}] with group size {NK[1] // S[1]} but {first_key} is "
+                              f"[{first[0]}, {first[1]}] with {g}: every expert must have one shape")
+    (I, H), g = dims["gate"][0], dims["gate"][1]
+    for p, want in (("up", (I, H)), ("down", (H, I))):
+        if dims[p][0] != want or dims[p][1] != g:
+            raise invalid(f"{dims[p][2]} is {list(dims[p][0])} with group size {dims[p][1]}; expected {list(want)} "
+                          f"with group size {g} (from {dims['gate'][2]})")
+    if group_from_config is not None and group_from_config != g:
+        raise invalid(f"config.json's quantization_config has group_size {group_from_config} but the scales of "
+                      f"layer {L} give {g}")
+    out = {}
+    for p, (N, K) in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+        weights = np.empty((E, N, K // 8), np.int32)
+        scale = np.empty((E, N, K // g), bfloat16)
+        for e in range(E):
+            f = per_expert[(e, p)]
+            ckpt.file(f["weight_packed"]).copy_into(f["weight_packed"], weights[e])
+            ckpt.file(f["weight_scale"]).copy_into(f["weight_scale"], scale[e])
+        out[p] = QuantizedWeight("int4_k2", g, weights, scale, None)
+    return ExpertWeights(L, "int4_k2", out["gate"], out["up"], out["down"], E, H, I, layout, "int4-pack-quantized")
