@@ -29,7 +29,6 @@ HEADERS = {"source": os.path.join(ROOT, "include", "moe_sft.h"),
            "installed": os.path.join(moe_sft.get_include(), "moe_sft.h")}
 
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("header", HEADERS)
 def test_cdef_block_is_plain_c_that_cffi_reads_as_is(header):
     """The rule in moe_sft.h: the block between the CDEF markers goes to ffi.cdef() untouched."""
@@ -47,7 +46,6 @@ def test_cdef_block_is_plain_c_that_cffi_reads_as_is(header):
     assert lib.moe_sft_version() == major * 10000 + minor * 100 + patch
 
 
-@pytest.mark.backend_independent
 def test_backends_expose_the_same_functions():
     nanobind = _backend.load("nanobind")
     assert {n for n in dir(nanobind) if not n.startswith("_")} == FUNCTIONS
@@ -56,7 +54,6 @@ def test_backends_expose_the_same_functions():
     assert all(callable(getattr(cffi_backend, n)) for n in FUNCTIONS)
 
 
-@pytest.mark.backend_independent
 def test_both_backends_load_one_copy_of_the_library():
     """Both dlopen the package's libmoe_sft.so, so a process never holds two thread pools and arenas."""
     _backend.load("nanobind")
@@ -77,7 +74,6 @@ def _import_moe_sft(env_backend, block_nanobind=False):
     return run.returncode, run.stdout.strip() if run.returncode == 0 else run.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.backend_independent
 def test_backend_choice():
     _cffi()
     assert _import_moe_sft(None) == (0, "nanobind")

@@ -14,8 +14,6 @@ import pytest
 import moe_sft
 import reference as R
 
-pytestmark = pytest.mark.backend_independent
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "c", "smoke.c")
 C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-pedantic", "-Werror"]
