@@ -53,14 +53,23 @@ def run_layer(layer, p, **backward_kwargs):
     return out, layer.backward(p.grad_out, **backward_kwargs)
 
 
-# Per-element bound: |library - reference| <= ELEMENT_BOUND * 2^-8 * M elementwise, M = R.magnitudes (the sum of
-# |terms| each element is made of). A first-order worst case for bf16 factors and intermediates is a few units
-# (each rounding moves a term by at most 2^-8 of it); see MEASURED_ELEMENT_ERROR for what the families make.
+# The bounds of assert_matches_reference, per base-weight format, set at about twice the worst error measured over
+# the whole compute matrix of this suite (MOE_SFT_TEST_ERROR_LOG=path records every comparison; measured on
+# generic and amx-emulated, the families the measuring machine runs; re-measure when a family or kernel path is
+# added):
+# - per element, in units of 2^-8 M with M = R.magnitudes (root-sum-square of the terms each element is made
+#   of): worst measured 1.55 (bf16, routing-weight grads), 1.11 (int8), 1.26 (int4_awq), 1.03 (int4_k2) -> 3.0
+#   for all (the spread is sample size, not format). A zeroed output column is ~110-130 units (test_error_bounds).
+# - aggregate mean|a-b|/mean|b| per tensor: worst measured 7.3e-3 (bf16; its bound stays 1e-2, the README's
+#   stated target), 1.23e-2 (int8, gate_a with few rows), 1.07e-2 (int4_awq, down_b), 1.20e-2 (int4_k2,
+#   down_b) -> 2.5e-2, 2.2e-2, 2.4e-2 (before: 3e-2 for all). Quantized layers dequantize to bf16 before the
+#   bf16 kernels, one rounding more per weight; the reference uses the dequantized weights exactly.
 UNIT = 2.0 ** -8
-ELEMENT_BOUND = {"bf16": 1.0, "int8": 1.0, "int4_awq": 1.0, "int4_k2": 1.0}
+ELEMENT_BOUND = {"bf16": 3.0, "int8": 3.0, "int4_awq": 3.0, "int4_k2": 3.0}
+AGGREGATE_BOUND = {"bf16": 1e-2, "int8": 2.5e-2, "int4_awq": 2.2e-2, "int4_k2": 2.4e-2}
 
 
-def reference_errors(p, out, grads, conditioned_routing=False, reference=None):
+def reference_errors(p, out, grads, reference=None):
     """{tensor: (aggregate mean|a-b|/mean|b|, worst elementwise |a-b| / (2^-8 M))} for the output and every grad.
     ``reference`` = (forward, backward dict, magnitudes) of p when the caller has them already."""
     fwd, ref, mags = reference or (R.forward(p), R.backward(p), R.magnitudes(p))
@@ -78,7 +87,7 @@ def reference_errors(p, out, grads, conditioned_routing=False, reference=None):
     return errors
 
 
-def assert_matches_reference(p, out, grads, tol=1e-2, conditioned_routing=False, element_bound=None,
+def assert_matches_reference(p, out, grads, tol=None, conditioned_routing=False, element_bound=None,
                              weight_format="bf16"):
     """Against the float64 reference, for the output and every grad: (1) the aggregate mean|a-b|/mean|b| <= tol
     and (2) every element within ELEMENT_BOUND[weight_format] * 2^-8 * M of the reference (M = sum of |terms|,
@@ -86,6 +95,7 @@ def assert_matches_reference(p, out, grads, tol=1e-2, conditioned_routing=False,
     With conditioned_routing, the routing-weight grads (one dot product <grad_out[t], y> each, whose relative
     error is y's times the dot's cancellation) skip the aggregate and are judged per element against their sum
     of |terms| to tol instead: for problems with too few of them to average."""
+    tol = AGGREGATE_BOUND[weight_format] if tol is None else tol
     element_bound = ELEMENT_BOUND[weight_format] if element_bound is None else element_bound
     errors = reference_errors(p, out, grads)
     _record(weight_format, errors)
