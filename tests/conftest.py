@@ -1,3 +1,28 @@
+"""What the suite covers, and where each axis of the compute matrix runs.
+
+Compute matrix (kernel family x shape x LoRA dtype x tp_count x weight format): runs ONCE, on the backend
+moe_sft picked at import (nanobind unless MOE_SFT_BACKEND says otherwise); the backends only marshal pointers.
+- kernel family (the ``isa`` fixture): every family this machine runs (generic, amx-emulated everywhere;
+  avx512_bf16, avx512_fma, amx where the CPU has them), for every test that takes ``isa``: test_correctness,
+  test_kernel_tails, test_tensor_parallel, test_quantized (compute parts), test_cache_and_state,
+  test_finite_checks, test_threads.
+- shapes: odd and block-straddling sizes in test_correctness (E, H, I, k, T, rank), every GEMM tail in
+  test_kernel_tails (rows 1-33, H and I around 16/32/64-wide blocks), few-rows paths in test_quantized.
+- LoRA dtype f32/bf16: test_correctness, test_tensor_parallel.
+- tp_count 1-3: test_tensor_parallel (bf16), test_quantized (every format), test_threads.
+- weight format bf16/int8/int4_awq (made at create and pre-quantized)/int4_k2: test_quantized.
+- the NaN-filled scratch (MOE_SFT_DEBUG_SCRATCH=1): one subprocess over every family x format x tp_count 1, 2
+  (test_cache_and_state.test_scratch_debug_fill_changes_nothing), compared bit for bit with this process.
+Backends: test_parity compares nanobind and cffi bit for bit (results and errors) on a few cases reaching
+every ABI entry point; the raw-ABI error tests (test_errors, the raw parts of test_router and test_quantized)
+and test_backends' per-backend checks (GIL release) run once per backend (the ``backend`` fixture).
+The UNSUPPORTED path: test_kernel_tails forces each family above MOE_SFT_MAX_ISA=generic, on every machine.
+Accuracy: assert_matches_reference bounds every element (against the root-sum-square of its terms,
+R.magnitudes) and each tensor's mean|a-b|/mean|b|; test_error_bounds proves a zeroed column, LoRA-grad row or
+single element fails. Library constants (status, dtype, format, scoring codes) come from the header via cffi
+(abi.py). README's examples run in test_readme; C consumers in test_c_consumers; the library built with
+ASan+UBSan runs a slice of this suite in .ci/run.
+"""
 import os
 
 import numpy as np
