@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import moe_sft
+import abi
 import reference as R
 from conftest import AVAILABLE_ISAS, assert_matches_reference, make_layer, run_layer
 
@@ -39,14 +40,14 @@ def test_lifo_cache_depth_three(isa):
     assert layer.cache_depth == 3
     with pytest.raises(moe_sft.MoESFTError) as err:
         layer.forward(base.x, base.ids, base.weights, save_for_backward=True)
-    assert err.value.status == "MOE_SFT_ERR_CACHE_FULL" and "max_cache_depth = 3" in str(err.value)
+    assert err.value.status == abi.status_name(abi.CACHE_FULL) and "max_cache_depth = 3" in str(err.value)
     for depth, b in zip((2, 1, 0), reversed(batches)):
         g = layer.backward(b.grad_out)
         assert layer.cache_depth == depth
         assert_matches_reference(b, R.forward(b), g)
     with pytest.raises(moe_sft.MoESFTError) as err:
         layer.backward(base.grad_out)
-    assert err.value.status == "MOE_SFT_ERR_CACHE_EMPTY"
+    assert err.value.status == abi.status_name(abi.CACHE_EMPTY)
 
 
 def test_accumulate_twice_equals_twice_the_grads(isa):
@@ -108,7 +109,7 @@ def test_two_layers_from_two_threads_equal_serial(isa):
 # every kernel family this machine has on every weight format and tp_count 1 and 2, and prints each result's
 # bytes; this process computes the same without the fill.
 _SCRATCH_PROGRAM = """
-import hashlib, json, os, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from test_cache_and_state import scratch_results
 print(json.dumps(scratch_results(json.loads(sys.argv[2]))))
@@ -130,8 +131,7 @@ def scratch_results(cases):
         if weights == "bf16":
             layer = make_layer(p, tp_count=tp)
         else:
-            layer = quantized_layer(p, {"int8": "int8", "int4_awq": "int4_awq", "int4_k2": "int4_k2"}[weights],
-                                    {"int8": 0, "int4_awq": 4, "int4_k2": 8}[weights], tp_count=tp)[0]
+            layer = quantized_layer(p, weights, {"int8": 0, "int4_awq": 4, "int4_k2": 8}[weights], tp_count=tp)[0]
         assert layer.isa == isa
         out, g = run_layer(layer, p)
         arrays = [out] + [getattr(g, n) for n in ("input", "routing_weights") + R.LORA_NAMES]

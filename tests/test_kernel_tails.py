@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import moe_sft
+import abi
 import reference as R
 from conftest import AVAILABLE_ISAS, assert_matches_reference, make_layer, run_layer
 
@@ -77,13 +78,13 @@ def test_forcing_an_unavailable_family_fails_clearly(monkeypatch, family, cap):
     p = R.make_problem(1, 8, 8, 1, 1, 0)
     with pytest.raises(moe_sft.MoESFTError) as err:
         moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=0)
-    assert err.value.status == "MOE_SFT_ERR_UNSUPPORTED"
+    assert err.value.status == abi.status_name(abi.UNSUPPORTED)
     assert f"MOE_SFT_ISA={family} cannot run here" in str(err.value)
     if cap is not None:
         assert f"above MOE_SFT_MAX_ISA={cap}" in str(err.value)
     with pytest.raises(moe_sft.MoESFTError, match="cannot run here") as err:
         moe_sft.isa()
-    assert err.value.status == "MOE_SFT_ERR_UNSUPPORTED"
+    assert err.value.status == abi.status_name(abi.UNSUPPORTED)
 
 
 def test_isa_cap_limits_the_automatic_choice(monkeypatch):
