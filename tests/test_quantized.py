@@ -556,18 +556,31 @@ print(rss_bytes() - before)
 """
 
 
-@pytest.mark.parametrize("weight_format, group_size, low, high", [
-    ("bf16", 0, 0.95, 1.05),  # the measurement sees the packed copy of the weights, and little else
-    ("int8", 0, 0.0, 0.55),
-    ("int4_awq", 128, 0.0, 0.30),
-    ("int4_k2", 32, 0.0, 0.30),
-])
-def test_resident_size_after_create(weight_format, group_size, low, high):
-    """Resident-size growth of create, in a fresh process (freed memory of earlier layers would hide growth),
-    against the bf16 bytes of the weights."""
-    E, H, I = 32, 512, 512
-    run = subprocess.run([sys.executable, "-c", _RESIDENT_PROGRAM, weight_format, str(E), str(H), str(I),
-                          str(group_size)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    ratio = int(run.stdout) / (3 * E * H * I * 2)
+RESIDENT_CASES = {  # weight_format: (group_size, low, high) of the growth / bf16 bytes
+    "bf16": (0, 0.95, 1.05),  # the measurement sees the packed copy of the weights, and little else
+    "int8": (0, 0.0, 0.55),
+    "int4_awq": (128, 0.0, 0.30),
+    "int4_k2": (32, 0.0, 0.30),
+}
+RESIDENT_SHAPE = (32, 512, 512)  # E, H, I
+
+
+@pytest.fixture(scope="module")
+def resident_runs():
+    """One fresh process per format (freed memory of earlier layers would hide growth), all started at once."""
+    E, H, I = RESIDENT_SHAPE
+    runs = {f: subprocess.Popen([sys.executable, "-c", _RESIDENT_PROGRAM, f, str(E), str(H), str(I), str(group)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for f, (group, _, _) in RESIDENT_CASES.items()}
+    return {f: (run.communicate(), run.returncode) for f, run in runs.items()}
+
+
+@pytest.mark.parametrize("weight_format", RESIDENT_CASES)
+def test_resident_size_after_create(resident_runs, weight_format):
+    """Resident-size growth of create against the bf16 bytes of the weights."""
+    E, H, I = RESIDENT_SHAPE
+    _, low, high = RESIDENT_CASES[weight_format]
+    (stdout, stderr), returncode = resident_runs[weight_format]
+    assert returncode == 0, stderr
+    ratio = int(stdout) / (3 * E * H * I * 2)
     assert low <= ratio <= high, f"{weight_format}: resident growth {ratio:.3f} x the bf16 weight bytes"
