@@ -121,7 +121,8 @@ def assert_matches_reference(p, out, grads, tol=None, conditioned_routing=False,
                              weight_format="bf16"):
     """Against the float64 reference, for the output and every grad: (1) the aggregate mean|a-b|/mean|b| <= tol
     and (2) every element within ELEMENT_BOUND[weight_format] * 2^-8 * M of the reference (M = root-sum-square of
-    the terms the element is made of, R.magnitudes), which a wrong column, row or element fails however large the tensor (test_error_bounds).
+    the terms the element is made of, R.magnitudes), which a wrong column, row or element fails however large
+    the tensor (test_error_bounds).
     With conditioned_routing, the routing-weight grads (one dot product <grad_out[t], y> each, whose relative
     error is y's times the dot's cancellation) skip the aggregate and are judged per element against their sum
     of |terms| to tol instead: for problems with too few of them to average."""

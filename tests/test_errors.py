@@ -15,7 +15,8 @@ pytestmark = both_backends  # the raw ABI through each backend: the same statuse
 B = CurrentBackend()
 
 E, H, I, K, T, RANK = 4, 32, 24, 2, 6, 4
-BF16 = (FORMAT_CODE["bf16"],) + (0,) * 8  # create's quantization fields: weight_format bf16, group_size 0, not prequantized, no scale/zero
+# create's quantization fields: weight_format bf16, group_size 0, not prequantized, no scale/zero
+BF16 = (FORMAT_CODE["bf16"],) + (0,) * 8
 
 
 def addr(a):

@@ -53,7 +53,8 @@ C_HARNESS = """#include <stdint.h>
 
 static int readme(void) {{
   const int32_t E = 4, H = 64, I = 48, T = 8, k = 2, r = 16;
-  uint16_t *gate = calloc((size_t)E * I * H, 2), *up = calloc((size_t)E * I * H, 2), *down = calloc((size_t)E * H * I, 2);
+  uint16_t *gate = calloc((size_t)E * I * H, 2), *up = calloc((size_t)E * I * H, 2);
+  uint16_t *down = calloc((size_t)E * H * I, 2);
   float *gate_a = calloc((size_t)E * r * H, 4), *gate_b = calloc((size_t)E * I * r, 4);
   float *up_a = calloc((size_t)E * r * H, 4), *up_b = calloc((size_t)E * I * r, 4);
   float *down_a = calloc((size_t)E * r * I, 4), *down_b = calloc((size_t)E * H * r, 4);

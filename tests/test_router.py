@@ -292,13 +292,14 @@ class Buffers:
     def untouched(self):
         return all(np.array_equal(a, b) for a, b in zip(self.outputs(), self.snapshot))
 
-    def route(self, qlen=T, experts=E, top_k=K, dtype=DTYPE_F32, logits=None, scoring=SCORING["softmax"], bias=None, ids=None, weights=None):
+    def route(self, qlen=T, experts=E, top_k=K, dtype=DTYPE_F32, logits=None, scoring=SCORING["softmax"], bias=None,
+              ids=None, weights=None):
         return B.route(qlen, experts, top_k, dtype, addr(self.logits) if logits is None else logits, scoring, 1,
                        addr(self.bias) if bias is None else bias, addr(self.ids) if ids is None else ids,
                        addr(self.weights) if weights is None else weights)
 
-    def backward(self, qlen=T, experts=E, top_k=K, dtype=DTYPE_F32, logits=None, scoring=SCORING["softmax"], ids=None, grad_w=None,
-                 grad_logits=None):
+    def backward(self, qlen=T, experts=E, top_k=K, dtype=DTYPE_F32, logits=None, scoring=SCORING["softmax"], ids=None,
+                 grad_w=None, grad_logits=None):
         return B.route_backward(qlen, experts, top_k, dtype, addr(self.logits) if logits is None else logits,
                                 scoring, 1, addr(self.sel) if ids is None else ids,
                                 addr(self.grad_w) if grad_w is None else grad_w,
