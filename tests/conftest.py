@@ -1,4 +1,34 @@
+"""What the suite covers, and where each axis of the compute matrix runs.
+
+Compute matrix (kernel family x shape x LoRA dtype x tp_count x weight format): runs ONCE, on the backend
+moe_sft picked at import (nanobind unless MOE_SFT_BACKEND says otherwise); the backends only marshal pointers.
+- kernel family (the ``isa`` fixture): every family this machine runs (generic, amx-emulated everywhere;
+  avx512_bf16, avx512_fma, amx where the CPU has them), for every test that takes ``isa``: test_correctness,
+  test_kernel_tails, test_tensor_parallel, test_quantized (compute parts), test_cache_and_state,
+  test_finite_checks, test_threads.
+- shapes: odd and block-straddling sizes in test_correctness (E, H, I, k, T, rank), every GEMM tail in
+  test_kernel_tails (rows 1-33, H and I around 16/32/64-wide blocks), few-rows paths in test_quantized.
+- LoRA dtype f32/bf16: test_correctness, test_tensor_parallel.
+- tp_count 1-3: test_tensor_parallel (bf16), test_quantized (every format), test_threads.
+- weight format bf16/int8/int4_awq (made at create and pre-quantized)/int4_k2: test_quantized.
+- the NaN-filled scratch (MOE_SFT_DEBUG_SCRATCH=1): one subprocess over every family x format x tp_count 1, 2
+  (test_cache_and_state.test_scratch_debug_fill_changes_nothing), compared bit for bit with this process.
+Backends: test_parity compares nanobind and cffi bit for bit (results and errors) on a few cases reaching
+every ABI entry point; the raw-ABI error tests (test_errors, the raw parts of test_router and test_quantized)
+and test_backends' per-backend checks (GIL release) run once per backend (the ``backend`` fixture).
+The UNSUPPORTED path: test_kernel_tails forces each family above MOE_SFT_MAX_ISA=generic, on every machine.
+Accuracy: assert_matches_reference bounds every element (against the root-sum-square of its terms,
+R.magnitudes) and each tensor's mean|a-b|/mean|b|; test_error_bounds proves a zeroed column, LoRA-grad row or
+single element fails. Library constants (status, dtype, format, scoring codes) come from the header via cffi
+(abi.py). README's examples run in test_readme; C consumers in test_c_consumers; the library built with
+ASan+UBSan runs a slice of this suite in .ci/run.
+"""
 import os
+
+# The float64 reference runs thousands of small matrix products: OpenBLAS's threads only contend there with
+# the library's own pool (small products ran ~15x slower on 2 busy cores). Set before numpy loads its BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -53,24 +83,79 @@ def run_layer(layer, p, **backward_kwargs):
     return out, layer.backward(p.grad_out, **backward_kwargs)
 
 
-def assert_matches_reference(p, out, grads, tol=1e-2, conditioned_routing=False):
-    """mean|a-b|/mean|b| <= tol for the output and every grad. With conditioned_routing, each routing-weight
-    grad (one dot product <grad_out[t], y>, whose relative error is y's times the dot's cancellation) is
-    judged against its sum of |terms| instead: for problems with too few of them to average."""
-    ref = R.backward(p)
-    errors = {"output": R.rel_err(out, R.forward(p))}
-    names = ["input"] + (list(R.LORA_NAMES) if p.rank else [])
+# The bounds of assert_matches_reference, per base-weight format, set at about twice the worst error measured over
+# the whole compute matrix of this suite (MOE_SFT_TEST_ERROR_LOG=path records every comparison; measured on
+# generic and amx-emulated, the families the measuring machine runs; re-measure when a family or kernel path is
+# added):
+# - per element, in units of 2^-8 M with M = R.magnitudes (root-sum-square of the terms each element is made
+#   of): worst measured 1.55 (bf16, routing-weight grads), 1.11 (int8), 1.26 (int4_awq), 1.03 (int4_k2) -> 3.0
+#   for all (the spread is sample size, not format). A zeroed output column is ~110-130 units (test_error_bounds).
+# - aggregate mean|a-b|/mean|b| per tensor: worst measured 7.3e-3 (bf16; its bound stays 1e-2, the README's
+#   stated target), 1.23e-2 (int8, gate_a with few rows), 1.07e-2 (int4_awq, down_b), 1.20e-2 (int4_k2,
+#   down_b) -> 2.5e-2, 2.2e-2, 2.4e-2 (before: 3e-2 for all). Quantized layers dequantize to bf16 before the
+#   bf16 kernels, one rounding more per weight; the reference uses the dequantized weights exactly.
+UNIT = 2.0 ** -8
+ELEMENT_BOUND = {"bf16": 3.0, "int8": 3.0, "int4_awq": 3.0, "int4_k2": 3.0}
+AGGREGATE_BOUND = {"bf16": 1e-2, "int8": 2.5e-2, "int4_awq": 2.2e-2, "int4_k2": 2.4e-2}
+
+
+def reference_errors(p, out, grads, reference=None):
+    """{tensor: (aggregate mean|a-b|/mean|b|, worst elementwise |a-b| / (2^-8 M))} for the output and every grad.
+    ``reference`` = (forward, backward dict, magnitudes) of p when the caller has them already."""
+    fwd, ref, mags = reference or (R.forward(p), R.backward(p), R.magnitudes(p))
+    got = {"output": out, "input": grads.input, "routing_weights": grads.routing_weights}
+    want = {"output": fwd, **ref}
+    for name in R.LORA_NAMES if p.rank else ():
+        got[name] = getattr(grads, name)
+    errors = {}
+    for name, a in got.items():
+        diff = np.abs(R.f64(a) - want[name])
+        m = UNIT * mags[name]
+        # an element made of no terms (a token without experts) must be exactly 0: its ratio is inf otherwise
+        ratio = np.where(m > 0, diff / np.where(m > 0, m, 1.0), np.where(diff > 0, np.inf, 0.0))
+        errors[name] = (R.rel_err(a, want[name]), float(ratio.max()) if ratio.size else 0.0)
+    return errors
+
+
+def assert_matches_reference(p, out, grads, tol=None, conditioned_routing=False, element_bound=None,
+                             weight_format="bf16"):
+    """Against the float64 reference, for the output and every grad: (1) the aggregate mean|a-b|/mean|b| <= tol
+    and (2) every element within ELEMENT_BOUND[weight_format] * 2^-8 * M of the reference (M = root-sum-square of
+    the terms the element is made of, R.magnitudes), which a wrong column, row or element fails however large
+    the tensor (test_error_bounds).
+    With conditioned_routing, the routing-weight grads (one dot product <grad_out[t], y> each, whose relative
+    error is y's times the dot's cancellation) skip the aggregate and are judged per element against their sum
+    of |terms| to tol instead: for problems with too few of them to average."""
+    tol = AGGREGATE_BOUND[weight_format] if tol is None else tol
+    element_bound = ELEMENT_BOUND[weight_format] if element_bound is None else element_bound
+    reference = (R.forward(p), R.backward(p), R.magnitudes(p))
+    errors = reference_errors(p, out, grads, reference=reference)
+    _record(weight_format, errors)
+    bad = {}
+    for name, (aggregate, element) in errors.items():
+        if not (name == "routing_weights" and conditioned_routing) and not aggregate <= tol:
+            bad[f"{name} (mean|a-b|/mean|b|)"] = aggregate
+        if not element <= element_bound:
+            bad[f"{name} (worst |a-b| / 2^-8 M)"] = element
     if conditioned_routing:
         terms = routing_terms(p)
-        err = np.abs(R.f64(grads.routing_weights) - ref["routing_weights"])
-        errors["routing_weights (vs sum of |terms|)"] = float(np.max(err / np.where(terms > 0, terms, 1.0)))
-    else:
-        names.insert(1, "routing_weights")
-    for name in names:
-        errors[name] = R.rel_err(getattr(grads, name), ref[name])
-    bad = {n: e for n, e in errors.items() if not e <= tol}
-    assert not bad, f"relative error above {tol}: {bad} (all: {errors})"
+        err = np.abs(R.f64(grads.routing_weights) - reference[1]["routing_weights"])
+        worst = float(np.max(err / np.where(terms > 0, terms, 1.0))) if err.size else 0.0
+        if not worst <= tol:
+            bad["routing_weights (vs sum of |terms|)"] = worst
+    assert not bad, (f"above the bounds (aggregate {tol}, element {element_bound} x 2^-8 M): {bad} "
+                     f"(all: {errors})")
     return errors
+
+
+def _record(weight_format, errors):
+    """MOE_SFT_TEST_ERROR_LOG=path appends each comparison's errors as a JSON line (how the bounds were measured)."""
+    path = os.environ.get("MOE_SFT_TEST_ERROR_LOG")
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", ""), "format": weight_format,
+                                "isa": os.environ.get("MOE_SFT_ISA", ""), "errors": errors}) + "\n")
 
 
 def routing_terms(p):
@@ -90,11 +175,11 @@ def routing_terms(p):
     return terms
 
 
-# ---- every test runs once per backend (nanobind, cffi), unless marked backend_independent ----
+# ---- backends: compute tests run once, on the backend moe_sft chose; ABI-level tests on both ----
 
 def _backend_params():
-    """The backends to run: the one MOE_SFT_BACKEND forces, else all; one that cannot load is skipped with
-    its reason (the test extra installs cffi, so CI runs both)."""
+    """Both backends (one that cannot load is skipped with its reason; the test extra installs cffi, so CI runs
+    both), or the one MOE_SFT_BACKEND forces."""
     forced = os.environ.get("MOE_SFT_BACKEND")
     params = []
     for name in [forced] if forced else _backend.NAMES:
@@ -108,25 +193,19 @@ def _backend_params():
 
 BACKENDS = _backend_params()
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "backend_independent: the test does not go through a Python backend, "
-                                       "so it runs once instead of once per backend")
+# A test that uses the fixture ``backend`` (by argument or with this mark) runs once per backend.
+both_backends = pytest.mark.usefixtures("backend")
 
 
 def pytest_generate_tests(metafunc):
-    if metafunc.definition.get_closest_marker("backend_independent") is None:
-        # session scope: pytest groups the tests by backend, switching backends once
-        metafunc.parametrize("backend", BACKENDS, indirect=True, scope="session")
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture
 def backend(request):
-    """The backend moe_sft calls through for this test, also exported to the subprocesses tests start."""
-    name = getattr(request, "param", None)
-    if name is None:  # a backend_independent test
-        yield _backend.NAME
-        return
+    """Switches moe_sft to the backend of this run of the test (also exported to subprocesses it starts)."""
+    name = request.param
     saved = (_backend.NAME, os.environ.get("MOE_SFT_BACKEND"))
     _backend.use(name)
     os.environ["MOE_SFT_BACKEND"] = name

@@ -132,6 +132,95 @@ def backward(p):
     return grads
 
 
+def _mm(a, b):
+    """(a @ b, the first-order variance of a @ b): ``a`` and ``b`` are (value, variance) pairs; the product adds
+    each factor's variance times the other's square, and its own rounding (its square)."""
+    value = a[0] @ b[0]
+    return value, a[1] @ np.square(b[0]) + np.square(a[0]) @ b[1] + np.square(value)
+
+
+def _plus(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _scaled(c, a):
+    return c * a[0], c * c * a[1]
+
+
+def _exact(a):
+    """An input as a (value, variance) pair: its square, as if it were rounded once."""
+    return a, np.square(a)
+
+
+def magnitudes(p):
+    """Per-element error scale M of the output and every grad, in float64: the root-sum-square of the terms each
+    element is made of, carried through the layer as a first-order error analysis with independent roundings
+    does. Every input, product and intermediate is taken as rounded once (a relative error of up to 2^-8): a
+    product's variance is each factor's variance times the other's square plus its own square; silu and its
+    derivatives pass an input's variance on scaled by their derivative squared. Roundings of a sum's terms add
+    like a random walk, so an implementation's error is a small multiple of 2^-8 M in every element, however
+    much the element cancels, and a column, row or element gone wrong is many times that (test_error_bounds);
+    an element with M = 0 (a token with no expert) must be exact. Experts are vectorized over their rows."""
+    x, w, go = f64(p.x), f64(p.weights), f64(p.grad_out)
+    T, k = p.ids.shape
+    s = p.scale
+    sq = np.square
+    v = {"output": np.zeros_like(x), "input": np.zeros_like(x), "routing_weights": np.zeros((T, k))}
+    out, grad_input = np.zeros_like(x), np.zeros_like(x)
+    for n in LORA_NAMES if p.rank else ():
+        v[n] = np.zeros(p.lora[n].shape)
+    for e in np.unique(p.ids[p.ids >= 0]):
+        tok, slot = np.nonzero(p.ids == e)
+        X, wr, gr = _exact(x[tok]), w[tok, slot][:, None], go[tok]
+        Wg, Wu, Wd = (_exact(f64(a[e])) for a in (p.gate, p.up, p.down))
+        transposed = lambda a: (a[0].T, a[1].T)  # noqa: E731
+        g, u = _mm(X, transposed(Wg)), _mm(X, transposed(Wu))
+        if p.rank:
+            L = {n: _exact(_lora(p, n, e)) for n in LORA_NAMES}
+
+            def low_rank(a, A, B):  # s (a A^T) B^T
+                return _scaled(s, _mm(_mm(a, transposed(L[A])), transposed(L[B])))
+
+            g = _plus(g, low_rank(X, "gate_a", "gate_b"))
+            u = _plus(u, low_rank(X, "up_a", "up_b"))
+        sg = 1.0 / (1.0 + np.exp(-g[0]))
+        act = g[0] * sg                                              # silu(g)
+        d1 = sg * (1.0 + g[0] * (1.0 - sg))                          # silu'(g)
+        d2 = sg * (1.0 - sg) * (2.0 + g[0] * (1.0 - 2.0 * sg))       # silu''(g)
+        hv = act * u[0]
+        h = (hv, sq(d1 * u[0]) * g[1] + sq(act) * u[1] + sq(hv))
+        y = _mm(h, transposed(Wd))
+        if p.rank:
+            y = _plus(y, low_rank(h, "down_a", "down_b"))
+        np.add.at(v["output"], tok, sq(wr) * (y[1] + sq(y[0])))
+        np.add.at(out, tok, wr * y[0])
+        rw = np.sum(gr * y[0], axis=1)
+        v["routing_weights"][tok, slot] = np.sum(sq(gr) * (y[1] + sq(y[0])), axis=1) + sq(rw)
+        dyv = wr * gr
+        dy = (dyv, 2 * sq(dyv))
+        dh = _mm(dy, Wd)
+        if p.rank:
+            dyB = _mm(dy, L["down_b"])
+            dh = _plus(dh, _scaled(s, _mm(dyB, L["down_a"])))
+            v["down_b"][e] += s * s * _mm(transposed(dy), _mm(h, transposed(L["down_a"])))[1]
+            v["down_a"][e] += s * s * _mm(transposed(dyB), h)[1]
+        dgv, duv = dh[0] * u[0] * d1, dh[0] * act
+        dg = (dgv, sq(u[0] * d1) * dh[1] + sq(dh[0] * d1) * u[1] + sq(dh[0] * u[0] * d2) * g[1] + sq(dgv))
+        du = (duv, sq(act) * dh[1] + sq(dh[0] * d1) * g[1] + sq(duv))
+        dx = _plus(_mm(dg, Wg), _mm(du, Wu))
+        if p.rank:
+            for d, a, b in ((dg, "gate_a", "gate_b"), (du, "up_a", "up_b")):
+                dB = _mm(d, L[b])
+                dx = _plus(dx, _scaled(s, _mm(dB, L[a])))
+                v[a][e] += s * s * _mm(transposed(dB), X)[1]
+                v[b][e] += s * s * _mm(transposed(d), _mm(X, transposed(L[a])))[1]
+        np.add.at(v["input"], tok, dx[1])
+        np.add.at(grad_input, tok, dx[0])
+    v["output"] += sq(out)  # the sums over a token's experts, rounded to bf16
+    v["input"] += sq(grad_input)
+    return {name: np.sqrt(var) for name, var in v.items()}
+
+
 def rel_err(a, b):
     """mean|a - b| / mean|b| (0 when both are exactly zero)."""
     a, b = f64(a), f64(b)

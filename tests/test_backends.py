@@ -32,7 +32,6 @@ HEADERS = {"source": os.path.join(ROOT, "include", "moe_sft.h"),
            "installed": os.path.join(moe_sft.get_include(), "moe_sft.h")}
 
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("header", HEADERS)
 def test_cdef_block_is_plain_c_that_cffi_reads_as_is(header):
     """The rule in moe_sft.h: the block between the CDEF markers goes to ffi.cdef() untouched."""
@@ -50,7 +49,6 @@ def test_cdef_block_is_plain_c_that_cffi_reads_as_is(header):
     assert lib.moe_sft_version() == major * 10000 + minor * 100 + patch
 
 
-@pytest.mark.backend_independent
 def test_backends_expose_the_same_functions():
     nanobind = _backend.load("nanobind")
     assert {n for n in dir(nanobind) if not n.startswith("_")} == FUNCTIONS | ENUMS | {"Layer"}
@@ -59,7 +57,6 @@ def test_backends_expose_the_same_functions():
     assert all(callable(getattr(cffi_backend, n)) for n in FUNCTIONS)
 
 
-@pytest.mark.backend_independent
 def test_both_backends_load_one_copy_of_the_library():
     """Both dlopen the package's libmoe_sft.so, so a process never holds two thread pools and arenas."""
     _backend.load("nanobind")
@@ -69,28 +66,35 @@ def test_both_backends_load_one_copy_of_the_library():
     assert paths == {os.path.realpath(moe_sft.get_library())}
 
 
-def _import_moe_sft(env_backend, block_nanobind=False):
-    """Imports moe_sft in a fresh interpreter; returns (returncode, backend name or error text)."""
-    block = "sys.modules['moe_sft._moe_sft_ext'] = None; " if block_nanobind else ""  # makes its import fail
-    code = f"import sys; {block}import moe_sft; print(moe_sft.backend())"
-    env = {k: v for k, v in os.environ.items() if k != "MOE_SFT_BACKEND"}
-    if env_backend is not None:
-        env["MOE_SFT_BACKEND"] = env_backend
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    return run.returncode, run.stdout.strip() if run.returncode == 0 else run.stderr.strip().splitlines()[-1]
+def _import_moe_sft(cases):
+    """Imports moe_sft in a fresh interpreter per case (env_backend, block_nanobind), all at once; returns
+    (returncode, backend name or error text) per case."""
+    runs = []
+    for env_backend, block_nanobind in cases:
+        block = "sys.modules['moe_sft._moe_sft_ext'] = None; " if block_nanobind else ""  # makes its import fail
+        code = f"import sys; {block}import moe_sft; print(moe_sft.backend())"
+        env = {k: v for k, v in os.environ.items() if k != "MOE_SFT_BACKEND"}
+        if env_backend is not None:
+            env["MOE_SFT_BACKEND"] = env_backend
+        runs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True))
+    results = []
+    for run in runs:
+        out, err = run.communicate()
+        results.append((run.returncode, out.strip() if run.returncode == 0 else err.strip().splitlines()[-1]))
+    return results
 
 
-@pytest.mark.backend_independent
 def test_backend_choice():
     _cffi()
-    assert _import_moe_sft(None) == (0, "nanobind")
-    assert _import_moe_sft("nanobind") == (0, "nanobind")
-    assert _import_moe_sft("cffi") == (0, "cffi")
-    assert _import_moe_sft(None, block_nanobind=True) == (0, "cffi")
-    code, error = _import_moe_sft("nanobind", block_nanobind=True)
+    default, nanobind, cffi, fallback, (code, error), (code2, error2) = _import_moe_sft(
+        [(None, False), ("nanobind", False), ("cffi", False), (None, True), ("nanobind", True), ("ctypes", False)])
+    assert default == (0, "nanobind")
+    assert nanobind == (0, "nanobind")
+    assert cffi == (0, "cffi")
+    assert fallback == (0, "cffi")
     assert code != 0 and "ImportError: the nanobind backend of moe_sft is unavailable" in error
-    code, error = _import_moe_sft("ctypes")
-    assert code != 0 and "'ctypes' is not a moe_sft backend; MOE_SFT_BACKEND takes one of nanobind, cffi" in error
+    assert code2 != 0 and "'ctypes' is not a moe_sft backend; MOE_SFT_BACKEND takes one of nanobind, cffi" in error2
 
 
 def test_the_selected_backend_is_in_use(backend):

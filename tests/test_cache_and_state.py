@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import moe_sft
+import abi
 import reference as R
-from conftest import assert_matches_reference, make_layer, run_layer
+from conftest import AVAILABLE_ISAS, assert_matches_reference, make_layer, run_layer
 
 
 def as_f32(a):
@@ -39,14 +40,14 @@ def test_lifo_cache_depth_three(isa):
     assert layer.cache_depth == 3
     with pytest.raises(moe_sft.MoESFTError) as err:
         layer.forward(base.x, base.ids, base.weights, save_for_backward=True)
-    assert err.value.status == "MOE_SFT_ERR_CACHE_FULL" and "max_cache_depth = 3" in str(err.value)
+    assert err.value.status == abi.status_name(abi.CACHE_FULL) and "max_cache_depth = 3" in str(err.value)
     for depth, b in zip((2, 1, 0), reversed(batches)):
         g = layer.backward(b.grad_out)
         assert layer.cache_depth == depth
         assert_matches_reference(b, R.forward(b), g)
     with pytest.raises(moe_sft.MoESFTError) as err:
         layer.backward(base.grad_out)
-    assert err.value.status == "MOE_SFT_ERR_CACHE_EMPTY"
+    assert err.value.status == abi.status_name(abi.CACHE_EMPTY)
 
 
 def test_accumulate_twice_equals_twice_the_grads(isa):
@@ -104,24 +105,59 @@ def test_two_layers_from_two_threads_equal_serial(isa):
             assert_same_grads(g_s, g_t)
 
 
-@pytest.mark.parametrize("weights", ["weight_format='bf16'", "weight_format='int8'",
-                                     "weight_format='int4_awq', group_size=4"])
-def test_scratch_debug_fill_changes_nothing(isa, weights, monkeypatch):
-    """The arena's NaN fill only shows reads of never-written scratch; results must be identical. Quantized
-    formats dequantize blocks into scratch, and every kernel family must read only what was written there."""
+# The NaN fill of fresh scratch (MOE_SFT_DEBUG_SCRATCH=1) is read once per process, so one subprocess runs
+# every kernel family this machine has on every weight format and tp_count 1 and 2, and prints each result's
+# bytes; this process computes the same without the fill.
+_SCRATCH_PROGRAM = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_cache_and_state import scratch_results
+print(json.dumps(scratch_results(json.loads(sys.argv[2]))))
+"""
+SCRATCH_CASES = [(isa, weights, tp) for isa in AVAILABLE_ISAS
+                 for weights in ("bf16", "int8", "int4_awq", "int4_k2") for tp in (1, 2)]
+
+
+def scratch_results(cases):
+    """{case: sha256 of every output and grad's bytes} for (isa, weight format, tp_count) cases, on one problem
+    whose quantized formats have groups of 4 (int4_awq) and 8 (int4_k2) so that blocks end inside groups."""
+    import hashlib
+    import os
+    from test_quantized import quantized_layer
+    p = R.make_problem(5, 40, 48, 2, 30, 3, seed=70)
+    results = {}
+    for isa, weights, tp in cases:
+        os.environ["MOE_SFT_ISA"] = isa
+        if weights == "bf16":
+            layer = make_layer(p, tp_count=tp)
+        else:
+            layer = quantized_layer(p, weights, {"int8": 0, "int4_awq": 4, "int4_k2": 8}[weights], tp_count=tp)[0]
+        assert layer.isa == isa
+        out, g = run_layer(layer, p)
+        arrays = [out] + [getattr(g, n) for n in ("input", "routing_weights") + R.LORA_NAMES]
+        assert not any(np.isnan(np.asarray(a, np.float32)).any() for a in arrays), (isa, weights, tp)
+        results[f"{isa}/{weights}/tp{tp}"] = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes()
+                                                                     for a in arrays)).hexdigest()
+    return results
+
+
+def test_scratch_debug_fill_changes_nothing(monkeypatch):
+    """The arena's NaN fill only shows reads of never-written scratch; results must be identical bit for bit.
+    Quantized formats dequantize blocks into scratch, and every kernel family must read only what was written
+    there."""
+    import json
+    import os
     import subprocess
     import sys
-    code = (
-        "import sys, numpy as np; sys.path.insert(0, 'tests'); import reference as R; "
-        "from conftest import make_layer, run_layer; "
-        f"p = R.make_problem(5, 40, 36, 2, 30, 3, seed=70); out, g = run_layer(make_layer(p, {weights}), p); "
-        "sys.stdout.write(repr([float(np.asarray(out, np.float64).sum()), float(np.asarray(g.input, np.float64).sum())] "
-        "+ [float(getattr(g, n).sum()) for n in ('routing_weights',) + R.LORA_NAMES]))"
-    )
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    plain = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
-    env["MOE_SFT_DEBUG_SCRATCH"] = "1"
-    debug = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
-    assert plain.stdout == debug.stdout and "nan" not in debug.stdout
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert os.environ.get("MOE_SFT_DEBUG_SCRATCH", "0") in ("", "0"), "run the suite without MOE_SFT_DEBUG_SCRATCH"
+    cases = [list(c) for c in SCRATCH_CASES]
+    env = dict(os.environ, MOE_SFT_DEBUG_SCRATCH="1")
+    run = subprocess.run([sys.executable, "-c", _SCRATCH_PROGRAM, here, json.dumps(cases)], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    monkeypatch.setenv("MOE_SFT_ISA", "generic")  # scratch_results sets it per case; monkeypatch restores it
+    plain = scratch_results(cases)
+    debug = json.loads(run.stdout)
+    assert len(plain) == len(SCRATCH_CASES)
+    assert debug == plain, [c for c in plain if debug.get(c) != plain[c]]

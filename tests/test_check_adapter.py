@@ -10,8 +10,6 @@ import moe_sft
 import reference as R
 from moe_sft import _check_adapter
 
-pytestmark = pytest.mark.backend_independent
-
 CODES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", R.bf16: "BF16",
          np.dtype("<i8"): "I64"}
 

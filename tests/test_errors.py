@@ -6,13 +6,17 @@ import pytest
 
 import moe_sft
 import reference as R
-from conftest import CurrentBackend
+import abi
+from abi import CACHE_EMPTY, CACHE_FULL, FORMAT_CODE, INVALID, OK
+from conftest import CurrentBackend, both_backends
+
+pytestmark = both_backends  # the raw ABI through each backend: the same statuses and messages
 
 B = CurrentBackend()
 
 E, H, I, K, T, RANK = 4, 32, 24, 2, 6, 4
-OK, INVALID, CACHE_FULL, CACHE_EMPTY, UNSUPPORTED = 0, 1, 3, 4, 6
-BF16 = (0,) * 9  # create's quantization fields: weight_format bf16, group_size 0, not prequantized, no scale/zero
+# create's quantization fields: weight_format bf16, group_size 0, not prequantized, no scale/zero
+BF16 = (FORMAT_CODE["bf16"],) + (0,) * 8
 
 
 def addr(a):
@@ -183,9 +187,9 @@ def test_forced_isa(monkeypatch, prob):
 
 
 def test_status_strings_and_version():
-    assert B.status_string(0) == "MOE_SFT_OK"
-    assert B.status_string(4) == "MOE_SFT_ERR_CACHE_EMPTY"
-    assert B.status_string(99) == "unknown status"
+    for name, code in abi.STATUS.items():  # the header's enumerator names
+        assert B.status_string(code) == name
+    assert B.status_string(max(abi.STATUS.values()) + 1) == "unknown status"
     assert moe_sft.library_version() == tuple(map(int, moe_sft.__version__.split(".")))
     B.destroy(0)  # NULL is fine
 

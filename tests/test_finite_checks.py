@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import moe_sft
+import abi
 import reference as R
 from conftest import make_layer
 
@@ -21,7 +22,7 @@ def prob():
 def fails(call, *needles):
     with pytest.raises(moe_sft.MoESFTError) as err:
         call()
-    assert err.value.status == "MOE_SFT_ERR_NON_FINITE", str(err.value)
+    assert err.value.status == abi.status_name(abi.NON_FINITE), str(err.value)
     for needle in needles:
         assert needle in str(err.value), f"{needle!r} not in {str(err.value)!r}"
     return str(err.value)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import moe_sft
+import abi
 import reference as R
 from conftest import AVAILABLE_ISAS, assert_matches_reference, make_layer, run_layer
 
@@ -59,19 +60,44 @@ def test_families_agree_with_generic(monkeypatch, other):
         assert R.rel_err(getattr(g_b, name), getattr(g_a, name)) < 2e-3, name
 
 
-def test_forcing_an_unavailable_family_fails_clearly(monkeypatch):
-    missing = [i for i in ("amx", "avx512_bf16", "avx512_fma") if i not in AVAILABLE_ISAS]
-    if not missing:
-        pytest.skip("this machine runs every family")
-    monkeypatch.setenv("MOE_SFT_ISA", missing[0])
+def _unavailable_here():
+    """(family, MOE_SFT_MAX_ISA value) pairs where the family cannot run: the families this machine lacks, as
+    they are, and every family above generic with MOE_SFT_MAX_ISA=generic (so the path runs on every machine,
+    also one that runs every family)."""
+    missing = [(i, None) for i in ("amx", "avx512_fma", "avx512_bf16") if i not in AVAILABLE_ISAS]
+    return missing + [(i, "generic") for i in ("amx", "avx512_fma", "avx512_bf16", "amx-emulated")]
+
+
+@pytest.mark.parametrize("family, cap", _unavailable_here(), ids=lambda v: str(v))
+def test_forcing_an_unavailable_family_fails_clearly(monkeypatch, family, cap):
+    if cap is None:
+        monkeypatch.delenv("MOE_SFT_MAX_ISA", raising=False)
+    else:
+        monkeypatch.setenv("MOE_SFT_MAX_ISA", cap)
+    monkeypatch.setenv("MOE_SFT_ISA", family)
     p = R.make_problem(1, 8, 8, 1, 1, 0)
     with pytest.raises(moe_sft.MoESFTError) as err:
         moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=0)
-    assert err.value.status == "MOE_SFT_ERR_UNSUPPORTED"
-    assert f"MOE_SFT_ISA={missing[0]} cannot run here" in str(err.value)
+    assert err.value.status == abi.status_name(abi.UNSUPPORTED)
+    assert f"MOE_SFT_ISA={family} cannot run here" in str(err.value)
+    if cap is not None:
+        assert f"above MOE_SFT_MAX_ISA={cap}" in str(err.value)
     with pytest.raises(moe_sft.MoESFTError, match="cannot run here") as err:
         moe_sft.isa()
-    assert err.value.status == "MOE_SFT_ERR_UNSUPPORTED"
+    assert err.value.status == abi.status_name(abi.UNSUPPORTED)
+
+
+def test_isa_cap_limits_the_automatic_choice(monkeypatch):
+    """MOE_SFT_MAX_ISA=generic: new layers get generic; the family it names still runs when forced; a name that
+    is no family is refused."""
+    monkeypatch.delenv("MOE_SFT_ISA", raising=False)
+    monkeypatch.setenv("MOE_SFT_MAX_ISA", "generic")
+    assert moe_sft.isa() == "generic"
+    monkeypatch.setenv("MOE_SFT_ISA", "generic")
+    assert moe_sft.isa() == "generic"
+    monkeypatch.setenv("MOE_SFT_MAX_ISA", "vax")
+    with pytest.raises(moe_sft.InvalidArgumentError, match="MOE_SFT_MAX_ISA=vax is not a kernel family"):
+        moe_sft.isa()
 
 
 def test_isa_reports_the_family_new_layers_get(isa):

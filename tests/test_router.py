@@ -9,12 +9,11 @@ import pytest
 
 import moe_sft
 import reference as R
-from conftest import CurrentBackend, assert_matches_reference, make_layer, run_layer
+from abi import DTYPE_BF16, DTYPE_F32, INVALID, OK, SCORING
+from conftest import CurrentBackend, assert_matches_reference, both_backends, make_layer, run_layer
 
 B = CurrentBackend()
-OK, INVALID = 0, 1
 SCORINGS = ("softmax", "sigmoid")
-SCORING_CODE = {"softmax": 0, "sigmoid": 1}
 NAN, INF = np.nan, np.inf
 
 
@@ -293,13 +292,14 @@ class Buffers:
     def untouched(self):
         return all(np.array_equal(a, b) for a, b in zip(self.outputs(), self.snapshot))
 
-    def route(self, qlen=T, experts=E, top_k=K, dtype=1, logits=None, scoring=0, bias=None, ids=None, weights=None):
+    def route(self, qlen=T, experts=E, top_k=K, dtype=DTYPE_F32, logits=None, scoring=SCORING["softmax"], bias=None,
+              ids=None, weights=None):
         return B.route(qlen, experts, top_k, dtype, addr(self.logits) if logits is None else logits, scoring, 1,
                        addr(self.bias) if bias is None else bias, addr(self.ids) if ids is None else ids,
                        addr(self.weights) if weights is None else weights)
 
-    def backward(self, qlen=T, experts=E, top_k=K, dtype=1, logits=None, scoring=0, ids=None, grad_w=None,
-                 grad_logits=None):
+    def backward(self, qlen=T, experts=E, top_k=K, dtype=DTYPE_F32, logits=None, scoring=SCORING["softmax"], ids=None,
+                 grad_w=None, grad_logits=None):
         return B.route_backward(qlen, experts, top_k, dtype, addr(self.logits) if logits is None else logits,
                                 scoring, 1, addr(self.sel) if ids is None else ids,
                                 addr(self.grad_w) if grad_w is None else grad_w,
@@ -350,6 +350,7 @@ def resolve(kwargs, default_of):
     return out
 
 
+@both_backends
 @pytest.mark.parametrize("case", ROUTE_CASES, ids=list(ROUTE_CASES))
 def test_route_rejects(case):
     kwargs, needles = ROUTE_CASES[case]
@@ -371,6 +372,7 @@ BACKWARD_CASES = {
 }
 
 
+@both_backends
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=list(BACKWARD_CASES))
 def test_route_backward_rejects(case):
     kwargs, needles = BACKWARD_CASES[case]
@@ -380,6 +382,7 @@ def test_route_backward_rejects(case):
     assert buf.untouched()
 
 
+@both_backends
 @pytest.mark.parametrize("index,value", [((2, 1), E), ((0, 0), -1), ((4, 1), 1 << 40)])
 def test_route_backward_rejects_ids(index, value):
     buf = Buffers()
@@ -388,13 +391,14 @@ def test_route_backward_rejects_ids(index, value):
     assert buf.untouched()
 
 
+@both_backends
 def test_raw_calls_succeed_and_accept_empty_batches():
     buf = Buffers()
     assert buf.route(bias=0) == OK and B.last_error() == ""
     assert buf.route(qlen=0, logits=0, ids=0, weights=0) == OK
     assert buf.backward(qlen=0, logits=0, ids=0, grad_w=0, grad_logits=0) == OK
     bf16_logits = buf.logits.astype(R.bf16)
-    assert buf.backward(dtype=0, logits=addr(bf16_logits)) == OK
+    assert buf.backward(dtype=DTYPE_BF16, logits=addr(bf16_logits)) == OK
 
 
 PYTHON_CASES = [
@@ -419,6 +423,7 @@ PYTHON_CASES = [
 ]
 
 
+@both_backends
 @pytest.mark.parametrize("case", range(len(PYTHON_CASES)))
 def test_python_api_rejects(case):
     call, needle = PYTHON_CASES[case]
