@@ -23,6 +23,7 @@ struct moe_sft_adamw {
   mutable std::mutex mutex;
 };
 
+using moe_sft::api::enum_value;
 using moe_sft::api::guard;
 using moe_sft::api::invalid;
 using moe_sft::api::require_array;
@@ -134,8 +135,9 @@ std::vector<ParamSpec> validate_params(int32_t n_params, const moe_sft_adamw_par
     ParamSpec& s = specs[size_t(i)];
     s.name = p.name != nullptr ? std::string(p.name) : "params[" + std::to_string(i) + "]";
     const std::string label = param_label(i, s.name);
-    if (p.dtype != MOE_SFT_DTYPE_F32 && p.dtype != MOE_SFT_DTYPE_BF16)
-      invalid(label + ".dtype = " + std::to_string(int(p.dtype)) +
+    const int32_t dtype = enum_value(p.dtype);
+    if (dtype != MOE_SFT_DTYPE_F32 && dtype != MOE_SFT_DTYPE_BF16)
+      invalid(label + ".dtype = " + std::to_string(dtype) +
               " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
     if (p.count <= 0 || p.count > kMaxElements)
       invalid(label + ".count = " + std::to_string(p.count) + " is out of range [1, 2^50]");

@@ -86,9 +86,9 @@ void validate_zero_points(const ProjectionFields& p, int64_t experts, int64_t gr
 
 void validate_weights(const moe_sft_config& c) {
   using kernels::WeightFormat;
-  const auto f = WeightFormat(c.weight_format);
+  const auto f = WeightFormat(enum_value(c.weight_format));
   if (kernels::weight_format_name(f) == nullptr)
-    invalid("cfg->weight_format = " + std::to_string(int(c.weight_format)) +
+    invalid("cfg->weight_format = " + std::to_string(enum_value(c.weight_format)) +
             " is not a moe_sft_weight_format (0 bf16, 1 int8, 2 int4_awq, 3 int4_k2)");
   const std::string label = format_label(f);
   if (c.prequantized != 0 && c.prequantized != 1)

@@ -30,7 +30,7 @@ namespace {
 
 void validate_lora(const moe_sft_lora* lora) {
   require_non_null(lora, "lora");
-  moe_sft::api::require_dtype(lora->dtype, "lora->dtype");
+  moe_sft::api::require_dtype(moe_sft::api::enum_value(lora->dtype), "lora->dtype");
   const int64_t size = lora->dtype == MOE_SFT_DTYPE_BF16 ? 2 : 4;
   const void* arrays[] = {lora->gate_a, lora->gate_b, lora->up_a, lora->up_b, lora->down_a, lora->down_b};
   const char* names[] = {"lora->gate_a", "lora->gate_b", "lora->up_a", "lora->up_b", "lora->down_a", "lora->down_b"};

@@ -1,12 +1,13 @@
 // The names of the ABI's enums and the library's version: Python and the tests take every name from here
 // instead of keeping copies.
+#include "api/validate.h"
 #include "kernels/weight_format.h"
 #include "moe_sft.h"
 
 extern "C" {
 
 const char* moe_sft_status_string(moe_sft_status status) {
-  switch (status) {
+  switch (moe_sft::api::enum_value(status)) {
     case MOE_SFT_OK: return "MOE_SFT_OK";
     case MOE_SFT_ERR_INVALID_ARGUMENT: return "MOE_SFT_ERR_INVALID_ARGUMENT";
     case MOE_SFT_ERR_OUT_OF_MEMORY: return "MOE_SFT_ERR_OUT_OF_MEMORY";
@@ -20,7 +21,7 @@ const char* moe_sft_status_string(moe_sft_status status) {
 }
 
 const char* moe_sft_dtype_name(moe_sft_dtype dtype) {
-  switch (dtype) {
+  switch (moe_sft::api::enum_value(dtype)) {
     case MOE_SFT_DTYPE_BF16: return "bf16";
     case MOE_SFT_DTYPE_F32: return "f32";
   }
@@ -28,7 +29,7 @@ const char* moe_sft_dtype_name(moe_sft_dtype dtype) {
 }
 
 const char* moe_sft_scoring_name(moe_sft_scoring scoring) {
-  switch (scoring) {
+  switch (moe_sft::api::enum_value(scoring)) {
     case MOE_SFT_SCORING_SOFTMAX: return "softmax";
     case MOE_SFT_SCORING_SIGMOID: return "sigmoid";
   }
@@ -36,7 +37,7 @@ const char* moe_sft_scoring_name(moe_sft_scoring scoring) {
 }
 
 const char* moe_sft_weight_format_name(moe_sft_weight_format weight_format) {
-  return moe_sft::kernels::weight_format_name(moe_sft::kernels::WeightFormat(weight_format));
+  return moe_sft::kernels::weight_format_name(moe_sft::kernels::WeightFormat(moe_sft::api::enum_value(weight_format)));
 }
 
 uint32_t moe_sft_version(void) { return MOE_SFT_VERSION_NUMBER; }

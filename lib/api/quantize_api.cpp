@@ -19,10 +19,10 @@ extern "C" {
 moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t group_size, int64_t rows, int64_t cols,
                                 const uint16_t* w, void* weights, float* scale, uint8_t* zero) {
   return guard("moe_sft_quantize", [&] {
-    const auto f = WeightFormat(weight_format);
+    const auto f = WeightFormat(moe_sft::api::enum_value(weight_format));
     const char* name = moe_sft::kernels::weight_format_name(f);
     if (name == nullptr)
-      invalid("weight_format = " + std::to_string(int(weight_format)) +
+      invalid("weight_format = " + std::to_string(moe_sft::api::enum_value(weight_format)) +
               " is not a moe_sft_weight_format (0 bf16, 1 int8, 2 int4_awq, 3 int4_k2)");
     if (f == WeightFormat::bf16) invalid("weight_format = bf16 is not a quantized format");
     if (f == WeightFormat::int4_k2)

@@ -11,6 +11,7 @@
 #include "router/router.h"
 #include "moe_sft.h"
 
+using moe_sft::api::enum_value;
 using moe_sft::api::guard;
 using moe_sft::api::invalid;
 using moe_sft::api::require_array;
@@ -26,15 +27,16 @@ std::string format_value(float v) {
 }
 
 // The arguments both calls share; returns the shape and the logits' element size.
-RouterShape validate_shape(int64_t qlen, int32_t expert_num, int32_t top_k, moe_sft_dtype logits_dtype,
-                           const void* logits, moe_sft_scoring scoring, int32_t renormalize) {
+// logits_dtype and scoring: the callers' enum values as integers (enum_value), not yet validated.
+RouterShape validate_shape(int64_t qlen, int32_t expert_num, int32_t top_k, int32_t logits_dtype,
+                           const void* logits, int32_t scoring, int32_t renormalize) {
   require_range(expert_num, 1, INT32_MAX, "expert_num");
   require_range(top_k, 1, expert_num, "top_k");
   // Bounds every [qlen, expert_num] index (and its byte offset) well inside int64.
   require_range(qlen, 0, (int64_t(1) << 50) / expert_num, "qlen");
   moe_sft::api::require_dtype(logits_dtype, "logits_dtype");
   if (scoring != MOE_SFT_SCORING_SOFTMAX && scoring != MOE_SFT_SCORING_SIGMOID)
-    invalid("scoring = " + std::to_string(int(scoring)) +
+    invalid("scoring = " + std::to_string(scoring) +
             " is not a scoring function (MOE_SFT_SCORING_SOFTMAX = 0, MOE_SFT_SCORING_SIGMOID = 1)");
   require_array(logits, "logits", qlen * expert_num, logits_dtype == MOE_SFT_DTYPE_BF16 ? 2 : 4);
   return {qlen, expert_num, top_k,
@@ -73,7 +75,8 @@ moe_sft_status moe_sft_route(int64_t qlen, int32_t expert_num, int32_t top_k, mo
                              const void* logits, moe_sft_scoring scoring, int32_t renormalize,
                              const float* correction_bias, int64_t* expert_ids, float* routing_weights) {
   return guard("moe_sft_route", [&] {
-    const RouterShape shape = validate_shape(qlen, expert_num, top_k, logits_dtype, logits, scoring, renormalize);
+    const RouterShape shape = validate_shape(qlen, expert_num, top_k, enum_value(logits_dtype), logits, enum_value(scoring),
+                                               renormalize);
     require_array(expert_ids, "expert_ids", qlen * top_k, 8);
     require_array(routing_weights, "routing_weights", qlen * top_k, 4);
     validate_bias(correction_bias, expert_num);
@@ -91,7 +94,8 @@ moe_sft_status moe_sft_route_backward(int64_t qlen, int32_t expert_num, int32_t 
                                       const int64_t* expert_ids, const float* grad_routing_weights,
                                       float* grad_logits) {
   return guard("moe_sft_route_backward", [&] {
-    const RouterShape shape = validate_shape(qlen, expert_num, top_k, logits_dtype, logits, scoring, renormalize);
+    const RouterShape shape = validate_shape(qlen, expert_num, top_k, enum_value(logits_dtype), logits, enum_value(scoring),
+                                               renormalize);
     require_array(expert_ids, "expert_ids", qlen * top_k, 8);
     require_array(grad_routing_weights, "grad_routing_weights", qlen * top_k, 4);
     require_array(grad_logits, "grad_logits", qlen * expert_num, 4);

@@ -10,9 +10,9 @@ namespace moe_sft::api {
 
 void invalid(const std::string& message) { throw Error(MOE_SFT_ERR_INVALID_ARGUMENT, message); }
 
-void require_dtype(moe_sft_dtype dtype, const char* name) {
+void require_dtype(int32_t dtype, const char* name) {
   if (dtype != MOE_SFT_DTYPE_BF16 && dtype != MOE_SFT_DTYPE_F32)
-    invalid(std::string(name) + " = " + std::to_string(int(dtype)) +
+    invalid(std::string(name) + " = " + std::to_string(dtype) +
             " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
 }
 

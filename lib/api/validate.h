@@ -3,7 +3,9 @@
 // written, which is what lets every failing call leave its outputs untouched.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "moe_sft.h"
 
@@ -11,8 +13,19 @@ namespace moe_sft::api {
 
 [[noreturn]] void invalid(const std::string& message);  // throws Error(INVALID_ARGUMENT, message)
 
+// The integer behind an ABI enum a caller passed. A C caller may pass any int32 where a moe_sft_* enum is
+// expected, but in C++ reading an enum object whose value lies outside its enumerators' range is undefined
+// (UBSan's -fsanitize=enum reports it): entry points read such values through this until they are validated.
+template <class Enum>
+int32_t enum_value(const Enum& e) {
+  static_assert(std::is_enum_v<Enum> && sizeof(Enum) == sizeof(int32_t), "an ABI enum is 32 bits");
+  int32_t value;
+  std::memcpy(&value, &e, sizeof value);
+  return value;
+}
+
 void require_non_null(const void* p, const char* name);
-void require_dtype(moe_sft_dtype dtype, const char* name);  // BF16 or F32
+void require_dtype(int32_t dtype, const char* name);  // MOE_SFT_DTYPE_BF16 or MOE_SFT_DTYPE_F32
 // p non-null and aligned for its element type (null allowed when `count` is 0).
 void require_array(const void* p, const char* name, int64_t count, int64_t element_size);
 void require_range(int64_t value, int64_t lo, int64_t hi, const char* name);  // lo <= value <= hi
