@@ -1,6 +1,8 @@
-"""moe_sft._optim: the numpy AdamW over the library's optimizer, and lora_init. The update itself is checked
-against float64 and torch in test_adamw_abi.py; here: the Python surface (mappings and Grads, reports,
-hyperparameters, state_dict round trips, errors naming the tensor) and PEFT's initialisation."""
+"""moe_sft.AdamW, the numpy AdamW over the library's optimizer, and moe_sft.lora_init, through the package API
+on each backend (conftest runs every test once per backend). The update itself is checked against float64
+and torch at the C ABI in test_adamw_abi.py; here: the Python surface (mappings and Grads, reports,
+hyperparameters, state_dict round trips, errors naming the tensor, lifetime), the two backends giving the same
+bits, torch.optim.AdamW itself where torch is importable, and PEFT's initialisation."""
 import math
 
 import ml_dtypes
@@ -9,11 +11,8 @@ import pytest
 
 import moe_sft
 import reference as R
-from moe_sft._optim import AdamW, StepReport, lora_init
-
-pytest.importorskip("cffi", reason="the optimizer reaches the library through cffi until the backends grow it")
-
-pytestmark = pytest.mark.backend_independent
+from moe_sft import AdamW, StepReport, lora_init
+from moe_sft import _backend
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
