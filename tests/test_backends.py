@@ -16,10 +16,13 @@ from conftest import make_layer
 from moe_sft import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the backends' interface (moe_sft._ext and moe_sft._cffi_backend), each a C function of the same name but Layer
+# the backends' interface (moe_sft._ext and moe_sft._cffi_backend), each a C function of the same name but the
+# Layer and AdamW classes
 FUNCTIONS = {"create", "destroy", "update_lora", "forward", "backward", "discard_saved", "route", "route_backward",
              "quantize", "weight_format_name", "dtype_name", "scoring_name", "cache_depth", "layer_isa", "isa",
-             "status_string", "last_error", "version"}
+             "status_string", "last_error", "version", "adamw_create", "adamw_destroy", "adamw_step",
+             "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step", "adamw_state"}
+CLASSES = {"Layer", "AdamW"}
 ENUMS = {"Status", "DType", "WeightFormat", "Scoring"}  # exported by the nanobind module for its callers
 
 
@@ -51,9 +54,9 @@ def test_cdef_block_is_plain_c_that_cffi_reads_as_is(header):
 
 def test_backends_expose_the_same_functions():
     nanobind = _backend.load("nanobind")
-    assert {n for n in dir(nanobind) if not n.startswith("_")} == FUNCTIONS | ENUMS | {"Layer"}
+    assert {n for n in dir(nanobind) if not n.startswith("_")} == FUNCTIONS | ENUMS | CLASSES
     cffi_backend = _cffi()
-    assert set(cffi_backend.__all__) == FUNCTIONS | {"Layer"}
+    assert set(cffi_backend.__all__) == FUNCTIONS | CLASSES
     assert all(callable(getattr(cffi_backend, n)) for n in FUNCTIONS)
 
 

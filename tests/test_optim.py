@@ -1,6 +1,8 @@
-"""moe_sft._optim: the numpy AdamW over the library's optimizer, and lora_init. The update itself is checked
-against float64 and torch in test_adamw_abi.py; here: the Python surface (mappings and Grads, reports,
-hyperparameters, state_dict round trips, errors naming the tensor) and PEFT's initialisation."""
+"""moe_sft.AdamW, the numpy AdamW over the library's optimizer, and moe_sft.lora_init, through the package API
+on each backend (conftest runs every test once per backend). The update itself is checked against float64
+and torch at the C ABI in test_adamw_abi.py; here: the Python surface (mappings and Grads, reports,
+hyperparameters, state_dict round trips, errors naming the tensor, lifetime), the two backends giving the same
+bits, torch.optim.AdamW itself where torch is importable, and PEFT's initialisation."""
 import math
 
 import ml_dtypes
@@ -9,11 +11,8 @@ import pytest
 
 import moe_sft
 import reference as R
-from moe_sft._optim import AdamW, StepReport, lora_init
-
-pytest.importorskip("cffi", reason="the optimizer reaches the library through cffi until the backends grow it")
-
-pytestmark = pytest.mark.backend_independent
+from moe_sft import AdamW, StepReport, lora_init
+from moe_sft import _backend
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -160,3 +159,116 @@ def test_lora_init_peft_and_gaussian():
         lora_init((E, H, I, r), method="xavier")
     with pytest.raises(moe_sft.InvalidArgumentError, match="dtype"):
         lora_init((E, H, I, r), dtype=np.float64)
+
+
+# ---- the package API on each backend ---------------------------------------------------------------------------
+
+def test_exported_and_on_the_backend_in_use(backend):
+    for name in ("AdamW", "StepReport", "lora_init"):
+        assert name in moe_sft.__all__ and getattr(moe_sft, name) is not None
+    params = _params(np.random.default_rng(5))
+    opt = moe_sft.AdamW(params, lr=1e-3)
+    module = {"nanobind": "_moe_sft_ext", "cffi": "_cffi_backend"}[backend]
+    assert opt._backend is _backend.backend and type(opt._handle).__module__.endswith(module)
+    opt.close()
+
+
+def test_not_copyable_and_keeps_its_arrays():
+    import copy
+    import gc
+    import pickle
+    rng = np.random.default_rng(6)
+    params = {"w": rng.standard_normal((64, 8)).astype(np.float32), "h": rng.standard_normal(33).astype(BF16)}
+    opt = moe_sft.AdamW(params, lr=1e-2)
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            attempt(opt)
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            attempt(opt._handle)
+    before = {n: a.copy() for n, a in params.items()}
+    grads = {n: np.ones(a.shape, np.float32) for n, a in params.items()}
+    del params
+    gc.collect()  # the optimizer (and the backend's object) keep the parameter arrays alive
+    assert not opt.step(grads).skipped
+    for n, a in opt.params.items():
+        assert np.all(a.astype(np.float32) < before[n].astype(np.float32)), n
+    sd = opt.state_dict()
+    opt.close()
+    opt.close()  # idempotent
+    assert sd["state"]["h"]["master"].shape == (33,) and sd["state"]["w"]["exp_avg"].shape == (64, 8)
+
+
+def _run_on(name, dtype, steps=6):
+    """Steps an optimizer made while backend ``name`` is in use; returns (params, reports, state_dict)."""
+    saved = _backend.NAME
+    _backend.use(name)
+    try:
+        rng = np.random.default_rng(11)
+        params = {"gate_a": rng.standard_normal((4, 3, 40)).astype(dtype),
+                  "down_b": rng.standard_normal((2, 50, 3)).astype(dtype)}
+        opt = moe_sft.AdamW(params, lr=1e-2, weight_decay=0.05, max_grad_norm=2.0)
+        reports = []
+        for step in range(steps):
+            grads = {n: (3 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in params.items()}
+            if step == 2:
+                grads["down_b"][1, 7, 2] = np.nan
+            reports.append(opt.step(grads))
+        return params, reports, opt.state_dict()
+    finally:
+        _backend.use(saved)
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+def test_backends_give_the_same_bits(dtype):
+    runs = {}
+    for name in _backend.NAMES:
+        try:
+            _backend.load(name)
+        except ImportError as err:
+            pytest.skip(str(err))
+        runs[name] = _run_on(name, dtype)
+    (pa, ra, sa), (pb, rb, sb) = runs.values()
+    assert list(map(repr, ra)) == list(map(repr, rb)) and ra[2].skipped and ra[2].bad_param == "down_b" and ra[2].bad_index == (1, 7, 2)
+    assert sa["step"] == sb["step"] == 5 and sa["hyper"] == sb["hyper"]
+    for n in pa:
+        assert pa[n].tobytes() == pb[n].tobytes(), n
+        for key in sa["state"][n]:
+            assert sa["state"][n][key].tobytes() == sb["state"][n][key].tobytes(), (n, key)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+def test_matches_torch_adamw_where_installed(dtype):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    rng = np.random.default_rng(8)
+    params = {"gate_a": (0.5 * rng.standard_normal((4, 3, 40))).astype(dtype),
+              "gate_b": (0.5 * rng.standard_normal((4, 24, 3))).astype(dtype),
+              "down_b": (0.5 * rng.standard_normal(1000)).astype(dtype)}
+    max_norm = 1.5
+    opt = moe_sft.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, max_grad_norm=max_norm)
+    # torch's parameters are f32: the bf16 case's masters
+    tparams = [torch.tensor(a.astype(np.float32), requires_grad=True) for a in params.values()]
+    topt = torch.optim.AdamW(tparams, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, foreach=False)
+    for step in range(20):
+        grads = {n: (3 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in params.items()}
+        if step == 7:
+            grads["gate_b"][1, 2, 0] = np.nan  # skipped here; torch is simply not stepped
+        report = opt.step(grads)
+        if step == 7:
+            assert report.skipped and report.bad_param == "gate_b" and report.bad_index == (1, 2, 0)
+            continue
+        for t, g in zip(tparams, grads.values()):
+            t.grad = torch.from_numpy(g)
+        norm = torch.nn.utils.clip_grad_norm_(tparams, max_norm)
+        assert report.grad_norm == pytest.approx(float(norm), rel=1e-5)
+        topt.step()
+    sd = opt.state_dict()
+    assert sd["step"] == 19
+    for t, (name, a) in zip(tparams, params.items()):
+        state = sd["state"][name]
+        value = state["master"] if dtype == BF16 else a
+        np.testing.assert_allclose(value, t.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+        if dtype == BF16:
+            assert a.tobytes() == state["master"].astype(BF16).tobytes()  # the bf16 array: its master, rounded
+        np.testing.assert_allclose(state["exp_avg"], topt.state[t]["exp_avg"].numpy(), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(state["exp_avg_sq"], topt.state[t]["exp_avg_sq"].numpy(), rtol=1e-5, atol=1e-10)

@@ -15,6 +15,11 @@
 
     layer = moe_sft.MoESFT.from_checkpoint("path/to/hf_checkpoint", layer_idx=3, lora_rank=16)  # or load_experts
     moe_sft.save_adapter("out", {3: lora_arrays}, lora_rank=16, lora_alpha=32)  # PEFT files; load_adapter reads
+
+    lora = moe_sft.lora_init(layer, seed=0)      # PEFT's init: A Kaiming-uniform, B zero
+    layer.update_lora(**lora)
+    opt = moe_sft.AdamW(lora, lr=1e-3, max_grad_norm=1.0)   # torch.optim.AdamW in the library, in place
+    report = opt.step(layer.backward(grad_out))             # report.skipped: a NaN/Inf grad changed nothing
 """
 from . import _backend
 from ._adapters import Adapter, load_adapter, save_adapter
@@ -23,6 +28,7 @@ from ._checkpoints import ExpertWeights, load_experts
 from ._errors import (CacheEmptyError, CacheFullError, InternalError, InvalidArgumentError, MoESFTError,
                       NonFiniteError, OutOfMemoryError, UnsupportedError, error_for)
 from ._layer import Grads, MoESFT, bfloat16
+from ._optim import AdamW, StepReport, lora_init
 from ._paths import get_include, get_library
 from ._quantize import QuantizedWeight, dequantize, quantize
 from ._router import route, route_backward
@@ -33,7 +39,7 @@ __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "OutOfMemor
            "dequantize", "QuantizedWeight", "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor",
            "BadGroup", "get_include", "get_library", "library_version", "backend", "isa", "__version__",
            "save_adapter", "load_adapter", "Adapter", "load_experts", "ExpertWeights", "SafetensorsFile",
-           "save_safetensors"]
+           "save_safetensors", "AdamW", "StepReport", "lora_init"]
 
 
 def isa():

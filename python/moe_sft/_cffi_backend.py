@@ -4,7 +4,8 @@ The declarations are the installed header's own CDEF block, given to ffi.cdef() 
 cannot drift from the ABI; the library is the one installed next to the nanobind module. The functions
 mirror ``_ext.cpp`` (same names, arguments and return values): numpy arrays in, statuses out. The arrays
 come checked from moe_sft._layer / _router / _quantize (dtype, shape, C-contiguity); here they only become
-pointers. A Layer owns its moe_sft_layer and keeps the bound LoRA arrays alive. cffi releases the GIL for
+pointers. A Layer owns its moe_sft_layer and keeps the bound LoRA arrays alive; an AdamW owns its
+moe_sft_adamw and keeps the parameter arrays it updates in place alive. cffi releases the GIL for
 the duration of every ABI-mode call.
 """
 import os as _os
@@ -16,7 +17,9 @@ from . import _paths
 
 __all__ = ["Layer", "create", "destroy", "update_lora", "forward", "backward", "discard_saved", "cache_depth",
            "layer_isa", "route", "route_backward", "quantize", "isa", "status_string", "weight_format_name",
-           "dtype_name", "scoring_name", "last_error", "version"]
+           "dtype_name", "scoring_name", "last_error", "version", "AdamW", "adamw_create", "adamw_destroy",
+           "adamw_step", "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step",
+           "adamw_state"]
 
 CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
 CDEF_END = "/* MOE_SFT_CDEF_END */"
@@ -181,6 +184,120 @@ def isa():
     name = _ffi.new("const char **")
     status = _lib.moe_sft_isa(name)
     return status, _text(name[0])
+
+
+# ---- AdamW
+
+def _not_copyable_optimizer(*_):
+    raise TypeError("a moe_sft optimizer owns library memory and cannot be copied or pickled")
+
+
+class AdamW:
+    """A moe_sft_adamw; made by adamw_create(), freed with its last reference or adamw_destroy()."""
+
+    __copy__ = __deepcopy__ = __reduce__ = __reduce_ex__ = _not_copyable_optimizer
+
+    def __init__(self, handle, params):
+        self.handle = handle
+        self.params = params  # the arrays the library updates in place at every step
+
+    def __del__(self):
+        adamw_destroy(self)
+
+    def live(self):
+        if self.handle is None:
+            raise ValueError("the optimizer is closed")
+        return self.handle
+
+
+def _adamw_config(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads):
+    cfg = _ffi.new("moe_sft_adamw_config *")
+    _lib.moe_sft_adamw_config_init(cfg)
+    cfg.lr, cfg.beta1, cfg.beta2, cfg.eps = lr, beta1, beta2, eps
+    cfg.weight_decay, cfg.max_grad_norm, cfg.num_threads = weight_decay, max_grad_norm, num_threads
+    return cfg
+
+
+def adamw_create(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads, names, params):
+    """params: float32 arrays, or bf16 bits as uint16, updated in place by every step; names: one per parameter."""
+    names, params = list(names), list(params)
+    if len(names) != len(params):
+        raise ValueError("adamw_create: one name per parameter")
+    cfg = _adamw_config(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads)
+    keep = [_ffi.new("char[]", str(n).encode("utf-8")) for n in names]
+    descs = _ffi.new("moe_sft_adamw_param[]", max(len(params), 1))
+    for i, a in enumerate(params):
+        if a.size == 0:
+            raise ValueError(f"parameter {names[i]!r} is empty")
+        descs[i].name = keep[i]
+        descs[i].dtype = _dtype(a)
+        descs[i].data = _ptr("void *", a)
+        descs[i].count = a.size
+    out = _ffi.new("moe_sft_adamw **")
+    status = _lib.moe_sft_adamw_create(cfg, len(params), descs, out)
+    return status, (AdamW(out[0], params) if status == 0 else None)
+
+
+def adamw_destroy(opt):
+    if opt.handle is not None:
+        _lib.moe_sft_adamw_destroy(opt.handle)
+    opt.handle, opt.params = None, None
+
+
+def adamw_step(opt, grads):
+    """grads: one float32 array per parameter, of its element count (read only)."""
+    handle = opt.live()
+    grads = list(grads)
+    if len(grads) != len(opt.params):
+        raise ValueError("adamw_step: one grad per parameter")
+    for i, (g, p) in enumerate(zip(grads, opt.params)):
+        if g.dtype != _np.float32 or g.size != p.size:
+            raise ValueError(f"adamw_step: grads[{i}] must be float32 with {p.size} elements")
+    pointers = _ffi.new("float *[]", [_ptr("float *", g) for g in grads])
+    report = _ffi.new("moe_sft_adamw_report *")
+    report.struct_size = _ffi.sizeof("moe_sft_adamw_report")
+    status = _lib.moe_sft_adamw_step(handle, pointers, report)
+    return status, (report.grad_norm, report.clip_coef, report.skipped, report.bad_param, report.bad_index,
+                    report.bad_value, report.step)
+
+
+def adamw_get_config(opt):
+    cfg = _ffi.new("moe_sft_adamw_config *")
+    status = _lib.moe_sft_adamw_get_config(opt.live(), cfg)
+    return status, (cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.max_grad_norm, cfg.num_threads)
+
+
+def adamw_set_config(opt, lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads):
+    cfg = _adamw_config(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads)
+    return _lib.moe_sft_adamw_set_config(opt.live(), cfg)
+
+
+def adamw_set_lr(opt, lr):
+    return _lib.moe_sft_adamw_set_lr(opt.live(), lr)
+
+
+def adamw_get_step(opt):
+    step = _ffi.new("int64_t *")
+    status = _lib.moe_sft_adamw_get_step(opt.live(), step)
+    return status, step[0]
+
+
+def adamw_set_step(opt, step):
+    return _lib.moe_sft_adamw_set_step(opt.live(), step)
+
+
+def adamw_state(opt, index):
+    """Writable flat float32 views of parameter ``index``'s moments and master (None for an f32 parameter) over
+    the optimizer's own memory: use them between steps and before adamw_destroy only."""
+    m, v, master = _ffi.new("float **"), _ffi.new("float **"), _ffi.new("float **")
+    status = _lib.moe_sft_adamw_state(opt.live(), index, m, v, master, _ffi.NULL)
+    if status != 0:
+        return status, None
+    n = opt.params[index].size
+
+    def view(p):
+        return None if p[0] == _ffi.NULL else _np.frombuffer(_ffi.buffer(p[0], 4 * n), _np.float32)
+    return status, (view(m), view(v), view(master))
 
 
 # Name lookups take plain ints so that a caller can probe values the enums do not hold (cffi refuses

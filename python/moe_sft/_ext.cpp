@@ -5,18 +5,23 @@
 // cross as their uint16 bits (moe_sft._arrays makes that view without copying). A Layer owns its
 // moe_sft_layer and keeps the bound LoRA arrays alive for as long as the library reads them in place.
 // Statuses are returned, not raised: moe_sft._errors turns them into exceptions for this backend and the cffi
-// one alike. Compute calls release the GIL.
+// one alike. Compute calls release the GIL. An AdamW owns its moe_sft_adamw and keeps the parameter arrays
+// it updates in place alive.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "moe_sft.h"
 
@@ -220,6 +225,143 @@ int quantize(moe_sft_weight_format weight_format, int32_t group_size, Array<cons
                           scale_data, zero_data);
 }
 
+// ---- AdamW ----
+
+using AnyParam = nb::ndarray<nb::c_contig, nb::device::cpu>;  // float32, or bf16 as uint16 bits; written in place
+using GradIn = Array<const float>;
+
+// A moe_sft_adamw and the parameter arrays it updates in place (kept alive here for as long as it lives).
+struct AdamW {
+  moe_sft_adamw* handle = nullptr;
+  std::vector<AnyParam> params;
+  ~AdamW() { moe_sft_adamw_destroy(handle); }
+};
+
+moe_sft_adamw* live(AdamW& opt) {
+  if (!opt.handle) throw nb::value_error("the optimizer is closed");
+  return opt.handle;
+}
+
+using AdamWConfig = std::tuple<double, double, double, double, double, double, int32_t>;
+
+moe_sft_adamw_config adamw_config(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                  double max_grad_norm, int32_t num_threads) {
+  moe_sft_adamw_config cfg;
+  moe_sft_adamw_config_init(&cfg);
+  cfg.lr = lr;
+  cfg.beta1 = beta1;
+  cfg.beta2 = beta2;
+  cfg.eps = eps;
+  cfg.weight_decay = weight_decay;
+  cfg.max_grad_norm = max_grad_norm;
+  cfg.num_threads = num_threads;
+  return cfg;
+}
+
+// params: float32 arrays, or bf16 as uint16 bits, updated in place by every step; names: one per parameter.
+std::pair<int, nb::object> adamw_create(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                        double max_grad_norm, int32_t num_threads, std::vector<std::string> names,
+                                        std::vector<AnyParam> params) {
+  if (names.size() != params.size()) throw nb::value_error("adamw_create: one name per parameter");
+  const moe_sft_adamw_config cfg = adamw_config(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads);
+  std::vector<moe_sft_adamw_param> descs(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].size() == 0) throw nb::value_error(("parameter '" + names[i] + "' is empty").c_str());
+    descs[i].name = names[i].c_str();
+    descs[i].dtype = dtype_of(params[i], ("parameter '" + names[i] + "'").c_str());
+    descs[i].data = params[i].data();
+    descs[i].count = int64_t(params[i].size());
+  }
+  moe_sft_adamw* handle = nullptr;
+  moe_sft_status status;
+  {
+    nb::gil_scoped_release release;
+    status = moe_sft_adamw_create(&cfg, int32_t(descs.size()), descs.data(), &handle);
+  }
+  if (status != MOE_SFT_OK) return {status, nb::none()};
+  auto* opt = new AdamW;
+  opt->handle = handle;
+  opt->params = std::move(params);
+  return {status, nb::cast(opt, nb::rv_policy::take_ownership)};
+}
+
+// Frees the optimizer's state now (the AdamW object itself goes with its last reference).
+void adamw_destroy(AdamW& opt) {
+  moe_sft_adamw_destroy(opt.handle);
+  opt.handle = nullptr;
+  opt.params.clear();
+}
+
+using StepResult = std::tuple<double, double, int32_t, int32_t, int64_t, float, int64_t>;
+
+// grads: one float32 array per parameter, of its element count (read only).
+std::pair<int, StepResult> adamw_step(AdamW& opt, std::vector<GradIn> grads) {
+  moe_sft_adamw* handle = live(opt);
+  if (grads.size() != opt.params.size()) throw nb::value_error("adamw_step: one grad per parameter");
+  std::vector<const float*> pointers(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].size() != opt.params[i].size()) {
+      throw nb::value_error(("adamw_step: grads[" + std::to_string(i) + "] has " + std::to_string(grads[i].size()) +
+                             " elements, its parameter " + std::to_string(opt.params[i].size()))
+                                .c_str());
+    }
+    pointers[i] = grads[i].data();
+  }
+  moe_sft_adamw_report report{};
+  report.struct_size = sizeof report;
+  moe_sft_status status;
+  {
+    nb::gil_scoped_release release;
+    status = moe_sft_adamw_step(handle, pointers.data(), &report);
+  }
+  return {status, StepResult(report.grad_norm, report.clip_coef, report.skipped, report.bad_param, report.bad_index,
+                             report.bad_value, report.step)};
+}
+
+std::pair<int, AdamWConfig> adamw_get_config(AdamW& opt) {
+  moe_sft_adamw_config cfg;
+  moe_sft_adamw_config_init(&cfg);
+  const int status = moe_sft_adamw_get_config(live(opt), &cfg);
+  return {status, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.max_grad_norm,
+                              cfg.num_threads)};
+}
+
+int adamw_set_config(AdamW& opt, double lr, double beta1, double beta2, double eps, double weight_decay,
+                     double max_grad_norm, int32_t num_threads) {
+  const moe_sft_adamw_config cfg = adamw_config(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads);
+  return moe_sft_adamw_set_config(live(opt), &cfg);
+}
+
+int adamw_set_lr(AdamW& opt, double lr) { return moe_sft_adamw_set_lr(live(opt), lr); }
+
+std::pair<int, int64_t> adamw_get_step(AdamW& opt) {
+  int64_t step = 0;
+  const int status = moe_sft_adamw_get_step(live(opt), &step);
+  return {status, step};
+}
+
+int adamw_set_step(AdamW& opt, int64_t step) { return moe_sft_adamw_set_step(live(opt), step); }
+
+using StateView = nb::ndarray<nb::numpy, float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// Writable flat float32 views of parameter index's moments and master (None for an f32 parameter), over the
+// optimizer's own memory; each view keeps the AdamW object alive, but adamw_destroy frees the memory: use
+// them between steps and before destroy only.
+std::pair<int, nb::object> adamw_state(nb::handle self, int32_t index) {
+  AdamW& opt = nb::cast<AdamW&>(self);
+  float* m = nullptr;
+  float* v = nullptr;
+  float* master = nullptr;
+  const int status = moe_sft_adamw_state(live(opt), index, &m, &v, &master, nullptr);
+  if (status != MOE_SFT_OK) return {status, nb::none()};
+  const size_t n = opt.params[size_t(index)].size();
+  auto view = [&](float* p) -> nb::object {
+    if (!p) return nb::none();
+    return nb::cast(StateView(p, {n}, self));
+  };
+  return {status, nb::make_tuple(view(m), view(v), view(master))};
+}
+
 // The library's names of its enum values; None for a value that names nothing.
 std::optional<std::string> name_or_none(const char* name) {
   return name ? std::optional<std::string>(name) : std::nullopt;
@@ -261,6 +403,16 @@ NB_MODULE(_moe_sft_ext, m) {
       .def("__reduce__", not_copyable)
       .def("__reduce_ex__", not_copyable);
 
+  auto not_copyable_adamw = [](nb::handle, nb::args) -> nb::object {
+    throw nb::type_error("a moe_sft optimizer owns library memory and cannot be copied or pickled");
+  };
+  nb::class_<AdamW>(m, "AdamW",
+                    "A moe_sft_adamw; made by adamw_create(), freed with its last reference or adamw_destroy().")
+      .def("__copy__", not_copyable_adamw)
+      .def("__deepcopy__", not_copyable_adamw)
+      .def("__reduce__", not_copyable_adamw)
+      .def("__reduce_ex__", not_copyable_adamw);
+
   // Arrays are never converted (see the top of this file); an optional one may be None.
   auto array = [](const char* name) { return nb::arg(name).noconvert(); };
   auto optional_array = [](const char* name) { return nb::arg(name).noconvert().none(); };
@@ -286,6 +438,18 @@ NB_MODULE(_moe_sft_ext, m) {
         array("expert_ids"), array("grad_routing_weights"), array("grad_logits"));
   m.def("quantize", &quantize, nb::arg("weight_format"), nb::arg("group_size"), array("w"),
         optional_array("weights"), optional_array("scale"), optional_array("zero"));
+  m.def("adamw_create", &adamw_create, nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"), nb::arg("eps"),
+        nb::arg("weight_decay"), nb::arg("max_grad_norm"), nb::arg("num_threads"), nb::arg("names"),
+        array("params"));
+  m.def("adamw_destroy", &adamw_destroy, nb::arg("opt"));
+  m.def("adamw_step", &adamw_step, nb::arg("opt"), array("grads"));
+  m.def("adamw_get_config", &adamw_get_config, nb::arg("opt"));
+  m.def("adamw_set_config", &adamw_set_config, nb::arg("opt"), nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"),
+        nb::arg("eps"), nb::arg("weight_decay"), nb::arg("max_grad_norm"), nb::arg("num_threads"));
+  m.def("adamw_set_lr", &adamw_set_lr, nb::arg("opt"), nb::arg("lr"));
+  m.def("adamw_get_step", &adamw_get_step, nb::arg("opt"));
+  m.def("adamw_set_step", &adamw_set_step, nb::arg("opt"), nb::arg("step"));
+  m.def("adamw_state", &adamw_state, nb::arg("opt"), nb::arg("index"));
   m.def("isa", [] {
     const char* name = nullptr;
     const int status = moe_sft_isa(&name);

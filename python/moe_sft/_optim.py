@@ -11,41 +11,21 @@
 The optimizer is the library's (moe_sft_adamw_* in moe_sft.h): torch.optim.AdamW's update in f32, global
 grad-norm clipping, a non-finite guard, f32 masters for bf16 parameters, run on the library's worker pool.
 
-Backend interface. This module needs these functions from the library, in the style of ``_ext.cpp`` /
-``_cffi_backend.py`` (arrays as integer addresses, a status first in every result; 0 = OK):
-
-    adamw_create(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads,
-                 names: list[str], dtypes: list[int], addresses: list[int], counts: list[int])
-                                                 -> (status, handle: int)
-    adamw_destroy(handle)                        -> None
-    adamw_step(handle, grad_addresses: list[int])
-                                                 -> (status, (grad_norm, clip_coef, skipped, bad_param, bad_index,
-                                                              bad_value, step))
-    adamw_get_config(handle)                     -> (status, (lr, beta1, beta2, eps, weight_decay, max_grad_norm,
-                                                              num_threads))
-    adamw_set_config(handle, lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads) -> status
-    adamw_set_lr(handle, lr)                     -> status
-    adamw_get_step(handle)                       -> (status, step)
-    adamw_set_step(handle, step)                 -> status
-    adamw_state(handle, index)                   -> (status, (m_address, v_address, master_address or 0))
-    last_error()                                 -> str
-
-``_CffiOptimBackend`` below implements them through cffi in ABI mode over the installed header and library
-(the same ones the cffi backend loads); ``optim_backend()`` returns the one in use. The nanobind module and
-``_cffi_backend.py`` can grow the same functions, and ``optim_backend()`` then returns ``_backend.backend``.
+The optimizer reaches the library through the package's backend (``_backend.backend``: the nanobind module
+or cffi), whose ``adamw_*`` functions mirror moe_sft_adamw_* with numpy arrays in and statuses out, and whose
+``AdamW`` object owns the moe_sft_adamw and keeps the parameter arrays alive (see ``_ext.cpp``).
 """
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import numpy as np
 
-from . import _paths
-from ._errors import error_for, invalid
+from . import _backend
+from ._errors import error_for, invalid, python_message
 
 try:
     import ml_dtypes as _ml_dtypes
@@ -53,119 +33,24 @@ try:
 except ImportError:  # pragma: no cover - ml_dtypes is a dependency
     _BF16 = None
 
-__all__ = ["AdamW", "StepReport", "lora_init", "optim_backend"]
+__all__ = ["AdamW", "StepReport", "lora_init"]
 
 DTYPE_BF16, DTYPE_F32 = 0, 1  # moe_sft_dtype
 LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 
-# ---- the backend ------------------------------------------------------------------------------------------------
-
-class _CffiOptimBackend:
-    """The interface above through cffi's ABI mode: the header's CDEF block and the installed library."""
-
-    def __init__(self):
-        import cffi
-        with open(os.path.join(_paths.get_include(), "moe_sft.h"), encoding="utf-8") as f:
-            text = f.read()
-        begin, end = "/* MOE_SFT_CDEF_BEGIN */", "/* MOE_SFT_CDEF_END */"
-        self.ffi = cffi.FFI()
-        self.ffi.cdef(text[text.index(begin) + len(begin):text.index(end)])
-        self.lib = self.ffi.dlopen(_paths.get_library())
-
-    def _h(self, handle):
-        return self.ffi.cast("moe_sft_adamw *", handle)
-
-    def _config(self, lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads):
-        cfg = self.ffi.new("moe_sft_adamw_config *")
-        self.lib.moe_sft_adamw_config_init(cfg)
-        cfg.lr, cfg.beta1, cfg.beta2, cfg.eps = lr, beta1, beta2, eps
-        cfg.weight_decay, cfg.max_grad_norm, cfg.num_threads = weight_decay, max_grad_norm, num_threads
-        return cfg
-
-    def adamw_create(self, lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads, names, dtypes,
-                     addresses, counts):
-        ffi = self.ffi
-        cfg = self._config(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads)
-        keep = [ffi.new("char[]", n.encode("utf-8")) for n in names]
-        params = ffi.new("moe_sft_adamw_param[]", max(len(names), 1))
-        for i in range(len(names)):
-            params[i].name = keep[i]
-            params[i].dtype = dtypes[i]
-            params[i].data = ffi.cast("void *", addresses[i])
-            params[i].count = counts[i]
-        out = ffi.new("moe_sft_adamw **")
-        status = self.lib.moe_sft_adamw_create(cfg, len(names), params, out)
-        return status, int(ffi.cast("uintptr_t", out[0]))
-
-    def adamw_destroy(self, handle):
-        self.lib.moe_sft_adamw_destroy(self._h(handle))
-
-    def adamw_step(self, handle, grad_addresses):
-        ffi = self.ffi
-        grads = ffi.new("float *[]", [ffi.cast("float *", a) for a in grad_addresses])
-        report = ffi.new("moe_sft_adamw_report *")
-        report.struct_size = ffi.sizeof("moe_sft_adamw_report")
-        status = self.lib.moe_sft_adamw_step(self._h(handle), grads, report)
-        return status, (report.grad_norm, report.clip_coef, report.skipped, report.bad_param, report.bad_index,
-                        report.bad_value, report.step)
-
-    def adamw_get_config(self, handle):
-        cfg = self.ffi.new("moe_sft_adamw_config *")
-        status = self.lib.moe_sft_adamw_get_config(self._h(handle), cfg)
-        return status, (cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.max_grad_norm, cfg.num_threads)
-
-    def adamw_set_config(self, handle, lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads):
-        cfg = self._config(lr, beta1, beta2, eps, weight_decay, max_grad_norm, num_threads)
-        return self.lib.moe_sft_adamw_set_config(self._h(handle), cfg)
-
-    def adamw_set_lr(self, handle, lr):
-        return self.lib.moe_sft_adamw_set_lr(self._h(handle), lr)
-
-    def adamw_get_step(self, handle):
-        step = self.ffi.new("int64_t *")
-        status = self.lib.moe_sft_adamw_get_step(self._h(handle), step)
-        return status, step[0]
-
-    def adamw_set_step(self, handle, step):
-        return self.lib.moe_sft_adamw_set_step(self._h(handle), step)
-
-    def adamw_state(self, handle, index):
-        ffi = self.ffi
-        m, v, master = ffi.new("float **"), ffi.new("float **"), ffi.new("float **")
-        status = self.lib.moe_sft_adamw_state(self._h(handle), index, m, v, master, ffi.NULL)
-        return status, tuple(int(ffi.cast("uintptr_t", p[0])) for p in (m, v, master))
-
-    def last_error(self):
-        return self.ffi.string(self.lib.moe_sft_last_error()).decode("utf-8", "replace")
-
-
-_backend_lock = threading.Lock()
-_backend_instance = None
-
-
-def optim_backend():
-    """The backend the optimizer calls: the Python backend in use when it has the functions above, else the
-    cffi one of this module."""
-    global _backend_instance
-    from . import _backend
-    if hasattr(_backend.backend, "adamw_create"):
-        return _backend.backend
-    with _backend_lock:
-        if _backend_instance is None:
-            _backend_instance = _CffiOptimBackend()
-        return _backend_instance
-
-
 def _check(backend, status):
     if status != 0:
-        raise error_for(status, backend.last_error())
+        raise error_for(status, python_message(backend.last_error()))
 
 
-def _f32_view(address, count):
-    """A numpy float32 array over ``count`` floats at ``address`` (memory the optimizer owns)."""
-    import ctypes
-    return np.ctypeslib.as_array((ctypes.c_float * count).from_address(address))
+def _bits(a):
+    """The array as the backends take it: bf16 as its uint16 bits (a view: no copy, keeps ``a`` alive)."""
+    return a.view(np.uint16) if a.dtype == _BF16 else a
+
+
+def _not_copyable(*_):
+    raise TypeError("an AdamW owns library memory and cannot be copied or pickled; state_dict() copies its state")
 
 
 # ---- AdamW ------------------------------------------------------------------------------------------------------
@@ -219,36 +104,36 @@ class AdamW:
             raise invalid("params must be a non-empty mapping name -> array")
         self._names = [str(n) for n in params]
         self._params = {}
-        dtypes, addresses, counts = [], [], []
         for name in self._names:
             a = params[name]
-            dtypes.append(_param_dtype(name, a))
+            _param_dtype(name, a)
             if not a.flags.c_contiguous or not a.flags.writeable:
                 raise invalid(f"parameter {name!r} must be C-contiguous and writable (it is updated in place)")
             if a.size == 0:
                 raise invalid(f"parameter {name!r} is empty (shape {a.shape})")
             self._params[name] = a
-            addresses.append(a.ctypes.data)
-            counts.append(a.size)
         self._lock = threading.Lock()
-        self._backend = optim_backend()
+        self._backend = _backend.backend  # the one in use now, kept for this optimizer's lifetime
+        self._handle = None
         b1, b2 = betas
         status, handle = self._backend.adamw_create(float(lr), float(b1), float(b2), float(eps), float(weight_decay),
                                                     float(max_grad_norm or 0.0), int(num_threads), self._names,
-                                                    dtypes, addresses, counts)
+                                                    [_bits(self._params[n]) for n in self._names])
         _check(self._backend, status)
-        self._handle = handle
+        self._handle = handle  # the backend's AdamW: owns the moe_sft_adamw, keeps the parameter arrays alive
+
+    __copy__ = __deepcopy__ = __reduce__ = __reduce_ex__ = _not_copyable
 
     # ---- lifetime
     def close(self):
         """Frees the optimizer's state (never the parameters). Idempotent."""
         with self._lock:
-            if self._handle:
+            if self._handle is not None:
                 self._backend.adamw_destroy(self._handle)
-                self._handle = 0
+                self._handle = None
 
     def __del__(self):
-        if getattr(self, "_handle", 0):
+        if getattr(self, "_handle", None) is not None:
             self.close()
 
     def __enter__(self):
@@ -258,7 +143,7 @@ class AdamW:
         self.close()
 
     def _live(self):
-        if not self._handle:
+        if self._handle is None:
             raise invalid("the optimizer is closed")
         return self._handle
 
@@ -295,7 +180,7 @@ class AdamW:
         and the report says where (``report.skipped``)."""
         arrays = self._grad_arrays(grads)
         with self._lock:
-            status, r = self._backend.adamw_step(self._live(), [a.ctypes.data for a in arrays])
+            status, r = self._backend.adamw_step(self._live(), arrays)  # the GIL is released during the step
         _check(self._backend, status)
         grad_norm, clip_coef, skipped, bad_param, bad_index, bad_value, step = r
         if not skipped:
@@ -376,12 +261,12 @@ class AdamW:
 
     # ---- state
     def _state_views(self, index):
-        status, (m, v, master) = self._backend.adamw_state(self._live(), index)
+        """Views of the optimizer's own state of parameter ``index`` (call with the lock held; copy before
+        releasing it)."""
+        status, views = self._backend.adamw_state(self._live(), index)
         _check(self._backend, status)
-        n = self._params[self._names[index]].size
         shape = self._params[self._names[index]].shape
-        return (_f32_view(m, n).reshape(shape), _f32_view(v, n).reshape(shape),
-                _f32_view(master, n).reshape(shape) if master else None)
+        return tuple(None if a is None else a.reshape(shape) for a in views)
 
     def state_dict(self):
         """A copy of everything the optimizer keeps: {"step", "hyper": {...}, "state": {name: {"exp_avg",
@@ -447,7 +332,7 @@ class AdamW:
                     self._params[name][...] = master.astype(_BF16)
 
     def __repr__(self):
-        if not self._handle:
+        if self._handle is None:
             return "AdamW(closed)"
         c = self._config()
         return (f"AdamW({len(self._names)} parameters, lr={c['lr']:g}, betas=({c['beta1']:g}, {c['beta2']:g}), "

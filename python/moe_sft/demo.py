@@ -1,46 +1,33 @@
 """The main job on a built-in problem: train LoRA adapters on a synthetic MoE layer to recover a frozen
-"teacher" adapter, with Adam, and show that the loss falls.
+"teacher" adapter with moe_sft.AdamW, show that the loss falls, and save the trained adapter as PEFT files.
 
 The teacher is the same frozen base layer with its own random rank-(rank/4) LoRA adapters; the student has
-rank `rank`, starts from the usual LoRA init (A random and unrelated to the teacher's, B zero) and sees only
-(input, routing, teacher output) batches. Both run through the library: the teacher with a forward, the
-student with forward + backward every step.
+rank `rank`, starts from PEFT's LoRA init (moe_sft.lora_init: A Kaiming-uniform and unrelated to the
+teacher's, B zero) and sees only (input, routing, teacher output) batches. Both run through the library: the
+teacher with a forward, the student with forward + backward every step, then one moe_sft.AdamW step (the
+library's optimizer, updating the bound arrays in place). At the end the student's adapter is written with
+moe_sft.save_adapter (adapter_model.safetensors + adapter_config.json, PEFT's per-expert layout), read back with
+moe_sft.load_adapter into a fresh layer, and that layer's outputs are checked to be the trained one's.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 import numpy as np
 
+from ._adapters import load_adapter, save_adapter
 from ._layer import MoESFT, bfloat16
+from ._optim import AdamW, lora_init
 
 LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+LAYER_IDX = 0  # the layer index the adapter is saved under
 
 
-class Adam:
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.m = {n: np.zeros_like(p) for n, p in params.items()}
-        self.v = {n: np.zeros_like(p) for n, p in params.items()}
-        self.t = 0
-
-    def step(self, grads, lr_factor=1.0):
-        """Updates the parameter arrays in place: the layer reads them by reference, no re-binding."""
-        self.t += 1
-        b1, b2 = self.betas
-        lr = lr_factor * self.lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        for n, p in self.params.items():
-            g = getattr(grads, n)
-            self.m[n] *= b1
-            self.m[n] += (1 - b1) * g
-            self.v[n] *= b2
-            self.v[n] += (1 - b2) * g * g
-            p -= lr * self.m[n] / (np.sqrt(self.v[n]) + self.eps)
-
-
-def lora_arrays(rng, E, H, I, r, b_scale):
-    """A ~ N(0, 1/fan_in); B ~ N(0, b_scale^2 / r) (b_scale 0 is the standard LoRA init)."""
+def teacher_arrays(rng, E, H, I, r, b_scale):
+    """A ~ N(0, 1/fan_in); B ~ N(0, b_scale^2 / r): a random adapter the student has to find."""
     def normal(shape, fan_in, scale=1.0):
         return (scale * rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
     return dict(gate_a=normal((E, r, H), H), gate_b=normal((E, I, r), r, b_scale),
@@ -58,7 +45,9 @@ def route(rng, T, E, k):
 
 
 def run(experts=8, hidden=1024, intermediate=704, top_k=2, tokens=512, rank=16, alpha=32.0, steps=300, lr=1e-2,
-        seed=0, num_threads=None, log_every=25, out=print):
+        seed=0, num_threads=None, log_every=25, out_dir=None, out=print):
+    """Trains, saves the adapter into ``out_dir`` (None: a fresh temporary directory), reloads it and checks the
+    reloaded layer's outputs. Returns (first loss, final loss, the adapter directory)."""
     rng = np.random.default_rng(seed)
     E, H, I = experts, hidden, intermediate
     gate = (rng.standard_normal((E, I, H)) / np.sqrt(H)).astype(bfloat16)
@@ -68,15 +57,14 @@ def run(experts=8, hidden=1024, intermediate=704, top_k=2, tokens=512, rank=16, 
     teacher = MoESFT(gate, up, down, lora_rank=teacher_rank, lora_alpha=alpha * teacher_rank / rank, max_cache_depth=0,
                      num_threads=num_threads)
     student = MoESFT(gate, up, down, lora_rank=rank, lora_alpha=alpha, num_threads=num_threads)
-    teacher_lora = lora_arrays(rng, E, H, I, teacher_rank, b_scale=0.25)  # changes outputs by ~half the base's
-    student_lora = lora_arrays(rng, E, H, I, rank, b_scale=0.0)
-    teacher.update_lora(*(teacher_lora[n] for n in LORA_NAMES))
-    student.update_lora(*(student_lora[n] for n in LORA_NAMES))
-    opt = Adam(student_lora, lr)
+    teacher.update_lora(**teacher_arrays(rng, E, H, I, teacher_rank, b_scale=0.25))  # outputs move ~half the base's
+    lora = lora_init(student, seed=seed)  # PEFT's init: A Kaiming-uniform, B zero (student == base layer at first)
+    student.update_lora(**lora)
+    opt = AdamW(lora, lr=lr, num_threads=num_threads or 0)  # updates the bound arrays in place
 
     out(f"moe_sft demo: E={E} H={H} I={I} top_k={top_k} rank={rank} (teacher {teacher_rank}) tokens/step={tokens} steps={steps} "
         f"kernels={student.isa}")
-    out(f"{'step':>6} {'loss':>12} {'tokens/s':>10}")
+    out(f"{'step':>6} {'loss':>12} {'grad norm':>10} {'tokens/s':>10}")
     grads, losses = None, []
     start = last = time.perf_counter()
     for step in range(1, steps + 1):
@@ -87,17 +75,41 @@ def run(experts=8, hidden=1024, intermediate=704, top_k=2, tokens=512, rank=16, 
         diff = y - target
         losses.append(float(np.mean(diff * diff)))
         grads = student.backward((2.0 / diff.size) * diff, out=grads)
-        opt.step(grads, lr_factor=0.5 * (1 + np.cos(np.pi * step / steps)))  # cosine decay
+        opt.lr = lr * 0.5 * (1 + np.cos(np.pi * step / steps))  # cosine decay
+        report = opt.step(grads)
+        if report.skipped:
+            out(str(report))
         if step % log_every == 0 or step == 1 or step == steps:
             now = time.perf_counter()
             done = log_every if step % log_every == 0 else 1
-            out(f"{step:>6} {losses[-1]:>12.6f} {done * tokens / max(now - last, 1e-9):>10.0f}")
+            out(f"{step:>6} {losses[-1]:>12.6f} {report.grad_norm:>10.4g} {done * tokens / max(now - last, 1e-9):>10.0f}")
             last = now
     elapsed = time.perf_counter() - start
     first, final = np.mean(losses[:5]), np.mean(losses[-5:])
     out(f"loss {first:.6f} -> {final:.6f} ({first / final:.1f}x lower) in {elapsed:.1f} s, "
-        f"{steps * tokens / elapsed:.0f} tokens/s (teacher forward + student forward/backward + Adam)")
-    return first, final
+        f"{steps * tokens / elapsed:.0f} tokens/s (teacher forward + student forward/backward + AdamW)")
+
+    # The trained adapter as PEFT files, read back into a fresh layer that must give the trained layer's outputs.
+    out_dir = tempfile.mkdtemp(prefix="moe_sft_demo_adapter_") if out_dir is None else os.fspath(out_dir)
+    save_adapter(out_dir, {LAYER_IDX: lora}, lora_rank=rank, lora_alpha=alpha)
+    adapter = load_adapter(out_dir)
+    reloaded = adapter.bind(MoESFT(gate, up, down, num_threads=num_threads, **adapter.layer_kwargs), LAYER_IDX)
+    x = rng.standard_normal((tokens, H)).astype(bfloat16)
+    ids, w = route(rng, tokens, E, top_k)
+    trained_out = np.asarray(student.forward(x, ids, w), np.float32)
+    reloaded_out = np.asarray(reloaded.forward(x, ids, w), np.float32)
+    same_arrays = all(np.array_equal(adapter.layers[LAYER_IDX][n], lora[n]) for n in LORA_NAMES)
+    max_diff = float(np.max(np.abs(trained_out - reloaded_out)))
+    if not same_arrays or max_diff != 0.0:
+        raise RuntimeError(f"the adapter reloaded from {out_dir} differs from the trained one (arrays equal: "
+                           f"{same_arrays}, max |output difference| {max_diff})")
+    files = ", ".join(sorted(f for f in os.listdir(out_dir) if f.startswith("adapter_")))
+    out(f"adapter saved to {out_dir} ({files}; PEFT per-expert layout, layer {LAYER_IDX}, r={rank}, "
+        f"lora_alpha={alpha:g}); reloaded with moe_sft.load_adapter: same arrays, same layer outputs")
+    for layer in (teacher, student, reloaded):
+        layer.close()
+    opt.close()
+    return first, final, out_dir
 
 
 def check_args(ap, args):
@@ -129,8 +141,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="directory the trained adapter is saved into as PEFT files (adapter_model.safetensors, "
+                         "adapter_config.json); default: a fresh temporary directory, printed at the end")
     args = ap.parse_args(argv)
     check_args(ap, args)
-    first, final = run(args.experts, args.hidden, args.intermediate, args.top_k, args.tokens, args.rank, args.alpha,
-                       args.steps, args.lr, args.seed, args.threads)
+    first, final, _ = run(args.experts, args.hidden, args.intermediate, args.top_k, args.tokens, args.rank, args.alpha,
+                          args.steps, args.lr, args.seed, args.threads, out_dir=args.out)
     return 0 if final < first else 1
