@@ -44,7 +44,7 @@ def route(rng, T, E, k):
     return ids.astype(np.int64), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def run(experts=8, hidden=1024, intermediate=704, top_k=2, tokens=512, rank=16, alpha=32.0, steps=300, lr=1e-2,
+def run(experts=8, hidden=256, intermediate=176, top_k=2, tokens=256, rank=16, alpha=32.0, steps=300, lr=1e-2,
         seed=0, num_threads=None, log_every=25, out_dir=None, out=print):
     """Trains, saves the adapter into ``out_dir`` (None: a fresh temporary directory), reloads it and checks the
     reloaded layer's outputs. Returns (first loss, final loss, the adapter directory)."""
@@ -131,10 +131,10 @@ def check_args(ap, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m moe_sft demo", description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=704)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=176)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=512, help="tokens per step")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per step")
     ap.add_argument("--rank", type=int, default=16, help="student LoRA rank (the teacher's is rank/4)")
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--steps", type=int, default=300)
