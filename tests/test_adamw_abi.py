@@ -15,7 +15,6 @@ import moe_sft
 
 cffi = pytest.importorskip("cffi", reason="cffi is not installed (pip install 'moe_sft[cffi]')")
 
-pytestmark = pytest.mark.backend_independent
 
 BF16 = ml_dtypes.bfloat16
 

@@ -9,9 +9,7 @@ import pytest
 
 import moe_sft
 import reference as R
-from moe_sft import _adapters
 
-backend_independent = pytest.mark.backend_independent
 NAMES = R.LORA_NAMES
 PER_EXPERT = "base_model.model.model.layers.{}.mlp.experts.{}.{}_proj.lora_{}.weight"
 FUSED_GATE_UP = "base_model.model.model.layers.{}.mlp.experts.base_layer.lora_{}.weight"
@@ -32,7 +30,6 @@ def same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-@backend_independent
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 def test_per_expert_round_trip(tmp_path, dtype):
     layers = {0: lora_arrays(dtype=dtype), 5: lora_arrays(dtype=dtype, seed=1)}
@@ -52,7 +49,6 @@ def test_per_expert_round_trip(tmp_path, dtype):
     assert adapter.layers[0]["gate_a"] is not adapter.layers[0]["up_a"]
 
 
-@backend_independent
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 def test_fused_round_trip(tmp_path, dtype):
     layers = {3: lora_arrays(dtype=dtype, shared_a=True)}
@@ -68,7 +64,6 @@ def test_fused_round_trip(tmp_path, dtype):
         assert same_bits(got[n], layers[3][n]), n
 
 
-@backend_independent
 def test_documented_names_and_shapes_in_the_safetensors_package(tmp_path):
     safetensors = pytest.importorskip("safetensors")
     E, H, I, r = 4, 32, 24, 4
@@ -120,7 +115,6 @@ def test_fused_and_per_expert_give_the_same_outputs(tmp_path):
     assert same_bits(outs[0], expected) and same_bits(outs[1], expected)
 
 
-@backend_independent
 def test_rslora_honoured(tmp_path):
     moe_sft.save_adapter(tmp_path, {0: lora_arrays(r=16)}, lora_rank=16, lora_alpha=32, use_rslora=True)
     adapter = moe_sft.load_adapter(tmp_path)
@@ -128,7 +122,6 @@ def test_rslora_honoured(tmp_path):
     assert adapter.layer_kwargs == {"lora_rank": 16, "lora_alpha": 8.0 * 16}
 
 
-@backend_independent
 def test_reads_peft_style_names(tmp_path):
     """Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2, other LoRA tensors (attention) listed and left out."""
     E, H, I, r = 2, 16, 8, 2
@@ -202,7 +195,6 @@ BAD = {
 }
 
 
-@backend_independent
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_adapters(tmp_path, case):
     layout, change_tensors, change_config, needle = BAD[case]
@@ -213,7 +205,6 @@ def test_bad_adapters(tmp_path, case):
     assert needle in str(err.value), str(err.value)
 
 
-@backend_independent
 def test_missing_layer_and_files(tmp_path):
     moe_sft.save_adapter(tmp_path, {0: lora_arrays(), 2: lora_arrays()}, lora_rank=4, lora_alpha=8)
     with pytest.raises(moe_sft.InvalidArgumentError, match=r"no routed-expert LoRA for layer 7 \(it has layers \[0, 2\]\)"):
@@ -244,7 +235,6 @@ def test_bind_checks_the_layer(tmp_path):
     assert adapter.bind(layer, 0) is layer
 
 
-@backend_independent
 def test_save_refuses_bad_arrays(tmp_path):
     with pytest.raises(moe_sft.InvalidArgumentError, match=r"gate_a and up_a differ, first at \(0, 0, 0\)"):
         moe_sft.save_adapter(tmp_path, {0: lora_arrays()}, 4, 8, layout="fused")
@@ -262,7 +252,6 @@ def test_save_refuses_bad_arrays(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@backend_independent
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_check_adapter_reads_saved_adapters(tmp_path, layout):
     a = lora_arrays(shared_a=True)

@@ -15,7 +15,6 @@ import moe_sft
 import reference as R
 from moe_sft import _safetensors
 
-backend_independent = pytest.mark.backend_independent
 bf16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -75,7 +74,6 @@ def same_bits(a, b):
 DTYPES = {"bf16": bf16, "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
 
 
-@backend_independent
 @pytest.mark.parametrize("shards", [1, 3], ids=["single", "sharded"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
 @pytest.mark.parametrize("layout", ["per_expert", "mixtral", "fused"])
@@ -100,7 +98,6 @@ def rne_bf16_bits(x):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-@backend_independent
 def test_f32_rounds_to_nearest_even(tmp_path):
     E, I, H = 1, 8, 8
     gate = np.zeros((E, I, H), np.float32)
@@ -140,7 +137,6 @@ def k2_checkpoint(directory, E=4, H=64, I=32, g=32, shards=2, weight_shape_dtype
     return expected
 
 
-@backend_independent
 @pytest.mark.parametrize("shape_dtype", [np.int64, np.int32])
 def test_k2_pack_quantized(tmp_path, shape_dtype):
     expected = k2_checkpoint(tmp_path, weight_shape_dtype=shape_dtype)
@@ -174,7 +170,6 @@ def test_from_checkpoint_builds_the_layer(tmp_path):
     assert same_bits(layer.forward(x, ids, rw), direct.forward(x, ids, rw))
 
 
-@backend_independent
 def test_reads_only_the_layers_expert_tensors(tmp_path, monkeypatch):
     tensors = {}
     for L in range(4):
@@ -262,7 +257,6 @@ BAD = {
 }
 
 
-@backend_independent
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_checkpoints(tmp_path, case):
     make, L, needle = BAD[case]
@@ -273,7 +267,6 @@ def test_bad_checkpoints(tmp_path, case):
     assert needle.format(ckpt=ckpt) in str(err.value), str(err.value)
 
 
-@backend_independent
 def test_missing_shard(tmp_path):
     write_checkpoint(tmp_path, layer_tensors(0, expert_weights(), "per_expert", bf16), shards=2)
     os.remove(tmp_path / "model-00002-of-00002.safetensors")
@@ -291,7 +284,6 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
-@backend_independent
 def test_peak_rss_is_about_the_experts_bytes(tmp_path):
     """Filled expert by expert from the map, the pages read dropped as it goes: the process grows by about the
     experts' bytes, not twice that (DeepSeek-V2-Lite's shape, measured the same way: see the README)."""

@@ -13,7 +13,6 @@ import pytest
 import moe_sft
 from moe_sft import demo
 
-pytestmark = pytest.mark.backend_independent
 
 BAD_OPTIONS = {
     "rank 0": (["--rank", "0"], "--rank must be at least 1"),

@@ -2,7 +2,6 @@
 M (rows of an expert) around the register / tile blocks, K and N around the 16-column panels, 32-wide
 K tiles and 64-column tasks, including 1 and odd sizes; the small-M d·W path (M <= 8 on avx512_fma, <= 4
 on avx512_bf16) and the re-paired path; and agreement of every kernel family with the portable one."""
-import numpy as np
 import pytest
 
 import moe_sft

@@ -218,7 +218,6 @@ def _run_on(name, dtype, steps=6):
         _backend.use(saved)
 
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 def test_backends_give_the_same_bits(dtype):
     runs = {}

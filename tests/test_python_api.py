@@ -241,7 +241,6 @@ def test_bound_lora_arrays_are_kept_alive_by_the_backend(prob):
         backend.forward(handle, prob.ids.astype(np.int64), prob.weights, prob.x.view(np.uint16), out, False)
 
 
-@pytest.mark.backend_independent
 def test_typed_binding_refuses_wrong_arrays(prob):
     nanobind = _backend.load("nanobind")
     status, handle = nanobind.create(E, H, I, 0, 1.0, 1, 0, 1, None, 0, 0, False, prob.gate.view(np.uint16),
@@ -314,7 +313,6 @@ def test_enum_names_come_from_the_library():
         assert lookup(-1) is None and lookup(len(_arrays.enum_codes(kind))) is None
 
 
-@pytest.mark.backend_independent
 def test_nanobind_enums_match_the_library_names():
     nanobind = _backend.load("nanobind")
     for enum, lookup in ((nanobind.WeightFormat, nanobind.weight_format_name),
@@ -325,7 +323,6 @@ def test_nanobind_enums_match_the_library_names():
         assert nanobind.status_string(int(member)) == "MOE_SFT_" + member.name
 
 
-@pytest.mark.backend_independent
 def test_version_is_written_once_in_the_header():
     header = open(os.path.join(ROOT, "include", "moe_sft.h"), encoding="utf-8").read()
     parts = [re.search(rf"#define MOE_SFT_VERSION_{p} +(\d+)", header).group(1) for p in ("MAJOR", "MINOR", "PATCH")]

@@ -12,7 +12,6 @@ import pytest
 import moe_sft
 from moe_sft import _check_adapter, _safetensors
 
-pytestmark = pytest.mark.backend_independent
 
 
 def sample_tensors():

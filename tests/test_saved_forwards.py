@@ -13,7 +13,6 @@ cffi = pytest.importorskip("cffi")
 import moe_sft
 import reference as R
 
-pytestmark = pytest.mark.backend_independent  # the raw ABI, not a Python backend
 
 OK, INVALID, CACHE_EMPTY = 0, 1, 4
 E, H, I, K, T, RANK = 4, 64, 48, 2, 9, 4

@@ -10,7 +10,6 @@ import pytest
 
 from test_c_consumers import C_FLAGS, SANITIZERS, _compiler, _moe_sft_flags, _run
 
-pytestmark = pytest.mark.backend_independent
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train.c")
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from ._arrays import bfloat16
 from ._errors import invalid
-from ._safetensors import SafetensorsFile, save_safetensors
+from ._safetensors import SafetensorsFile, read_json_object, save_safetensors
 
 __all__ = ["Adapter", "save_adapter", "load_adapter"]
 
@@ -290,13 +290,7 @@ def load_adapter(directory, dtype=None, layers=None):
 
 
 def _read_config(path):
-    try:
-        with open(path, "rb") as fh:
-            config = json.loads(fh.read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise invalid(f"{path} is not JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise invalid(f"{path} is not a JSON object")
+    config = read_json_object(path)
     peft_type = config.get("peft_type")
     if peft_type is not None and str(peft_type).upper() != "LORA":
         raise invalid(f"{path}: peft_type is {peft_type!r}; load_adapter reads LoRA adapters")

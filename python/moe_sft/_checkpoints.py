@@ -20,7 +20,6 @@ dtypes: BF16 as is; F16 and F32 rounded to bf16 (round to nearest even); compres
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 from ._arrays import bfloat16
 from ._errors import invalid
 from ._quantize import QuantizedWeight
-from ._safetensors import SafetensorsFile
+from ._safetensors import SafetensorsFile, read_json_object
 
 __all__ = ["ExpertWeights", "load_experts"]
 
@@ -87,12 +86,12 @@ class _Checkpoint:
         self.config = {}
         config_path = os.path.join(self.dir, "config.json")
         if os.path.isfile(config_path):
-            self.config = _read_json(config_path)
+            self.config = read_json_object(config_path)
         index_path = os.path.join(self.dir, INDEX_NAME)
         single = os.path.join(self.dir, SINGLE_NAME)
         self._files = {}
         if os.path.isfile(index_path):
-            index = _read_json(index_path)
+            index = read_json_object(index_path)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise invalid(f"{index_path} has no weight_map object of key -> shard file name")
@@ -124,17 +123,6 @@ class _Checkpoint:
 
     def code(self, key):
         return self.file(key).code(key)
-
-
-def _read_json(path):
-    try:
-        with open(path, "rb") as fh:
-            value = json.loads(fh.read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise invalid(f"{path} is not JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise invalid(f"{path} is not a JSON object")
-    return value
 
 
 def _text_config(config):

@@ -48,6 +48,19 @@ MAX_HEADER = 100_000_000  # the safetensors package's own limit on the JSON head
 _PAGE = mmap.PAGESIZE
 
 
+def read_json_object(path):
+    """The JSON object in the file at ``path`` (a checkpoint's or an adapter's config, an index): a clear
+    InvalidArgumentError naming the file when it is not UTF-8 JSON or not an object."""
+    try:
+        with open(path, "rb") as fh:
+            value = json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise invalid(f"{path} is not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise invalid(f"{path} is not a JSON object")
+    return value
+
+
 def dtype_code(dtype):
     """The safetensors code of a numpy dtype, or None."""
     return _CODES.get(np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype))

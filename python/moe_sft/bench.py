@@ -337,7 +337,7 @@ def bench_formats(name, shape, formats, tokens, reps, budget, threads, out=print
     out(f"\n## {name}: base-weight formats (quantized at create from the same bf16 weights; int4_awq group 128)")
     cols = ["format", "resident MiB", "x bf16 bytes", "quant. error"]
     for T in tokens:
-        cols += [f"T={T} fwd ms", f"f+b ms", "x bf16"]
+        cols += [f"T={T} fwd ms", "f+b ms", "x bf16"]
     out("| " + " | ".join(cols) + " |")
     out("|" + "---|" * len(cols))
     batches = {T: [p.batch(T) for _ in range(reps + 1)] for T in tokens}
