@@ -115,6 +115,56 @@ def test_fused_and_per_expert_give_the_same_outputs(tmp_path):
     assert same_bits(outs[0], expected) and same_bits(outs[1], expected)
 
 
+def test_fused_adapter_trains_with_one_shared_a(tmp_path):
+    """One A bound as both gate_a and up_a: backward gives its grad as the sum of the gate and up shares (one
+    array in both fields, overwritten or accumulated), and AdamW steps it once, so the fused layout survives."""
+    E, H, I, k, T, r = 4, 32, 32, 2, 12, 4
+    p = R.make_problem(E, H, I, k, T, r, seed=5)
+    shared = dict(p.lora)
+    shared["up_a"] = shared["gate_a"]
+    separate = dict(shared)
+    separate["up_a"] = shared["gate_a"].copy()
+    grad_out = R.make_problem(E, H, I, k, T, r, seed=6).x
+    grads = []
+    for arrays in (shared, separate):
+        layer = moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=r, lora_alpha=p.alpha, num_threads=1)
+        layer.update_lora(**arrays)
+        layer.forward(p.x, p.ids, p.weights, save_for_backward=True)
+        grads.append(layer.backward(grad_out))
+    g_shared, g_separate = grads
+    assert g_shared.gate_a is g_shared.up_a
+    np.testing.assert_array_equal(g_shared.gate_a, g_separate.gate_a + g_separate.up_a)
+    for n in ("gate_b", "up_b", "down_a", "down_b"):
+        assert same_bits(getattr(g_shared, n), getattr(g_separate, n))
+
+    # accumulation over two micro-batches, into the Grads of the first
+    layer = moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=r, lora_alpha=p.alpha, num_threads=1)
+    layer.update_lora(**shared)
+    layer.forward(p.x, p.ids, p.weights, save_for_backward=True)
+    g = layer.backward(grad_out)
+    layer.forward(p.x, p.ids, p.weights, save_for_backward=True)
+    layer.backward(grad_out, out=g, accumulate=True)
+    assert g.gate_a is g.up_a
+    np.testing.assert_allclose(g.gate_a, 2 * g_shared.gate_a, rtol=1e-4, atol=0)  # f32 sums in another order
+
+    # a failing backward leaves out= as it was
+    before = {n: getattr(g, n).copy() for n in NAMES}
+    with pytest.raises(moe_sft.CacheEmptyError):
+        layer.backward(grad_out, out=g, accumulate=True)
+    assert all(same_bits(getattr(g, n), before[n]) for n in NAMES)
+
+    # AdamW steps the shared A once and keeps it shared; the step equals the separate A's on the summed grad
+    reference = {n: shared[n].copy() for n in NAMES if n != "up_a"}
+    opt = moe_sft.AdamW(shared, lr=1e-2)
+    assert opt.step(g_shared).step == 1
+    assert shared["gate_a"] is shared["up_a"]
+    ref_grads = {n: getattr(g_shared, n) for n in reference}
+    moe_sft.AdamW(reference, lr=1e-2).step(ref_grads)
+    for n in reference:
+        assert same_bits(shared[n], reference[n]), n
+    moe_sft.save_adapter(tmp_path, {0: shared}, lora_rank=r, lora_alpha=p.alpha, layout="fused")
+
+
 def test_rslora_honoured(tmp_path):
     moe_sft.save_adapter(tmp_path, {0: lora_arrays(r=16)}, lora_rank=16, lora_alpha=32, use_rslora=True)
     adapter = moe_sft.load_adapter(tmp_path)

@@ -1,5 +1,5 @@
 """moe_sft.AdamW, the numpy AdamW over the library's optimizer, and moe_sft.lora_init, through the package API
-on each backend (conftest runs every test once per backend). The update itself is checked against float64
+on each backend (the `backend` fixture). The update itself is checked against float64
 and torch at the C ABI in test_adamw_abi.py; here: the Python surface (mappings and Grads, reports,
 hyperparameters, state_dict round trips, errors naming the tensor, lifetime), the two backends giving the same
 bits, torch.optim.AdamW itself where torch is importable, and PEFT's initialisation."""

@@ -3,7 +3,7 @@
 The compute matrix runs once, on the backend moe_sft chose (the backends only marshal pointers); this file is
 where both are compared, on a few cases that reach every entry point of the ABI: create (bf16, tp_count 2,
 quantized at create and pre-quantized), update_lora, forward, backward (overwrite and accumulate), cache_depth,
-layer_isa, destroy, route, route_backward, quantize, weight_format_name, isa, status_string, last_error
+layer_isa, destroy (discard_saved: test_saved_forwards on the raw ABI of each backend), route, route_backward, quantize, weight_format_name, isa, status_string, last_error
 (through every error below) and version. The raw-ABI error tests (test_errors, the raw parts of test_router
 and test_quantized) also run once per backend."""
 import numpy as np

@@ -27,16 +27,7 @@ def test_readme_has_the_examples():
     assert len(PYTHON) >= 3 and len(blocks("c")) == 1 and len(blocks("cmake")) == 1
 
 
-def _known_readme_fault(index):
-    """README faults issue 12 names, which README's own fix removes (then these marks go away by themselves):
-    the Kimi-K2 example reads a `ckpt` no block defines."""
-    uses_undefined_ckpt = "ckpt[" in PYTHON[index] and not re.search(r"^ckpt\s*=", README, re.MULTILINE)
-    return [pytest.mark.xfail(uses_undefined_ckpt, reason="README's Kimi-K2 example uses an undefined ckpt",
-                              strict=True)]
-
-
-@pytest.mark.parametrize("index", [pytest.param(i, id=f"block{i}", marks=_known_readme_fault(i))
-                                   for i in range(len(PYTHON))])
+@pytest.mark.parametrize("index", [pytest.param(i, id=f"block{i}") for i in range(len(PYTHON))])
 def test_python_block(index, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     monkeypatch.delenv("MOE_SFT_ISA", raising=False)
@@ -99,8 +90,6 @@ def test_c_snippet_with_readme_build_line(tmp_path):
     assert run.returncode == 0 and "readme snippet ran" in run.stdout, f"{line}\n{run.stdout}\n{run.stderr}"
 
 
-@pytest.mark.xfail("find_package(moe_sft 0.1 " in README, strict=True,
-                   reason="README asks for moe_sft 0.1, the package is 0.2 (issue 12)")
 def test_cmake_snippet(tmp_path):
     [snippet] = blocks("cmake")
     c_program(tmp_path)

@@ -1,5 +1,6 @@
 // The C ABI entry points: argument validation, then the layer. Every function body runs inside guard(),
 // so an exception from any depth becomes a status plus a thread-local message.
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -81,7 +82,9 @@ moe_sft_status moe_sft_forward(moe_sft_layer* layer, int64_t qlen, int32_t top_k
     std::lock_guard<std::mutex> lock(layer->mutex);
     const moe_sft::layer::MoELayer& l = layer->impl;
     require_range(top_k, 1, 1 << 16, "top_k");
-    require_range(qlen, 0, (int64_t(1) << 50) / (int64_t(top_k) * std::max(l.hidden(), l.intermediate())), "qlen");
+    // Bounds every [rows, H | I | r] index (and its byte offset) well inside int64.
+    const int64_t widest = std::max({l.hidden(), l.intermediate(), l.rank()});
+    require_range(qlen, 0, (int64_t(1) << 50) / (int64_t(top_k) * widest), "qlen");
     require_array(expert_ids, "expert_ids", qlen * top_k, 8);
     require_array(routing_weights, "routing_weights", qlen * top_k, 4);
     require_array(input, "input", qlen * l.hidden(), 2);

@@ -17,8 +17,9 @@ gate_up_proj (first in the module) is the inner ``base_layer`` and down_proj the
 A's rows are (expert, rank) with the expert slowest (PEFT: A.reshape(E, r, in)); B's columns are (rank,
 expert) with the expert fastest (PEFT: B.reshape(out, r, E)); expert e's delta is B_e @ A_e. gate_up_proj's
 rows are gate's I rows then up's (transformers: ``gate, up = linear(x, gate_up_proj[e]).chunk(2)``), so gate
-and up share one A: load_adapter returns that one array as both gate_a and up_a (bind it as both: the layer
-adds their grads), and save_adapter(layout="fused") refuses gate_a != up_a.
+and up share one A: load_adapter returns that one array as both gate_a and up_a (bound as both, MoESFT.backward
+gives its grad, the sum of both shares, as one array, and AdamW steps it once), and save_adapter(layout="fused")
+refuses gate_a != up_a.
 
 The library's arrays (moe_sft's data contract): gate_a, up_a [E, r, H]; gate_b, up_b [E, I, r]; down_a
 [E, r, I]; down_b [E, H, r].

@@ -41,7 +41,7 @@ def _choose():
 
 
 def use(name):
-    """Switches this process to backend ``name``. For the test suite, which runs once per backend in one
+    """Switches this process to backend ``name``. For the test suite, which compares the backends in one
     process; programs pick a backend with MOE_SFT_BACKEND before importing moe_sft."""
     global NAME, backend
     backend = load(name)

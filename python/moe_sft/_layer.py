@@ -306,27 +306,46 @@ class MoESFT:
             out = Grads(None, None, **{n: None for n in Grads.LORA_FIELDS})
         elif not isinstance(out, Grads):
             raise invalid(f"out must be a moe_sft.Grads, got {type(out).__name__}")
+        # Everything is prepared in locals and reaches `out` only after the library succeeded: a failing call
+        # leaves the caller's Grads as it was (the library writes nothing on error either).
         # per-call grads: reused when they fit this call, else replaced
         gi_out = out.input
         if not (isinstance(gi_out, np.ndarray) and gi_out.shape == (T, H) and gi_out.flags.writeable
                 and (gi_out.dtype.kind == "f" or gi_out.dtype == bfloat16)):
-            out.input = np.empty((T, H), dtype=pending.dtype)
+            gi_out = np.empty((T, H), dtype=pending.dtype)
         gw = out.routing_weights
         if not (isinstance(gw, np.ndarray) and gw.shape == (T, k) and gw.dtype == np.float32
                 and gw.flags.c_contiguous and gw.flags.writeable):
-            out.routing_weights = np.empty((T, k), np.float32)
+            gw = np.empty((T, k), np.float32)
+        lora_out = {}
         if want_lora:
             for n, shape in shapes.items():
-                if getattr(out, n) is None and not accumulate:
-                    setattr(out, n, np.empty(shape, np.float32))
-                _out_array(getattr(out, n), f"out.{n}", shape, np.float32)
-        direct = out.input.dtype == bfloat16 and out.input.flags.c_contiguous
-        gi = out.input if direct else np.empty((T, H), dtype=bfloat16)
-        grads = [getattr(out, n) for n in Grads.LORA_FIELDS] if want_lora else None
-        _check(self._backend.backward(layer, _bits(go), _bits(gi), out.routing_weights, grads, bool(accumulate)))
+                a = getattr(out, n)
+                if a is None and not accumulate:
+                    a = np.empty(shape, np.float32)
+                _out_array(a, f"out.{n}", shape, np.float32)
+                lora_out[n] = a
+        # A fused adapter binds one A as both gate_a and up_a: its grad is the sum of the two, accumulated in
+        # out.gate_a, and out.up_a becomes that same array. The library writes up_a's share into a temporary.
+        bound = self._lora or {}
+        shared_a = want_lora and bound.get("gate_a") is not None and bound.get("gate_a") is bound.get("up_a")
+        if shared_a:
+            up_share = (np.zeros if accumulate else np.empty)(shapes["up_a"], np.float32)
+        direct = gi_out.dtype == bfloat16 and gi_out.flags.c_contiguous
+        gi = gi_out if direct else np.empty((T, H), dtype=bfloat16)
+        grads = None
+        if want_lora:
+            grads = [up_share if shared_a and n == "up_a" else lora_out[n] for n in Grads.LORA_FIELDS]
+        _check(self._backend.backward(layer, _bits(go), _bits(gi), gw, grads, bool(accumulate)))
         self._pending.pop()
         if not direct:
-            out.input[...] = gi.astype(out.input.dtype)
+            gi_out[...] = gi.astype(gi_out.dtype)
+        if shared_a:
+            lora_out["gate_a"] += up_share
+            lora_out["up_a"] = lora_out["gate_a"]
+        out.input, out.routing_weights = gi_out, gw
+        for n, a in lora_out.items():
+            setattr(out, n, a)
         return out
 
     def discard_saved(self, n=1):

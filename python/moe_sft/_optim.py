@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - ml_dtypes is a dependency
 
 __all__ = ["AdamW", "StepReport", "lora_init"]
 
-DTYPE_BF16, DTYPE_F32 = 0, 1  # moe_sft_dtype
 LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 
@@ -78,15 +77,12 @@ class StepReport:
         return f"step {self.step}: grad norm {self.grad_norm:.6g}{clip}"
 
 
-def _param_dtype(name, a):
+def _check_param_dtype(name, a):
     if not isinstance(a, np.ndarray):
         raise invalid(f"parameter {name!r} must be a numpy array (it is updated in place), got {type(a).__name__}")
-    if a.dtype == np.float32:
-        return DTYPE_F32
-    if a.dtype == _BF16:
-        return DTYPE_BF16
-    raise invalid(f"parameter {name!r} has dtype {a.dtype}; parameters must be float32 or bfloat16 "
-                  "(they are updated in place, so they are never converted)")
+    if a.dtype != np.float32 and a.dtype != _BF16:
+        raise invalid(f"parameter {name!r} has dtype {a.dtype}; parameters must be float32 or bfloat16 "
+                      "(they are updated in place, so they are never converted)")
 
 
 class AdamW:
@@ -102,11 +98,21 @@ class AdamW:
                  max_grad_norm=None, num_threads=0):
         if not isinstance(params, Mapping) or not params:
             raise invalid("params must be a non-empty mapping name -> array")
-        self._names = [str(n) for n in params]
+        bad_key = next((n for n in params if not isinstance(n, str)), None)
+        if bad_key is not None:
+            raise invalid(f"params has the key {bad_key!r}; parameter names must be str")
+        # One array under several names is one parameter (a fused adapter binds one A as both gate_a and up_a):
+        # it is stepped once, from the grad of its first name; the others are aliases of it.
+        self._aliases = {}
+        self._names = []
         self._params = {}
-        for name in self._names:
-            a = params[name]
-            _param_dtype(name, a)
+        for name, a in params.items():
+            first = next((n for n in self._names if self._params[n] is a), None)
+            if first is not None:
+                self._aliases[name] = first
+                continue
+            self._names.append(name)
+            _check_param_dtype(name, a)
             if not a.flags.c_contiguous or not a.flags.writeable:
                 raise invalid(f"parameter {name!r} must be C-contiguous and writable (it is updated in place)")
             if a.size == 0:
@@ -151,7 +157,7 @@ class AdamW:
     def _grad_arrays(self, grads):
         is_mapping = isinstance(grads, Mapping)
         if is_mapping:
-            extra = [k for k in grads if k not in self._params]
+            extra = [k for k in grads if k not in self._params and k not in self._aliases]
             if extra:
                 raise invalid(f"grads has {extra[0]!r}, which is not a parameter of this optimizer "
                               f"(parameters: {', '.join(self._names)})")

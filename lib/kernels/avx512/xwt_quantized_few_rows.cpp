@@ -9,8 +9,7 @@
 //         code·s + bias = (128 + code)·s + (bias - 128·s), C += s ⊙ acc + (bias - 128·s) ⊙ (sum of A's
 //         group), with A's group sums taken once per row.
 // The tail masks and A's pair words are spelled out here rather than taken from vector.h's tail_mask and
-// a_pair: with the helpers GCC 12 allocates this kernel's accumulators differently (up to 1.4x the
-// instructions in some instances), and this spelling keeps the code whose speed the bench measured.
+// a_pair: with the helpers GCC allocates this kernel's accumulators differently; keep the explicit forms.
 #include "kernels/avx512/avx512.h"
 #include "kernels/avx512/target.h"
 #include "runtime/assert.h"
