@@ -34,8 +34,6 @@ using moe_sft::optim::ParamSpec;
 
 namespace {
 
-constexpr int64_t kMaxElements = int64_t(1) << 50;
-
 std::string num(double x) {
   char buf[40];
   std::snprintf(buf, sizeof buf, "%.9g", x);
@@ -51,13 +49,7 @@ moe_sft_adamw_config read_config(const moe_sft_adamw_config* cfg) {
   if (cfg->struct_size < sizeof(moe_sft_adamw_config))
     invalid("cfg->struct_size = " + std::to_string(cfg->struct_size) + " is smaller than moe_sft_adamw_config (" +
             std::to_string(sizeof(moe_sft_adamw_config)) + " bytes)");
-  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(cfg);
-  for (size_t i = sizeof(moe_sft_adamw_config); i < cfg->struct_size; ++i)
-    if (bytes[i] != 0)
-      throw moe_sft::Error(MOE_SFT_ERR_UNSUPPORTED, "cfg->struct_size = " + std::to_string(cfg->struct_size) +
-                                                        ": the config sets fields this library (struct size " +
-                                                        std::to_string(sizeof(moe_sft_adamw_config)) +
-                                                        ") does not know");
+  moe_sft::api::require_unknown_fields_zero(cfg, cfg->struct_size, sizeof(moe_sft_adamw_config));
   moe_sft_adamw_config out;
   std::memcpy(&out, cfg, sizeof out);
   out.struct_size = sizeof out;
@@ -135,11 +127,8 @@ std::vector<ParamSpec> validate_params(int32_t n_params, const moe_sft_adamw_par
     ParamSpec& s = specs[size_t(i)];
     s.name = p.name != nullptr ? std::string(p.name) : "params[" + std::to_string(i) + "]";
     const std::string label = param_label(i, s.name);
-    const int32_t dtype = enum_value(p.dtype);
-    if (dtype != MOE_SFT_DTYPE_F32 && dtype != MOE_SFT_DTYPE_BF16)
-      invalid(label + ".dtype = " + std::to_string(dtype) +
-              " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
-    if (p.count <= 0 || p.count > kMaxElements)
+    moe_sft::api::require_dtype(enum_value(p.dtype), (label + ".dtype").c_str());
+    if (p.count <= 0 || p.count > moe_sft::api::kMaxElements)
       invalid(label + ".count = " + std::to_string(p.count) + " is out of range [1, 2^50]");
     const int64_t size = p.dtype == MOE_SFT_DTYPE_F32 ? 4 : 2;
     require_array(p.data, (label + ".data").c_str(), p.count, size);

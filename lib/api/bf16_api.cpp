@@ -16,7 +16,7 @@ namespace {
 
 void validate(const void* src, int64_t src_size, const void* dst, int64_t dst_size, int64_t n) {
   if (n < 0) invalid("n = " + std::to_string(n) + " is negative");
-  if (n > (int64_t(1) << 50)) invalid("n = " + std::to_string(n) + " is too large (more than 2^50 elements)");
+  if (n > moe_sft::api::kMaxElements) invalid("n = " + std::to_string(n) + " is too large (more than 2^50 elements)");
   require_array(src, "src", n, src_size);
   require_array(dst, "dst", n, dst_size);
   if (n == 0) return;

@@ -18,9 +18,6 @@ namespace moe_sft::api {
 
 namespace {
 
-// Bound on every element count: keeps all index arithmetic (in int64, and byte sizes) from overflowing.
-constexpr int64_t kMaxElements = int64_t(1) << 50;
-
 void require_product_fits(std::initializer_list<int64_t> dims, const char* what) {
   int64_t n = 1;
   for (int64_t d : dims) {
@@ -151,12 +148,7 @@ moe_sft_config read_config(const moe_sft_config* cfg) {
     invalid("cfg->struct_size = " + std::to_string(cfg->struct_size) + " is not the size of any moe_sft_config (" +
             std::to_string(kVersions[0].size) + ", " + std::to_string(kVersions[1].size) + " or at least " +
             std::to_string(sizeof(moe_sft_config)) + ")");
-  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(cfg);
-  for (size_t i = sizeof(moe_sft_config); i < cfg->struct_size; ++i)
-    if (bytes[i] != 0)
-      throw Error(MOE_SFT_ERR_UNSUPPORTED, "cfg->struct_size = " + std::to_string(cfg->struct_size) +
-                                               ": the config sets fields this library (struct size " +
-                                               std::to_string(sizeof(moe_sft_config)) + ") does not know");
+  require_unknown_fields_zero(cfg, cfg->struct_size, sizeof(moe_sft_config));
   moe_sft_config out;
   moe_sft_config_init(&out);
   std::memcpy(&out, cfg, known);

@@ -84,7 +84,7 @@ moe_sft_status moe_sft_forward(moe_sft_layer* layer, int64_t qlen, int32_t top_k
     require_range(top_k, 1, 1 << 16, "top_k");
     // Bounds every [rows, H | I | r] index (and its byte offset) well inside int64.
     const int64_t widest = std::max({l.hidden(), l.intermediate(), l.rank()});
-    require_range(qlen, 0, (int64_t(1) << 50) / (int64_t(top_k) * widest), "qlen");
+    require_range(qlen, 0, moe_sft::api::kMaxElements / (int64_t(top_k) * widest), "qlen");
     require_array(expert_ids, "expert_ids", qlen * top_k, 8);
     require_array(routing_weights, "routing_weights", qlen * top_k, 4);
     require_array(input, "input", qlen * l.hidden(), 2);

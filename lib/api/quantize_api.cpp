@@ -31,7 +31,7 @@ moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t gro
                            "(weight_packed, weight_scale); int4_awq quantizes from bf16");
     require_range(rows, 0, int64_t(1) << 40, "rows");
     require_range(cols, 1, int64_t(1) << 40, "cols");
-    if (rows > (int64_t(1) << 50) / cols) invalid("rows * cols is too large (more than 2^50 elements)");
+    if (rows > moe_sft::api::kMaxElements / cols) invalid("rows * cols is too large (more than 2^50 elements)");
     int64_t groups = 1;
     if (f == WeightFormat::int8) {
       if (group_size != 0)

@@ -33,7 +33,7 @@ RouterShape validate_shape(int64_t qlen, int32_t expert_num, int32_t top_k, int3
   require_range(expert_num, 1, INT32_MAX, "expert_num");
   require_range(top_k, 1, expert_num, "top_k");
   // Bounds every [qlen, expert_num] index (and its byte offset) well inside int64.
-  require_range(qlen, 0, (int64_t(1) << 50) / expert_num, "qlen");
+  require_range(qlen, 0, moe_sft::api::kMaxElements / expert_num, "qlen");
   moe_sft::api::require_dtype(logits_dtype, "logits_dtype");
   if (scoring != MOE_SFT_SCORING_SOFTMAX && scoring != MOE_SFT_SCORING_SIGMOID)
     invalid("scoring = " + std::to_string(scoring) +

@@ -16,6 +16,15 @@ void require_dtype(int32_t dtype, const char* name) {
             " is not a dtype (MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1)");
 }
 
+void require_unknown_fields_zero(const void* cfg, size_t struct_size, size_t known) {
+  const unsigned char* bytes = static_cast<const unsigned char*>(cfg);
+  for (size_t i = known; i < struct_size; ++i)
+    if (bytes[i] != 0)
+      throw Error(MOE_SFT_ERR_UNSUPPORTED, "cfg->struct_size = " + std::to_string(struct_size) +
+                                               ": the config sets fields this library (struct size " +
+                                               std::to_string(known) + ") does not know");
+}
+
 void require_non_null(const void* p, const char* name) {
   if (p == nullptr) invalid(std::string(name) + " is NULL");
 }

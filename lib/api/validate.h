@@ -24,6 +24,14 @@ int32_t enum_value(const Enum& e) {
   return value;
 }
 
+// Bound on every element count the ABI accepts: keeps all index arithmetic (in int64, and byte sizes) from
+// overflowing.
+constexpr int64_t kMaxElements = int64_t(1) << 50;
+
+// A config struct from a newer caller (struct_size beyond the `known` bytes this library has): accepted only when
+// every byte it does not know is zero, else UNSUPPORTED naming cfg->struct_size.
+void require_unknown_fields_zero(const void* cfg, size_t struct_size, size_t known);
+
 void require_non_null(const void* p, const char* name);
 void require_dtype(int32_t dtype, const char* name);  // MOE_SFT_DTYPE_BF16 or MOE_SFT_DTYPE_F32
 // p non-null and aligned for its element type (null allowed when `count` is 0).

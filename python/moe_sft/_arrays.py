@@ -12,9 +12,11 @@ from ._errors import error_for, invalid, python_message
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def _check(status):
+def _check(status, backend=None):
+    """Raises the status's exception with the library's message (read from ``backend``, the one in use by
+    default; an object that keeps the backend it was made on passes its own)."""
     if status != 0:
-        raise error_for(status, python_message(_backend.backend.last_error()))
+        raise error_for(status, python_message((backend or _backend.backend).last_error()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,27 +25,12 @@ from typing import Mapping, Optional
 import numpy as np
 
 from . import _backend
-from ._errors import error_for, invalid, python_message
-
-try:
-    import ml_dtypes as _ml_dtypes
-    _BF16 = np.dtype(_ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency
-    _BF16 = None
+from ._arrays import _bits, _check, bfloat16 as _BF16
+from ._errors import invalid
 
 __all__ = ["AdamW", "StepReport", "lora_init"]
 
 LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-
-
-def _check(backend, status):
-    if status != 0:
-        raise error_for(status, python_message(backend.last_error()))
-
-
-def _bits(a):
-    """The array as the backends take it: bf16 as its uint16 bits (a view: no copy, keeps ``a`` alive)."""
-    return a.view(np.uint16) if a.dtype == _BF16 else a
 
 
 def _not_copyable(*_):
@@ -125,7 +110,7 @@ class AdamW:
         status, handle = self._backend.adamw_create(float(lr), float(b1), float(b2), float(eps), float(weight_decay),
                                                     float(max_grad_norm or 0.0), int(num_threads), self._names,
                                                     [_bits(self._params[n]) for n in self._names])
-        _check(self._backend, status)
+        _check(status, self._backend)
         self._handle = handle  # the backend's AdamW: owns the moe_sft_adamw, keeps the parameter arrays alive
 
     __copy__ = __deepcopy__ = __reduce__ = __reduce_ex__ = _not_copyable
@@ -187,7 +172,7 @@ class AdamW:
         arrays = self._grad_arrays(grads)
         with self._lock:
             status, r = self._backend.adamw_step(self._live(), arrays)  # the GIL is released during the step
-        _check(self._backend, status)
+        _check(status, self._backend)
         grad_norm, clip_coef, skipped, bad_param, bad_index, bad_value, step = r
         if not skipped:
             return StepReport(float(grad_norm), float(clip_coef), False, int(step))
@@ -199,14 +184,14 @@ class AdamW:
     def _config(self):
         with self._lock:
             status, c = self._backend.adamw_get_config(self._live())
-        _check(self._backend, status)
+        _check(status, self._backend)
         return dict(zip(("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", "num_threads"), c))
 
     def _set_config(self, **changes):
         c = self._config()
         c.update(changes)
         with self._lock:
-            _check(self._backend, self._backend.adamw_set_config(self._live(), *c.values()))
+            _check(self._backend.adamw_set_config(self._live(), *c.values()), self._backend)
 
     @property
     def lr(self):
@@ -215,7 +200,7 @@ class AdamW:
     @lr.setter
     def lr(self, value):
         with self._lock:
-            _check(self._backend, self._backend.adamw_set_lr(self._live(), float(value)))
+            _check(self._backend.adamw_set_lr(self._live(), float(value)), self._backend)
 
     @property
     def betas(self):
@@ -257,7 +242,7 @@ class AdamW:
         """Steps applied (skipped ones do not count); the next step's bias correction uses step_count + 1."""
         with self._lock:
             status, step = self._backend.adamw_get_step(self._live())
-        _check(self._backend, status)
+        _check(status, self._backend)
         return int(step)
 
     @property
@@ -270,7 +255,7 @@ class AdamW:
         """Views of the optimizer's own state of parameter ``index`` (call with the lock held; copy before
         releasing it)."""
         status, views = self._backend.adamw_state(self._live(), index)
-        _check(self._backend, status)
+        _check(status, self._backend)
         shape = self._params[self._names[index]].shape
         return tuple(None if a is None else a.reshape(shape) for a in views)
 
@@ -289,7 +274,7 @@ class AdamW:
                     entry["master"] = master.copy()
                 state[name] = entry
             status, step = self._backend.adamw_get_step(self._live())
-        _check(self._backend, status)
+        _check(status, self._backend)
         return {"step": int(step), "hyper": hyper, "state": state}
 
     def load_state_dict(self, state_dict):
@@ -327,8 +312,8 @@ class AdamW:
             raise invalid(f"state_dict['hyper'] has unknown keys {unknown}")
         current.update({k: float(v) for k, v in hyper.items() if k != "num_threads"})
         with self._lock:  # hyperparameters first: the library validates them, and nothing is written on error
-            _check(self._backend, self._backend.adamw_set_config(self._live(), *current.values()))
-            _check(self._backend, self._backend.adamw_set_step(self._live(), step))
+            _check(self._backend.adamw_set_config(self._live(), *current.values()), self._backend)
+            _check(self._backend.adamw_set_step(self._live(), step), self._backend)
             for i, name in enumerate(self._names):
                 m, v, master = self._state_views(i)
                 m[...] = loaded[name]["exp_avg"]
