@@ -40,6 +40,8 @@ behind this module's back makes the next call here raise (``layer.discard_saved(
 """
 from __future__ import annotations
 
+import contextlib
+import re
 import threading
 import warnings
 import weakref
@@ -308,12 +310,30 @@ def _like(t, like):
     return t.to(device=like.device, dtype=like.dtype)
 
 
+# The layer's messages name its numpy arguments and methods; these calls came from torch's.
+_TORCH_TERMS = {"expert_ids": "top_k_index", "routing_weights": "top_k_weights", "layer.forward": "moe_sft.torch forward",
+                "layer.backward": "moe_sft.torch backward"}
+_NUMPY_TERM = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in _TORCH_TERMS) + r")\b")
+
+
+@contextlib.contextmanager
+def _in_torch_terms():
+    """Re-raises the layer's errors (same class and status) with the message in experts_forward's terms."""
+    try:
+        yield
+    except MoESFTError as e:
+        message = _NUMPY_TERM.sub(lambda m: _TORCH_TERMS[m.group(0)], str(e))
+        if message == str(e):
+            raise
+        raise type(e)(e.status, message).with_traceback(e.__traceback__) from None
+
+
 # ---- forward and backward on the layer ---------------------------------------------------------------------------
 
 def _run_forward(layer, inputs, lora, save):
     """The layer's output (numpy bf16) and, when saved, the token of the saved forward."""
     state = _state(layer)
-    with state.lock:
+    with _in_torch_terms(), state.lock:
         state.bind(layer, lora)
         if not save:
             return layer.forward(*inputs), None
@@ -329,7 +349,7 @@ def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, wan
     ``serial``, recomputing that forward when it is not on top of the layer's cache."""
     state = _state(layer)
     go = as_numpy(grad_output.detach().to("cpu", torch.bfloat16).contiguous(), "grad_output")
-    with state.lock:
+    with _in_torch_terms(), state.lock:
         state.check_in_step(layer)
         state.sweep(layer)
         state.bind(layer, lora)
