@@ -89,7 +89,7 @@ def as_grads(g):
 
 # ---- correctness ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lora_dtype", [np.float32, R.bf16], ids=["lora_f32", "lora_bf16"])
 @pytest.mark.parametrize("tp_count", [1, 2])
 def test_matches_reference(x_dtype, lora_dtype, tp_count):
@@ -366,6 +366,35 @@ def test_checkpointed_layers_in_a_model():
     assert m1.layer.cache_depth == m2.layer.cache_depth == 0
 
 
+def test_threads_share_one_module():
+    """Threads running forward + backward on one module at once: each backward still gets its own forward."""
+    import threading
+    p = problem()
+    batches = [inputs(problem(seed=s)) for s in range(6)]
+    ref, m = module(p), module(p, max_cache_depth=2)
+    for x, ids, w in batches:
+        (ref(x, ids, w) ** 2).sum().backward()
+    errors = []
+
+    def work(mine):
+        try:
+            for x, ids, w in mine:
+                (m(x, ids, w) ** 2).sum().backward()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        threads = [threading.Thread(target=work, args=(batches[i::3],)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and m.layer.cache_depth == 0
+    for name, param in ref.lora_state().items():
+        torch.testing.assert_close(m.lora_state()[name].grad, param.grad, rtol=1e-5,
+                                   atol=1e-6 * param.grad.abs().max().item())
+
+
 # ---- failures ------------------------------------------------------------------------------------------------------
 
 def test_failed_backward_raises_and_leaves_nothing():
@@ -400,7 +429,7 @@ def test_errors_name_the_argument():
         m(x, ids, w[:, :1])
     with pytest.raises(moe_sft.InvalidArgumentError, match=r"top_k_weights has dtype torch.int64"):
         m(x, ids, ids)
-    with pytest.raises(moe_sft.InvalidArgumentError, match=r"expert_ids\[0, 0\] = 8 is out of range"):
+    with pytest.raises(moe_sft.InvalidArgumentError, match=r"torch forward: top_k_index\[0, 0\] = 8 is out of range"):
         m(x, torch.full_like(ids, E), w)
     layer = m.layer
     bad = {n: q.detach() for n, q in m.lora_state().items()}

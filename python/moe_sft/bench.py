@@ -451,6 +451,80 @@ def bench_adamw(name, shape, reps, budget, threads, out=print, torch=None):
     return rows
 
 
+def bench_torch_module(name, shape, tokens, reps, budget, threads, out=print):
+    """What moe_sft.torch adds to the layer: forward + backward of MoEExperts through autograd (bf16 hidden states
+    and f32 routing weights requiring grad, f32 LoRA Parameters whose grads torch stores into fresh .grad
+    tensors, as after optimizer.zero_grad()) against layer.forward(save_for_backward=True) + layer.backward into
+    reused Grads, on one layer (the module's Parameters bound) and the same batches; runs alternate between the
+    two so that both see the same machine. Forward only: the module under torch.no_grad() vs layer.forward."""
+    import torch
+
+    from . import torch as mt
+    E, H, I, k, r = shape["E"], shape["H"], shape["I"], shape["k"], shape["r"]
+    p = Problem(**shape)
+    layer = MoESFT(p.gate, p.up, p.down, lora_rank=r, lora_alpha=p.alpha, num_threads=threads)
+    module = mt.MoEExperts(layer, init=None)
+    with torch.no_grad():
+        for n, param in module.lora_state().items():
+            param.copy_(torch.from_numpy(p.lora[n]))
+    out(f"\n## moe_sft.torch over the raw layer, {name}: E={E} H={H} I={I} k={k} r={r}, kernels={layer.isa}, "
+        f"threads={threads}")
+    cols = ["T", "layer fwd ms", "module fwd ms", "fwd overhead", "layer f+b ms", "module f+b ms", "f+b overhead"]
+    out("| " + " | ".join(cols) + " |")
+    out("|" + "---|" * len(cols))
+    rows = []
+    for T in tokens:
+        batches = [p.batch(T) for _ in range(reps + 1)]
+        grads = [None]
+
+        def raw(batch):
+            x, ids, w, go = batch
+
+            def fwd():
+                layer.forward(x, ids, w)
+
+            def fwd_bwd():
+                layer.forward(x, ids, w, save_for_backward=True)
+                grads[0] = layer.backward(go, out=grads[0])
+            return fwd, fwd_bwd
+
+        def wrapped(batch):
+            x, ids, w, go = batch
+            ids_t, go_t = torch.from_numpy(ids), mt.as_tensor(go)
+
+            def fwd():
+                with torch.no_grad():
+                    module(mt.as_tensor(x), ids_t, torch.from_numpy(w))
+
+            def fwd_bwd():
+                module.zero_grad(set_to_none=True)
+                module(mt.as_tensor(x).requires_grad_(), ids_t, torch.from_numpy(w).requires_grad_()).backward(go_t)
+            return fwd, fwd_bwd
+
+        contenders = [rotating([make(b) for b in batches]) for make in (raw, wrapped)]
+        medians = []
+        for which in (0, 1):  # forward, then forward + backward: each a warm-up, then runs alternating
+            fns = [c[which] for c in contenders]
+            times = ([], [])
+            for fn in fns:
+                fn()
+            start = time.perf_counter()
+            while len(times[1]) < reps and (not times[1] or time.perf_counter() - start < 2 * budget):
+                for fn, ts in zip(fns, times):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+            medians += [statistics.median(ts) for ts in times]
+        f_raw, f_mod, fb_raw, fb_mod = medians
+        row = dict(shape=name, T=T, layer_fwd_ms=1e3 * f_raw, module_fwd_ms=1e3 * f_mod, layer_fwd_bwd_ms=1e3 * fb_raw,
+                   module_fwd_bwd_ms=1e3 * fb_mod, fwd_overhead=f_mod / f_raw - 1, fwd_bwd_overhead=fb_mod / fb_raw - 1)
+        out(f"| {T} | {1e3 * f_raw:.2f} | {1e3 * f_mod:.2f} | {100 * row['fwd_overhead']:+.1f}% | {1e3 * fb_raw:.2f} | "
+            f"{1e3 * fb_mod:.2f} | {100 * row['fwd_bwd_overhead']:+.1f}% |")
+        rows.append(row)
+    layer.close()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m moe_sft bench", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -465,6 +539,10 @@ def main(argv=None):
     ap.add_argument("--format-tokens", nargs="+", type=int, default=[1, 1024])
     ap.add_argument("--adamw", choices=["yes", "no", "only"], default="yes",
                     help="time an AdamW step over the first shape's LoRA (only: nothing else)")
+    ap.add_argument("--torch-module", choices=["yes", "no", "only"], default="yes",
+                    help="moe_sft.torch's overhead over the raw layer on the first shape (needs torch; only: nothing "
+                         "else)")
+    ap.add_argument("--torch-module-tokens", nargs="+", type=int, default=[256])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-numpy", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write all results here")
@@ -490,10 +568,15 @@ def main(argv=None):
           "weights x2 / f+b time; xstream = fwd time / time to stream the active experts once, and f+b time / "
           "twice, at the measured bandwidth; xC = C's time / ours (fwd/f+b)")
     results = dict(peaks=peaks, torch=getattr(contenders.get("torch"), "__version__", None), shapes={})
-    if args.adamw != "no":
+    if args.adamw != "no" and args.torch_module != "only":
         results["adamw"] = bench_adamw(args.shapes[0], SHAPES[args.shapes[0]], args.reps, args.budget, args.threads,
                                        torch=contenders.get("torch"))
-    if args.adamw == "only":
+    if args.torch_module != "no" and "torch" in contenders:
+        results["torch_module"] = bench_torch_module(args.shapes[0], SHAPES[args.shapes[0]], args.torch_module_tokens,
+                                                     args.reps, args.budget, args.threads)
+    elif args.torch_module == "only":
+        print("--torch-module only: torch is not installed (or --no-torch)")
+    if "only" in (args.adamw, args.torch_module):
         args.shapes, args.formats = [], []
     for name in args.shapes:
         results["shapes"][name] = bench_shape(name, SHAPES[name], args.tokens, args.reps, args.budget, contenders,

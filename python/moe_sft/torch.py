@@ -83,13 +83,14 @@ def as_numpy(tensor, name, *, contiguous=True):
         raise invalid(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type != "cpu":
         raise invalid(f"{name} is on {tensor.device}; a numpy view needs a CPU tensor (move it with .cpu())")
+    if tensor.layout != torch.strided or tensor.is_conj() or tensor.is_neg():
+        lazy = " with a lazy conjugation or negation" if tensor.layout == torch.strided else ""
+        raise invalid(f"{name} is a {tensor.layout} tensor{lazy}; a numpy view needs a plain strided tensor "
+                      "(.resolve_conj().resolve_neg() or .to_dense() makes one)")
     if contiguous and not tensor.is_contiguous():
         raise invalid(f"{name} is not contiguous (shape {tuple(tensor.shape)}, strides {tensor.stride()}); the "
                       "library reads it in place, so it must be contiguous (.contiguous() makes a copy)")
     t = tensor.detach()
-    if t.is_conj() or t.is_neg() or t.layout != torch.strided:
-        raise invalid(f"{name} is a {t.layout} tensor{' with a lazy conjugate/negation' if t.layout == torch.strided else ''}"
-                      "; a numpy view needs a plain strided tensor")
     via = _VIA_INTEGER.get(t.dtype)
     try:
         return t.view(via[0]).numpy().view(via[1]) if via else t.numpy()
@@ -147,7 +148,7 @@ class _LayerState:
         if self.dead:
             self.dead.intersection_update(self.stack)
 
-    def make_room(self, layer, serial_kept=None):
+    def make_room(self, layer):
         """Discards the most recent saved forward(s) until one more fits (their backwards will recompute)."""
         if layer.max_cache_depth == 0:
             raise invalid("the layer has max_cache_depth = 0: it cannot save a forward, so it has no backward; make "
@@ -253,7 +254,6 @@ def _check_lora(layer, lora):
     for name, t in lora.items():
         if name not in shapes:
             raise invalid(f"lora has an unknown key {name!r}; LoRA tensors are named {', '.join(shapes)}")
-        _check_tensor(t, name)
         if t.dtype not in _LORA_DTYPES:
             raise invalid(f"{name} has dtype {t.dtype}; LoRA tensors must be torch.float32 or torch.bfloat16 (the "
                           "layer reads them in place, so they are never converted)")
@@ -273,7 +273,10 @@ def _lora_dict(lora):
         return {}
     if not hasattr(lora, "items"):
         raise invalid(f"lora must be a dict name -> torch.Tensor (or None), got {type(lora).__name__}")
-    return {name: t for name, t in lora.items() if t is not None}
+    lora = {name: t for name, t in lora.items() if t is not None}
+    for name, t in lora.items():
+        _check_tensor(t, f"lora[{name!r}]")
+    return lora
 
 
 def _inputs(layer, hidden_states, top_k_index, top_k_weights):
@@ -311,8 +314,8 @@ def _like(t, like):
 
 
 # The layer's messages name its numpy arguments and methods; these calls came from torch's.
-_TORCH_TERMS = {"expert_ids": "top_k_index", "routing_weights": "top_k_weights", "layer.forward": "moe_sft.torch forward",
-                "layer.backward": "moe_sft.torch backward"}
+_TORCH_TERMS = {"expert_ids": "top_k_index", "routing_weights": "top_k_weights",
+                "layer.forward": "moe_sft.torch forward", "layer.backward": "moe_sft.torch backward"}
 _NUMPY_TERM = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in _TORCH_TERMS) + r")\b")
 
 
@@ -393,6 +396,7 @@ class _ExpertsFunction(torch.autograd.Function):
         return _like(as_tensor(out), hidden_states)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the layer's backward is not itself differentiable
     def backward(ctx, grad_output):
         # Read first, without any lock: under checkpointing this runs the recomputing forward.
         hidden_states, top_k_index, top_k_weights, token, *lora_tensors = ctx.saved_tensors
