@@ -110,7 +110,7 @@ def as_tensor(array):
 
 class _LayerState:
     """This module's bookkeeping for one MoESFT: which of the layer's saved forwards are whose, and which tensors
-    are bound. Every call on the layer from this module runs under ``lock``."""
+    are bound. Every call on the layer from this module runs under ``lock`` (see ``locked``)."""
 
     def __init__(self, layer):
         self.layer_ref = weakref.ref(layer)
@@ -147,6 +147,30 @@ class _LayerState:
             self.dead.discard(self.stack.pop())
         if self.dead:
             self.dead.intersection_update(self.stack)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Holds the lock; after releasing it, drops what tokens that died meanwhile left (their finalizers could
+        not take the lock, see sweep_if_free)."""
+        try:
+            with self.lock:
+                yield
+        finally:
+            self.sweep_if_free()
+
+    def sweep_if_free(self):
+        """Discards the dead saved forwards on top of the cache, unless a call holds the lock: that call sweeps
+        when it releases it (a finalizer may run on any thread, at any point, even inside such a call)."""
+        layer = self.layer_ref()
+        if not self.dead or layer is None or not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.check_in_step(layer)
+            self.sweep(layer)
+        except MoESFTError:
+            pass  # a closed layer, or one also driven directly: its next call reports it
+        finally:
+            self.lock.release()
 
     def make_room(self, layer):
         """Discards the most recent saved forward(s) until one more fits (their backwards will recompute)."""
@@ -210,19 +234,9 @@ class _LayerState:
 
 def _token_died(state, serial):
     """A saved forward's token died (its graph was dropped, or checkpointing packed it away): no backward will use
-    that saved forward. Dropped now when it is on top of the layer's cache and the layer is free, else by the
-    next call on the layer."""
+    that saved forward."""
     state.dead.add(serial)
-    layer = state.layer_ref()
-    if layer is None or not state.lock.acquire(blocking=False):
-        return
-    try:
-        state.check_in_step(layer)
-        state.sweep(layer)
-    except MoESFTError:
-        pass  # a finalizer cannot raise; the closed or foreign-driven layer reports it at its next call
-    finally:
-        state.lock.release()
+    state.sweep_if_free()
 
 
 _STATES = weakref.WeakKeyDictionary()
@@ -336,7 +350,7 @@ def _in_torch_terms():
 def _run_forward(layer, inputs, lora, save):
     """The layer's output (numpy bf16) and, when saved, the token of the saved forward."""
     state = _state(layer)
-    with _in_torch_terms(), state.lock:
+    with _in_torch_terms(), state.locked():
         state.bind(layer, lora)
         if not save:
             return layer.forward(*inputs), None
@@ -352,7 +366,7 @@ def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, wan
     ``serial``, recomputing that forward when it is not on top of the layer's cache."""
     state = _state(layer)
     go = as_numpy(grad_output.detach().to("cpu", torch.bfloat16).contiguous(), "grad_output")
-    with _in_torch_terms(), state.lock:
+    with _in_torch_terms(), state.locked():
         state.check_in_step(layer)
         state.sweep(layer)
         state.bind(layer, lora)
@@ -377,8 +391,6 @@ def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, wan
             if layer.cache_depth > len(state.stack):  # a failed backward leaves its saved forward: drop it
                 layer.discard_saved(1)
             raise
-        finally:
-            state.sweep(layer)
     return gi, gw, lora_grads
 
 
