@@ -312,6 +312,12 @@ def test_graph_dropped_without_backward_leaves_nothing():
     assert m.layer.cache_depth == 1
     a.backward()
     assert m.layer.cache_depth == 0
+    # a graph dropped while a call (here: this block) holds the layer: dropped as soon as the call ends
+    loss = m(x, ids, w).sum()
+    with mt._state(m.layer).locked():
+        del loss
+        assert m.layer.cache_depth == 1
+    assert m.layer.cache_depth == 0
 
 
 def test_backwards_in_another_order_and_retained_graph():

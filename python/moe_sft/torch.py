@@ -187,14 +187,16 @@ class _LayerState:
                               "will recompute it. Make the layer with a larger max_cache_depth to run several "
                               "forwards before one backward without recomputing", RuntimeWarning, stacklevel=5)
 
-    def push(self):
+    def push(self, layer):
         """Records a forward just saved on the layer; returns its token (a tensor holding its serial) with a
-        finalizer that marks the saved forward dead when the token dies."""
+        finalizer that marks the saved forward dead when the token dies. The finalizer holds the layer: a graph
+        keeps its layer alive through the tokens it saved, so a graph already backpropagated (saved tensors
+        freed) does not (its node only has a weak reference), and the layer is freed with its module."""
         serial = self.next_serial
         self.next_serial += 1
         self.stack.append(serial)
         token = torch.tensor([serial], dtype=torch.int64)
-        weakref.finalize(token, _token_died, self, serial).atexit = False
+        weakref.finalize(token, _token_died, self, serial, layer).atexit = False
         return token
 
     # -- binding --
@@ -232,9 +234,9 @@ class _LayerState:
         return self.grad_scratch[name]
 
 
-def _token_died(state, serial):
-    """A saved forward's token died (its graph was dropped, or checkpointing packed it away): no backward will use
-    that saved forward."""
+def _token_died(state, serial, layer):  # noqa: ARG001 - layer: held until the token dies (see push)
+    """A saved forward's token died (its graph was dropped or backpropagated, or checkpointing packed it away): no
+    backward will use that saved forward."""
     state.dead.add(serial)
     state.sweep_if_free()
 
@@ -358,7 +360,7 @@ def _run_forward(layer, inputs, lora, save):
         state.sweep(layer)
         state.make_room(layer)
         out = layer.forward(*inputs, save_for_backward=True)
-        return out, state.push()
+        return out, state.push(layer)
 
 
 def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, want_lora):
@@ -401,7 +403,7 @@ class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, names, inputs, hidden_states, top_k_index, top_k_weights, *lora_tensors):
         out, token = _run_forward(layer, inputs, dict(zip(names, lora_tensors)), save=True)
-        ctx.layer, ctx.names = layer, names
+        ctx.layer_ref, ctx.names = weakref.ref(layer), names  # the token keeps the layer alive (see push)
         # The LoRA tensors are saved so that torch reports an in-place update between forward and backward, as it
         # does for any tensor a backward needs; the inputs, to recompute the forward when its saved one is gone.
         ctx.save_for_backward(hidden_states, top_k_index, top_k_weights, token, *lora_tensors)
@@ -412,11 +414,14 @@ class _ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         # Read first, without any lock: under checkpointing this runs the recomputing forward.
         hidden_states, top_k_index, top_k_weights, token, *lora_tensors = ctx.saved_tensors
+        layer = ctx.layer_ref()
+        if layer is None:  # only a token the layer's finalizer did not see, e.g. one copied by a saved-tensor hook
+            raise invalid("moe_sft.torch backward: the MoESFT layer of this forward was freed before its backward")
         lora = dict(zip(ctx.names, lora_tensors))
         need = dict(zip(("x", "w", *ctx.names), ctx.needs_input_grad[3:4] + ctx.needs_input_grad[5:]))
         want_lora = any(need[n] for n in ctx.names)
         gi, gw, lora_grads = _run_backward(
-            ctx.layer, int(token.item()), lambda: _inputs(ctx.layer, hidden_states, top_k_index, top_k_weights), lora,
+            layer, int(token.item()), lambda: _inputs(layer, hidden_states, top_k_index, top_k_weights), lora,
             grad_output, top_k_index.shape[1], want_lora)
         return (None, None, None, _like(gi, hidden_states) if need["x"] else None, None,
                 _like(gw, top_k_weights) if need["w"] else None,
