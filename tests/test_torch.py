@@ -347,10 +347,11 @@ def test_backwards_in_another_order_and_retained_graph():
     assert m.layer.cache_depth == 0
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("calls", [1, 2])
-def test_checkpoint_gives_the_same_grads(calls):
-    """torch.utils.checkpoint (non-reentrant) around one or two calls of the module: nothing stays saved after the
-    forward, and the grads equal those without checkpointing."""
+def test_checkpoint_gives_the_same_grads(calls, use_reentrant):
+    """torch.utils.checkpoint around one or two calls of the module: nothing stays saved after the forward, and
+    the grads equal those without checkpointing."""
     p = problem()
     x0, ids, w0 = inputs(p)
 
@@ -363,7 +364,7 @@ def test_checkpoint_gives_the_same_grads(calls):
     for use_checkpoint in (False, True):
         m = module(p, max_cache_depth=2)
         x, w = x0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
-        out = checkpoint(block, m, x, w, use_reentrant=False) if use_checkpoint else block(m, x, w)
+        out = checkpoint(block, m, x, w, use_reentrant=use_reentrant) if use_checkpoint else block(m, x, w)
         assert m.layer.cache_depth == (0 if use_checkpoint else calls)
         (out ** 2).sum().backward()
         assert m.layer.cache_depth == 0
