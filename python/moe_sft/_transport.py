@@ -124,7 +124,13 @@ class _MPI(Transport):
                     arrived[r] = recvs.pop(r)
             return not recvs
 
-        _wait(done, self.timeout, self._status_timeout(call, lambda: sorted(recvs)))
+        try:
+            _wait(done, self.timeout, self._status_timeout(call, lambda: sorted(recvs)))
+        except DistributedTimeout:
+            for request in recvs.values():  # the missing ranks' messages would otherwise match a later call
+                request.Cancel()
+                request.Wait()
+            raise
         _wait(lambda: self._MPI.Request.Testall(sends), self.timeout, self._status_timeout(call, lambda: others))
         return {r: _decode(inbox[r]) for r in others}
 
@@ -165,19 +171,25 @@ class _Torch(Transport):
         work.wait()  # raises the backend's own error, if it had one
 
     def _exchange_status(self, mine, call):
+        # gloo's point-to-point works report completion only through wait(), which takes a timeout: each
+        # peer's receive is waited for until the one deadline, and the peers that never reported are named.
+        import datetime
         t, dist = self._torch, self._dist
         others = [r for r in range(self.size) if r != self.rank]
         inbox = {r: t.empty(_MESSAGE_BYTES, dtype=t.uint8) for r in others}
         recvs = {r: dist.irecv(inbox[r], group=self.group, group_src=r, tag=_AGREE_TAG) for r in others}
-        sends = [dist.isend(t.from_numpy(mine), group=self.group, group_dst=r, tag=_AGREE_TAG) for r in others]
-        def done():
-            for r in list(recvs):
-                if recvs[r].is_completed():
-                    recvs.pop(r).wait()
-            return not recvs
-
-        _wait(done, self.timeout, self._status_timeout(call, lambda: sorted(recvs)))
-        _wait(lambda: all(s.is_completed() for s in sends), self.timeout, self._status_timeout(call, lambda: others))
+        sends = {r: dist.isend(t.from_numpy(mine), group=self.group, group_dst=r, tag=_AGREE_TAG) for r in others}
+        deadline = time.monotonic() + self.timeout
+        missing = []
+        for r, work in list(recvs.items()) + list(sends.items()):
+            if r in missing:
+                continue
+            try:
+                work.wait(timeout=datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+            except RuntimeError:
+                missing.append(r)
+        if missing:
+            raise DistributedTimeout(self._status_timeout(call, lambda: sorted(missing))(self.timeout))
         return {r: _decode(inbox[r].numpy()) for r in others}
 
     def alltoall_counts(self, counts, what):
