@@ -4,6 +4,7 @@ tests/distributed_job.py on every rank (one launch per world size: a launch cost
 time, killed on expiry; a case passes when every rank reports it ok. Skipped with the reason when mpirun,
 mpi4py or torch is missing."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -105,3 +106,76 @@ def test_unknown_communicator_is_refused_by_type():
     with pytest.raises(TypeError, match="got builtins.object"):
         distributed.ExpertParallelMoE(object(), 4, [0], None, None, None)
     assert "distributed" not in moe_sft.__all__
+
+
+# README's C snippet (the ```c mpi block) with a main around it: each rank routes its tokens (some -1), sends
+# them to their owners, checks what it received, sends the rows back unchanged (an identity "expert") and
+# checks that each token's combined row is its x times its number of real slots.
+C_MAIN = r"""
+int main(int argc, char **argv) {
+  MPI_Init(&argc, &argv);
+  int rank, world;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  enum { T = 7, K = 2, H = 8, E = 5 };
+  int32_t placement[E];
+  int64_t ids[T * K], pairs[T * K], valid = 0, received_all = 0;
+  float w[T * K], xf[T * H], out[T * H];
+  uint16_t x[T * H], *rx, *y;
+  int64_t *rid;
+  float *rw;
+  int counts[16], offsets[16], rcounts[16], roffsets[16];
+  for (int e = 0; e < E; ++e) placement[e] = (e * 3 + 1) % world;
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < K; ++j) {
+      ids[t * K + j] = (t * 3 + j * 2 + rank) % (E + 1) - 1;
+      w[t * K + j] = 0.5f;
+      valid += ids[t * K + j] >= 0;
+    }
+  for (int i = 0; i < T * H; ++i) xf[i] = (float)(rank * 16 + i / H + 1), out[i] = 0.0f;
+  moe_sft_bf16_from_f32(xf, x, T * H);
+  int64_t received = send_to_owners(MPI_COMM_WORLD, T, K, H, E, x, ids, w, placement, pairs, counts, offsets,
+                                    rcounts, roffsets, &rx, &rid, &rw);
+  for (int64_t i = 0; i < received; ++i)
+    if (rid[i] < 0 || rid[i] >= E || placement[rid[i]] != rank || rw[i] != 0.5f) {
+      printf("rank %d: received row %ld has expert %ld, weight %g\n", rank, (long)i, (long)rid[i], rw[i]);
+      return 1;
+    }
+  MPI_Allreduce(&received, &received_all, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, &valid, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  if (received_all != valid) { printf("rank %d: %ld rows received of %ld\n", rank, (long)received_all, (long)valid); return 1; }
+  y = rx;
+  int64_t rows = 0;
+  for (int r = 0; r < world; ++r) rows += counts[r];
+  return_and_combine(MPI_COMM_WORLD, rows, K, H, pairs, counts, offsets, rcounts, roffsets, y, out);
+  for (int t = 0; t < T; ++t) {
+    int slots = (ids[t * K] >= 0) + (ids[t * K + 1] >= 0);
+    for (int h = 0; h < H; ++h)
+      if (out[t * H + h] != slots * xf[t * H + h]) {
+        printf("rank %d: out[%d, %d] = %g, expected %g\n", rank, t, h, out[t * H + h], slots * xf[t * H + h]);
+        return 1;
+      }
+  }
+  printf("rank %d ok: %ld rows received\n", rank, (long)received);
+  free(rx), free(rid), free(rw);
+  MPI_Finalize();
+  return 0;
+}
+"""
+
+
+def test_readme_c_host_snippet_under_mpirun(tmp_path):
+    args, env = _mpirun()
+    mpicc = shutil.which("mpicc")
+    if mpicc is None:
+        pytest.skip("no mpicc (apt-get install libopenmpi-dev)")
+    readme = open(os.path.join(os.path.dirname(HERE), "README.md"), encoding="utf-8").read()
+    [snippet] = re.findall(r"^```c mpi\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
+    source = tmp_path / "exchange.c"
+    source.write_text(snippet + C_MAIN)
+    flags = subprocess.run([sys.executable, "-m", "moe_sft", "--cflags", "--libs"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    subprocess.run([mpicc, "-std=c11", "-Wall", "-Wextra", "-Werror", str(source), "-o", str(tmp_path / "exchange")]
+                   + flags, check=True, timeout=120)
+    output = _run([args + ["-n", "2", str(tmp_path / "exchange")]], env)
+    assert output.count(" ok: ") == 2, output
