@@ -353,7 +353,31 @@ def case_timeout_names_the_missing_rank(comm, rank, world):
         comm.Barrier()  # MPI: the waits were cancelled, the communicator goes on
 
 
-CASES = [case_uneven_with_holes, case_tokens_elsewhere_and_idle_ranks, case_saved_forwards_lifo_and_discard,
+def case_from_checkpoint(comm, rank, world):
+    """Each rank loads only its experts from a checkpoint (its own copy of one, written here): the layer equals
+    the one made from the arrays, bit for bit."""
+    import tempfile
+    counts = [4] * world
+    E = 2 * world + 1
+    placement = np.arange(E) % world
+    g = Global(problem(counts, E, 2, seed=91), counts, placement)
+    p, rows, mine = g.p, g.rows(rank), g.mine(rank)
+    with tempfile.TemporaryDirectory() as d:
+        tensors = {}
+        for e in range(E):
+            for name, w in (("gate_proj", p.gate), ("up_proj", p.up), ("down_proj", p.down)):
+                tensors[f"model.layers.0.mlp.experts.{e}.{name}.weight"] = w[e]
+        moe_sft.save_safetensors(os.path.join(d, "model.safetensors"), tensors)
+        loaded = D.ExpertParallelMoE.from_checkpoint(comm, d, 0, mine, lora_rank=p.rank, lora_alpha=p.alpha)
+    assert loaded.num_experts == E and loaded.layer.expert_num == len(mine)
+    loaded.update_lora(**local_lora(p, mine))
+    direct = ep_layer(comm, p, mine)
+    a = loaded.forward(p.x[rows], p.ids[rows], p.weights[rows])
+    b = direct.forward(p.x[rows], p.ids[rows], p.weights[rows])
+    assert a.tobytes() == b.tobytes()
+
+
+CASES = [case_uneven_with_holes, case_from_checkpoint, case_tokens_elsewhere_and_idle_ranks, case_saved_forwards_lifo_and_discard,
          case_bad_input_on_one_rank, case_non_finite_on_one_rank, case_placement_checked_collectively,
          case_data_parallel, case_hybrid, case_timeout_names_the_missing_rank]
 
