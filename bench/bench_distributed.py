@@ -95,7 +95,7 @@ def worker(args):
         layer.forward(x, ids, w, save_for_backward=True)
         layer.backward(go)
         total += time.perf_counter() - start
-    flops = 18.0 * H * I * K * args.tokens * args.iters  # forward 6HIk, backward 12HIk per token (LoRA aside)
+    flops = flops_per_token(H, I, K, R) * args.tokens * args.iters
     loopback = None
     if comm is not None:  # the transport's own rate: one large all-to-all of the same kind
         rows = np.zeros((world * 4096, 2 * H), np.uint8)
@@ -109,6 +109,12 @@ def worker(args):
                           total=total / args.iters, compute=timer["compute"] / args.iters,
                           sent_per_token=timer["sent"] / args.iters / args.tokens,
                           gflops=flops / timer["compute"] / 1e9, loopback=loopback)), flush=True)
+
+
+def flops_per_token(hidden, inter, top_k, rank):
+    """Forward + backward FLOPs of one token (README's count): per (token, slot) 6HI + 6r(H+I) forward and
+    6HI + 12r(H+I) backward (grad_input through the frozen weights, the LoRA grads)."""
+    return top_k * (12.0 * hidden * inter + 18.0 * rank * (hidden + inter))
 
 
 def bytes_per_token(hidden, top_k, world):
@@ -144,7 +150,7 @@ def launch(args):
     sent = ", ".join(f"{r['sent_per_token']:.0f}" for r in ranks)
     print(f"model: bytes per token {model:.0f} (uniform routing; measured {sent})")
     rate = one["gflops"] / 2  # per core, from the 2-thread run
-    predicted = 18.0 * H * I * K * args.tokens / (rate * 1e9)
+    predicted = flops_per_token(H, I, K, R) * args.tokens / (rate * 1e9)
     measured = ", ".join(f"{r['compute']:.3f}" for r in ranks)
     print(f"model: compute of one 1-thread rank on {args.tokens} tokens from the 2-thread rate: {predicted:.3f} s "
           f"(measured {measured})")

@@ -377,7 +377,8 @@ def case_from_checkpoint(comm, rank, world):
     assert a.tobytes() == b.tobytes()
 
 
-CASES = [case_uneven_with_holes, case_from_checkpoint, case_tokens_elsewhere_and_idle_ranks, case_saved_forwards_lifo_and_discard,
+CASES = [case_uneven_with_holes, case_from_checkpoint, case_tokens_elsewhere_and_idle_ranks,
+         case_saved_forwards_lifo_and_discard,
          case_bad_input_on_one_rank, case_non_finite_on_one_rank, case_placement_checked_collectively,
          case_data_parallel, case_hybrid, case_timeout_names_the_missing_rank]
 

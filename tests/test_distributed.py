@@ -144,7 +144,10 @@ int main(int argc, char **argv) {
     }
   MPI_Allreduce(&received, &received_all, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, &valid, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
-  if (received_all != valid) { printf("rank %d: %ld rows received of %ld\n", rank, (long)received_all, (long)valid); return 1; }
+  if (received_all != valid) {
+    printf("rank %d: %ld rows received of %ld\n", rank, (long)received_all, (long)valid);
+    return 1;
+  }
   y = rx;
   int64_t rows = 0;
   for (int r = 0; r < world; ++r) rows += counts[r];

@@ -26,7 +26,8 @@ struct Bytes {
 void require_disjoint(const Bytes (&arrays)[6]) {
   for (int a = 0; a < 6; ++a)
     for (int b = a + 1; b < 6; ++b) {
-      const uintptr_t pa = reinterpret_cast<uintptr_t>(arrays[a].data), pb = reinterpret_cast<uintptr_t>(arrays[b].data);
+      const uintptr_t pa = reinterpret_cast<uintptr_t>(arrays[a].data);
+      const uintptr_t pb = reinterpret_cast<uintptr_t>(arrays[b].data);
       if (arrays[a].size > 0 && arrays[b].size > 0 && pa < pb + uintptr_t(arrays[b].size) &&
           pb < pa + uintptr_t(arrays[a].size))
         invalid(std::string(arrays[a].name) + " and " + arrays[b].name + " overlap: each must be an array of its own");

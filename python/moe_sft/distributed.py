@@ -170,9 +170,9 @@ class ExpertParallelMoE:
     def lora_shapes(self):
         return self._local.lora_shapes()
 
-    def update_lora(self, **arrays):
-        """Binds the local experts' six LoRA arrays (MoESFT.update_lora; not collective)."""
-        self._local.update_lora(**arrays)
+    def update_lora(self, *arrays, **named):
+        """Binds the local experts' six LoRA arrays, or none to unbind (MoESFT.update_lora; not collective)."""
+        self._local.update_lora(*arrays, **named)
 
     @property
     def lora(self):
@@ -298,8 +298,13 @@ class ExpertParallelMoE:
     def discard_saved(self, n=1):
         """Drops the n most recent saved forwards (as MoESFT.discard_saved). Not collective, but every rank
         must do the same to keep the saved forwards paired."""
-        n = operator.index(n)
-        if not 0 <= n <= len(self._saved):
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise invalid(f"ExpertParallelMoE.discard_saved: n = {n!r} is not an integer") from None
+        if n < 0:
+            raise invalid(f"ExpertParallelMoE.discard_saved: n = {n} is negative")
+        if n > len(self._saved):
             raise CacheEmptyError(CacheEmptyError.status_name, f"ExpertParallelMoE.discard_saved: n = {n} but "
                                   f"{len(self._saved)} forwards are saved")
         self._local.discard_saved(n)
