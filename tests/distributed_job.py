@@ -199,6 +199,31 @@ def case_saved_forwards_lifo_and_discard(comm, rank, world):
         close_f32(n, getattr(acc, n), 2 * getattr(grads1, n), 1)
 
 
+def case_fused_adapter_accumulates_once(comm, rank, world):
+    """A fused adapter (one A bound as gate_a and up_a): its grad is one array under both names, accumulated
+    once per backward, equal to the single process's."""
+    counts = [5 + r for r in range(world)]
+    E = 2 * world
+    g = Global(problem(counts, E, 2, seed=101), counts, np.arange(E) % world)
+    p, rows, mine = g.p, g.rows(rank), g.mine(rank)
+    p.lora["up_a"] = p.lora["gate_a"]
+    whole = full_layer(p)
+    layer = D.ExpertParallelMoE(comm, E, mine, p.gate[mine], p.up[mine], p.down[mine], lora_rank=p.rank,
+                                lora_alpha=p.alpha)
+    local = local_lora(p, mine)
+    local["up_a"] = local["gate_a"]
+    layer.update_lora(**local)
+    want = acc = None
+    for _ in range(2):  # the second pass adds into the first's grads
+        whole.forward(p.x, p.ids, p.weights, save_for_backward=True)
+        want = whole.backward(p.grad_out, out=want, accumulate=want is not None)
+        layer.forward(p.x[rows], p.ids[rows], p.weights[rows], save_for_backward=True)
+        acc = layer.backward(p.grad_out[rows], out=acc, accumulate=acc is not None)
+    assert acc.up_a is acc.gate_a and want.up_a is want.gate_a
+    for n in R.LORA_NAMES:
+        close_f32(n, getattr(acc, n), getattr(want, n)[mine], len(p.x))
+
+
 def expect_raise_everywhere(call, own_error, failing, rank, words):
     """call() must raise on every rank: own_error on the failing ranks (an int or a set), RemoteError naming
     them and their message elsewhere."""
@@ -378,7 +403,7 @@ def case_from_checkpoint(comm, rank, world):
 
 
 CASES = [case_uneven_with_holes, case_from_checkpoint, case_tokens_elsewhere_and_idle_ranks,
-         case_saved_forwards_lifo_and_discard,
+         case_saved_forwards_lifo_and_discard, case_fused_adapter_accumulates_once,
          case_bad_input_on_one_rank, case_non_finite_on_one_rank, case_placement_checked_collectively,
          case_data_parallel, case_hybrid, case_timeout_names_the_missing_rank]
 

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "distributed_job.py")
 LAUNCH_TIMEOUT = 180  # seconds for one whole job (2 cores shared: interpreter + imports + every case)
 CASES = ("uneven_with_holes", "from_checkpoint", "tokens_elsewhere_and_idle_ranks", "saved_forwards_lifo_and_discard",
-         "bad_input_on_one_rank", "non_finite_on_one_rank", "placement_checked_collectively", "data_parallel",
+         "fused_adapter_accumulates_once", "bad_input_on_one_rank", "non_finite_on_one_rank", "placement_checked_collectively", "data_parallel",
          "timeout_names_the_missing_rank")
 
 

@@ -59,7 +59,14 @@ def _decode(buf):
 
 
 class Transport:
-    """What both backends provide. Row arrays cross as bytes: [rows, row_bytes] uint8, C-contiguous."""
+    """The agreement on errors, over what each backend provides: ``rank``, ``size``, ``timeout`` and
+      alltoall_counts(counts, what)   counts [size] int64, counts[r] to rank r -> what each rank sent here
+      alltoallv_rows(rows, send_counts, recv_counts, what)
+                                      rows [sum(send_counts), row_bytes] uint8, block r to rank r
+                                      -> [sum(recv_counts), row_bytes], the blocks of ranks 0, 1, ... in order
+      allreduce_sum(a, what)          a C-contiguous f32 or int64 array, summed over the ranks in place
+      _exchange_status(message, call) this rank's status message to every other rank -> {rank: their text}
+    ``what`` / ``call`` name the call for the timeout's message."""
 
     rank: int
     size: int
@@ -88,18 +95,6 @@ class Transport:
         return lambda timeout: (f"{what}: rank {self.rank} of {self.size} waited {timeout:g} s for the collective "
                                 f"to complete (a peer rank stopped)")
 
-    def alltoallv_rows(self, rows, send_counts, recv_counts, what):
-        """rows [sum(send_counts), row_bytes] uint8, block r to rank r; returns [sum(recv_counts), row_bytes]."""
-        raise NotImplementedError
-
-    def alltoall_counts(self, counts, what):
-        """counts [size] int64, counts[r] to rank r; returns what each rank sent here."""
-        raise NotImplementedError
-
-    def allreduce_sum(self, a, what):
-        """a (C-contiguous f32 or int64) summed over the ranks, in place."""
-        raise NotImplementedError
-
 
 class _MPI(Transport):
     def __init__(self, comm, timeout):
@@ -116,12 +111,11 @@ class _MPI(Transport):
         inbox = {r: np.empty(_MESSAGE_BYTES, np.uint8) for r in others}
         recvs = {r: self.comm.Irecv(inbox[r], source=r, tag=_AGREE_TAG) for r in others}
         sends = [self.comm.Isend(mine, dest=r, tag=_AGREE_TAG) for r in others]
-        arrived = {}
 
         def done():
             for r in list(recvs):
                 if recvs[r].Test():
-                    arrived[r] = recvs.pop(r)
+                    del recvs[r]
             return not recvs
 
         try:

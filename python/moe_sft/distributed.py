@@ -285,14 +285,20 @@ class ExpertParallelMoE:
         result = out if out is not None else Grads(None, None, **{n: None for n in Grads.LORA_FIELDS})
         result.input = gi if saved.dtype == bfloat16 else gi.astype(saved.dtype)
         result.routing_weights = gw.reshape(saved.T, saved.k)
+        written = {}  # id of a local grad -> the array it went to (a fused adapter's A is one grad, two names)
         for n in Grads.LORA_FIELDS:
             mine, theirs = getattr(g, n), getattr(result, n)
+            if mine is not None and id(mine) in written:
+                setattr(result, n, written[id(mine)])
+                continue
             if mine is None or theirs is None:
                 setattr(result, n, mine)
             elif accumulate:
                 theirs += mine
             else:
                 theirs[...] = mine
+            if mine is not None:
+                written[id(mine)] = getattr(result, n)
         return result
 
     def discard_saved(self, n=1):
