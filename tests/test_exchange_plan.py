@@ -1,6 +1,8 @@
 """moe_sft.plan_exchange / moe_sft_plan_exchange: the send side of expert parallelism, against a numpy
 reference written from the definition (rows ordered by owner rank, expert id, pair index), on both Python
 backends, and at the pointer level (NULL, misaligned, overlapping arrays; nothing written on error)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -60,13 +62,8 @@ def test_plan_matches_the_definition(case):
     (np.zeros((3, 0), int), [0, 1], 2, "top_k = 0 is out of range"),
 ])
 def test_bad_input_names_argument_index_and_value(ids, placement, world, message):
-    with pytest.raises(moe_sft.InvalidArgumentError, match=r"moe_sft\.plan_exchange: .*" + re_escape(message)):
+    with pytest.raises(moe_sft.InvalidArgumentError, match=r"moe_sft\.plan_exchange: .*" + re.escape(message)):
         moe_sft.plan_exchange(np.asarray(ids), np.asarray(placement, dtype=np.int64), world)
-
-
-def re_escape(text):
-    import re
-    return re.escape(text)
 
 
 def test_python_checks_before_the_library():

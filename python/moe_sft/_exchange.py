@@ -52,7 +52,10 @@ def placement_array(placement):
 def plan_exchange(expert_ids, placement, world):
     """Send plan of routing ``expert_ids`` [T, k] (int; -1 = no expert, never sent) when expert e lives on rank
     ``placement[e]`` (an int array [E], each in [0, world)) of ``world`` ranks. Returns an ExchangePlan. Ids
-    outside [-1, E) and owners outside [0, world) raise InvalidArgumentError naming the index and value."""
+    outside [-1, E) and owners outside [0, world) raise InvalidArgumentError naming the index and value.
+
+    The plan does not depend on which rank calls it: the rows a rank keeps are one block like the others (the
+    all-to-all copies them locally), and the receiving side needs only the counts every rank sends it."""
     try:
         world = operator.index(world)
     except TypeError:
