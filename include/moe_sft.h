@@ -310,6 +310,30 @@ moe_sft_status moe_sft_bf16_from_f32(const float *src, uint16_t *dst, int64_t n)
  * for n, the arrays, threads and errors as moe_sft_bf16_from_f32. */
 moe_sft_status moe_sft_bf16_to_f32(const uint16_t *src, float *dst, int64_t n);
 
+/* ---- expert-parallel exchange plan (version 0.3) ----------------------------------------------------------
+ * The bookkeeping of expert parallelism, for a host that moves rows between ranks with its own transport
+ * (MPI_Alltoallv, torch.distributed, ...); the library itself never communicates. Each expert e is owned by
+ * one rank, placement[e]; a rank's (token, slot) pairs travel as rows to the ranks owning their experts.
+ *
+ * Send plan of this rank's routing expert_ids [qlen, top_k] (int64, -1 = no expert, which is never sent):
+ *   send_counts[r]   rows for rank r                         [world] int64 out
+ *   send_offsets[r]  first row of rank r's block              [world] int64 out (exclusive prefix sum)
+ *   send_pairs[i]    flat pair index t * top_k + j of send row i, for i < *send_rows; -1 for the rest
+ *                                                             [qlen * top_k] int64 out
+ *   *send_rows       rows in all (pairs whose id is not -1)   int64 out
+ * Rows are ordered by (owner rank, expert id, pair index): each rank's block is sorted by expert, and each
+ * expert's rows are in token order. A send buffer row i holds x[send_pairs[i] / top_k] (and, for the owner,
+ * the id and routing weight of that pair); results returned in the same order are combined with
+ * out[send_pairs[i] / top_k] += result row i. The receive side needs only the counts each rank sends it
+ * (one all-to-all of send_counts); it runs its own layer over its experts' rows, in the order received.
+ * placement: [expert_num] int32, each in [0, world). qlen >= 0; top_k >= 1; expert_num >= 1; world >= 1.
+ * Errors (MOE_SFT_ERR_INVALID_ARGUMENT naming the argument, index and value; nothing written): a count out of
+ * range, a NULL or misaligned array (NULL allowed for an empty one), placement[e] outside [0, world), an id
+ * outside [-1, expert_num). Stateless: runs on the calling thread, any number of calls at once. */
+moe_sft_status moe_sft_plan_exchange(int64_t qlen, int32_t top_k, const int64_t *expert_ids, int32_t expert_num,
+                                     const int32_t *placement, int32_t world, int64_t *send_counts,
+                                     int64_t *send_offsets, int64_t *send_pairs, int64_t *send_rows);
+
 /* ---- AdamW (version 0.3) -----------------------------------------------------------------------------------
  * torch.optim.AdamW's update over a fixed set of parameter tensors (any number: the LoRA arrays of every layer
  * of a model in one optimizer, so that clipping sees the global norm), with torch.nn.utils.clip_grad_norm_'s

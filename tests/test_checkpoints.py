@@ -291,3 +291,46 @@ def test_peak_rss_is_about_the_experts_bytes(tmp_path):
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True, check=True)
     growth, expert_bytes = map(int, out.stdout.split())
     assert growth <= 1.2 * expert_bytes + (2 << 20), (growth, expert_bytes)
+
+
+# ---- expert selection (expert parallelism: a rank reads its own experts only) ----
+
+@pytest.mark.parametrize("layout", ["per_expert", "mixtral", "fused"])
+def test_selected_experts_only_are_read(tmp_path, layout, monkeypatch):
+    weights = expert_weights(E=6)
+    write_checkpoint(tmp_path, layer_tensors(1, weights, layout, bf16), {"num_experts": 6}, shards=2)
+    copied = []
+    real_copy = _safetensors.SafetensorsFile.copy_into
+    monkeypatch.setattr(_safetensors.SafetensorsFile, "copy_into",
+                        lambda self, name, out, index=None: (copied.append((name, index)), real_copy(self, name, out,
+                                                                                                        index))[1])
+    w = moe_sft.load_experts(tmp_path, 1, experts=[4, 1])
+    assert (w.experts, w.total_experts, w.expert_ids) == (2, 6, (4, 1)) and "2 of 6" in repr(w)
+    for got, src in zip((w.gate_proj, w.up_proj, w.down_proj), weights):
+        assert same_bits(got, src[[4, 1]].astype(bf16))
+    touched = {int(name.split(".experts.")[1].split(".")[0]) if index is None else
+               (index if isinstance(index, int) else index[0]) for name, index in copied}
+    assert touched == {1, 4}, copied
+    everything = moe_sft.load_experts(tmp_path, 1)
+    assert (everything.expert_ids, everything.total_experts) == (None, 6)
+
+
+def test_selected_k2_experts(tmp_path):
+    expected = k2_checkpoint(tmp_path, E=4)
+    w = moe_sft.load_experts(tmp_path, 2, experts=np.array([3, 0]))
+    assert w.experts == 2 and w.weight_format == "int4_k2"
+    assert same_bits(w.gate_proj.weights, expected["gate_proj"][1][[3, 0]])
+    assert same_bits(w.down_proj.scale, expected["down_proj"][2][[3, 0]])
+
+
+@pytest.mark.parametrize("experts, message", [
+    ([0, 6], r"experts\[1\] = 6 is out of range \[0, 6\): layer 1 has 6 routed experts"),
+    ([2, -1], r"experts\[1\] = -1 is out of range"),
+    ([3, 1, 3], r"experts\[2\] = 3 is listed twice"),
+    ([[0, 1]], "experts must be a 1-D list of expert ids"),
+    ([0.5], "experts must be a 1-D list of expert ids"),
+])
+def test_bad_selection(tmp_path, experts, message):
+    write_checkpoint(tmp_path, layer_tensors(1, expert_weights(E=6), "per_expert", bf16))
+    with pytest.raises(moe_sft.InvalidArgumentError, match=message):
+        moe_sft.load_experts(tmp_path, 1, experts=experts)

@@ -25,6 +25,7 @@ from . import _backend
 from ._adapters import Adapter, load_adapter, save_adapter
 from ._check_adapter import AdapterReport, BadGroup, BadTensor, check_adapter
 from ._checkpoints import ExpertWeights, load_experts
+from ._exchange import ExchangePlan, plan_exchange
 from ._errors import (CacheEmptyError, CacheFullError, InternalError, InvalidArgumentError, MoESFTError,
                       NonFiniteError, OutOfMemoryError, UnsupportedError, error_for)
 from ._layer import Grads, MoESFT, bfloat16
@@ -39,7 +40,7 @@ __all__ = ["MoESFT", "Grads", "MoESFTError", "InvalidArgumentError", "OutOfMemor
            "dequantize", "QuantizedWeight", "route", "route_backward", "check_adapter", "AdapterReport", "BadTensor",
            "BadGroup", "get_include", "get_library", "library_version", "backend", "isa", "__version__",
            "save_adapter", "load_adapter", "Adapter", "load_experts", "ExpertWeights", "SafetensorsFile",
-           "save_safetensors", "AdamW", "StepReport", "lora_init"]
+           "save_safetensors", "AdamW", "StepReport", "lora_init", "plan_exchange", "ExchangePlan"]
 
 
 def isa():

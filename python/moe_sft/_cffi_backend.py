@@ -16,7 +16,7 @@ import numpy as _np
 from . import _paths
 
 __all__ = ["Layer", "create", "destroy", "update_lora", "forward", "backward", "discard_saved", "cache_depth",
-           "layer_isa", "route", "route_backward", "quantize", "isa", "status_string", "weight_format_name",
+           "layer_isa", "route", "route_backward", "plan_exchange", "quantize", "isa", "status_string", "weight_format_name",
            "dtype_name", "scoring_name", "last_error", "version", "AdamW", "adamw_create", "adamw_destroy",
            "adamw_step", "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step",
            "adamw_state"]
@@ -171,6 +171,16 @@ def route_backward(logits, scoring, renormalize, expert_ids, grad_routing_weight
     return _lib.moe_sft_route_backward(qlen, experts, top_k, _dtype(logits), _ptr("const void *", logits), scoring,
                                        int(renormalize), _ptr("const int64_t *", expert_ids),
                                        _ptr("const float *", grad_routing_weights), _ptr("float *", grad_logits))
+
+
+def plan_exchange(expert_ids, placement, world, send_counts, send_offsets, send_pairs):
+    """The send plan of expert_ids under placement (see moe_sft_plan_exchange); returns (status, send_rows)."""
+    rows = _ffi.new("int64_t *")
+    (qlen, top_k), experts = expert_ids.shape, placement.shape[0]
+    status = _lib.moe_sft_plan_exchange(qlen, top_k, _ptr("const int64_t *", expert_ids), experts,
+                                        _ptr("const int32_t *", placement), world, _ptr("int64_t *", send_counts),
+                                        _ptr("int64_t *", send_offsets), _ptr("int64_t *", send_pairs), rows)
+    return status, rows[0]
 
 
 def quantize(weight_format, group_size, w, weights, scale, zero):

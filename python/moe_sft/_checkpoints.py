@@ -61,10 +61,17 @@ class ExpertWeights:
     intermediate_size: int
     layout: str
     source_dtype: str
+    expert_ids: tuple = None     # the checkpoint's ids of the experts held, in order (None: all of them)
+    total_experts: int = None    # the layer's routed experts in the checkpoint (= experts when all are held)
+
+    def __post_init__(self):
+        if self.total_experts is None:
+            self.total_experts = self.experts
 
     def __repr__(self):
+        held = f"{self.experts} of {self.total_experts}" if self.expert_ids is not None else f"{self.experts}"
         return (f"ExpertWeights(layer_idx={self.layer_idx}, weight_format={self.weight_format!r}, experts="
-                f"{self.experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"{held}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"layout={self.layout!r}, source_dtype={self.source_dtype!r})")
 
     def create_layer(self, cls=None, **layer_kwargs):
@@ -132,9 +139,12 @@ def _text_config(config):
     return config
 
 
-def load_experts(checkpoint_dir, layer_idx):
+def load_experts(checkpoint_dir, layer_idx, experts=None):
     """The routed experts of layer ``layer_idx`` of a Hugging Face checkpoint directory, as ExpertWeights
-    (bf16 arrays, or int4_k2 QuantizedWeight for compressed-tensors pack-quantized checkpoints)."""
+    (bf16 arrays, or int4_k2 QuantizedWeight for compressed-tensors pack-quantized checkpoints).
+
+    experts: None for all, or a list of distinct expert ids: only those are read (their bytes alone), stacked
+    in that order (expert parallelism: each rank loads its own). Every expert's shape is still checked."""
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, (int, np.integer)) or layer_idx < 0:
         raise invalid(f"layer_idx = {layer_idx!r}; expected a non-negative integer")
     L = int(layer_idx)
@@ -173,14 +183,35 @@ def load_experts(checkpoint_dir, layer_idx):
         raise invalid(f"layer {L} of {where} mixes fused ({_some(sorted(fused.values()))}) and per-expert "
                       f"({_some(sorted(k for v in per_expert.values() for k in v.values()))}) expert tensors")
     if fused:
-        result = _load_fused(ckpt, L, base, fused)
+        result = _load_fused(ckpt, L, base, fused, experts)
     else:
         layout = "mixtral" if block == "block_sparse_moe" else "per_expert"
         names = ({"gate": "w1", "up": "w3", "down": "w2"} if layout == "mixtral"
                  else {p: p + "_proj" for p in ("gate", "up", "down")})
-        result = _load_per_expert(ckpt, L, base, names, per_expert, layout, config)
+        result = _load_per_expert(ckpt, L, base, names, per_expert, layout, config, experts)
     _check_config(config, result, where)
     return result
+
+
+def _selection(experts, E, L):
+    """The expert ids to read, in order: all of them, or ``experts`` checked against the layer's E."""
+    if experts is None:
+        return range(E)
+    sel = np.asarray(experts)
+    if sel.ndim != 1 or (sel.size and sel.dtype.kind not in "iu"):
+        raise invalid(f"experts must be a 1-D list of expert ids, got {sel.dtype} {sel.shape}")
+    for i, e in enumerate(sel.tolist()):
+        if not 0 <= e < E:
+            raise invalid(f"experts[{i}] = {e} is out of range [0, {E}): layer {L} has {E} routed experts")
+        if e in sel[:i]:
+            raise invalid(f"experts[{i}] = {e} is listed twice")
+    return sel.tolist()
+
+
+def _weights(L, weight_format, gate, up, down, sel, E, H, I, layout, source):
+    held = len(sel)
+    return ExpertWeights(L, weight_format, gate, up, down, held, H, I, layout, source,
+                         None if isinstance(sel, range) else tuple(sel), E)
 
 
 def _some(keys, n=12):
@@ -191,9 +222,9 @@ def _check_config(config, w, where):
     for name in ("n_routed_experts", "num_experts", "num_local_experts"):
         value = config.get(name)
         if isinstance(value, int) and value > 0:
-            if value != w.experts:
+            if value != w.total_experts:
                 raise invalid(f"config.json has {name} = {value} but layer {w.layer_idx} of {where} has "
-                              f"{w.experts} routed experts")
+                              f"{w.total_experts} routed experts")
             break
     for name, have in (("hidden_size", w.hidden_size), ("moe_intermediate_size", w.intermediate_size)):
         value = config.get(name)
@@ -210,7 +241,7 @@ def _float_code(ckpt, key):
     return code
 
 
-def _load_fused(ckpt, L, base, fused):
+def _load_fused(ckpt, L, base, fused, experts):
     for name in ("gate_up_proj", "down_proj"):
         if name not in fused:
             have = next(iter(fused.values()))
@@ -222,13 +253,14 @@ def _load_fused(ckpt, L, base, fused):
                       "(transformers 5's orientation; transposed [E, H, 2I] layouts are not read)")
     codes = {_float_code(ckpt, gu_key), _float_code(ckpt, dn_key)}
     E, H, I = gu[0], gu[2], dn[2]
-    gate, up, down = (np.empty(s, bfloat16) for s in ((E, I, H), (E, I, H), (E, H, I)))
+    sel = _selection(experts, E, L)
+    gate, up, down = (np.empty(s, bfloat16) for s in ((len(sel), I, H), (len(sel), I, H), (len(sel), H, I)))
     fg, fd = ckpt.file(gu_key), ckpt.file(dn_key)
-    for e in range(E):
-        fg.copy_into(gu_key, gate[e], (e, slice(0, I)))
-        fg.copy_into(gu_key, up[e], (e, slice(I, 2 * I)))
-        fd.copy_into(dn_key, down[e], e)
-    return ExpertWeights(L, "bf16", gate, up, down, E, H, I, "fused", "/".join(sorted(codes)))
+    for i, e in enumerate(sel):
+        fg.copy_into(gu_key, gate[i], (e, slice(0, I)))
+        fg.copy_into(gu_key, up[i], (e, slice(I, 2 * I)))
+        fd.copy_into(dn_key, down[i], e)
+    return _weights(L, "bf16", gate, up, down, sel, E, H, I, "fused", "/".join(sorted(codes)))
 
 
 def _expert_count(ckpt, L, base, names, per_expert, field):
@@ -243,10 +275,10 @@ def _expert_count(ckpt, L, base, names, per_expert, field):
     return E
 
 
-def _load_per_expert(ckpt, L, base, names, per_expert, layout, config):
+def _load_per_expert(ckpt, L, base, names, per_expert, layout, config, experts):
     fields = set().union(*per_expert.values())
     if "weight_packed" in fields:
-        return _load_k2(ckpt, L, base, names, per_expert, layout, config)
+        return _load_k2(ckpt, L, base, names, per_expert, layout, config, experts)
     if "weight" not in fields:
         raise invalid(f"layer {L} of {ckpt.source}: the experts hold {', '.join(sorted(fields))}; load_experts reads "
                       "weight (BF16/F16/F32) or weight_packed / weight_scale / weight_shape (compressed-tensors int4)")
@@ -263,11 +295,12 @@ def _load_per_expert(ckpt, L, base, names, per_expert, layout, config):
             raise invalid(f"{k} has shape {list(ckpt.shape(k))}; expected {list(want[p])} (from "
                           f"{key[(0, 'gate')]} {list(want['gate'])})")
         codes.add(_float_code(ckpt, k))
-    out = {p: np.empty((E,) + want[p], bfloat16) for p in ("gate", "up", "down")}
-    for e in range(E):
+    sel = _selection(experts, E, L)
+    out = {p: np.empty((len(sel),) + want[p], bfloat16) for p in ("gate", "up", "down")}
+    for i, e in enumerate(sel):
         for p in ("gate", "up", "down"):
-            ckpt.file(key[(e, p)]).copy_into(key[(e, p)], out[p][e])
-    return ExpertWeights(L, "bf16", out["gate"], out["up"], out["down"], E, H, I, layout, "/".join(sorted(codes)))
+            ckpt.file(key[(e, p)]).copy_into(key[(e, p)], out[p][i])
+    return _weights(L, "bf16", out["gate"], out["up"], out["down"], sel, E, H, I, layout, "/".join(sorted(codes)))
 
 
 def _shape2(ckpt, key):
@@ -277,7 +310,7 @@ def _shape2(ckpt, key):
     return shape
 
 
-def _load_k2(ckpt, L, base, names, per_expert, layout, config):
+def _load_k2(ckpt, L, base, names, per_expert, layout, config, experts):
     E = _expert_count(ckpt, L, base, names, per_expert, "weight_packed")
     _expert_count(ckpt, L, base, names, per_expert, "weight_scale")
     if any("weight_zero_point" in v for v in per_expert.values()):
@@ -332,13 +365,14 @@ def _load_k2(ckpt, L, base, names, per_expert, layout, config):
     if group_from_config is not None and group_from_config != g:
         raise invalid(f"config.json's quantization_config has group_size {group_from_config} but the scales of "
                       f"layer {L} give {g}")
+    sel = _selection(experts, E, L)
     out = {}
     for p, (N, K) in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
-        weights = np.empty((E, N, K // 8), np.int32)
-        scale = np.empty((E, N, K // g), bfloat16)
-        for e in range(E):
+        weights = np.empty((len(sel), N, K // 8), np.int32)
+        scale = np.empty((len(sel), N, K // g), bfloat16)
+        for i, e in enumerate(sel):
             f = per_expert[(e, p)]
-            ckpt.file(f["weight_packed"]).copy_into(f["weight_packed"], weights[e])
-            ckpt.file(f["weight_scale"]).copy_into(f["weight_scale"], scale[e])
+            ckpt.file(f["weight_packed"]).copy_into(f["weight_packed"], weights[i])
+            ckpt.file(f["weight_scale"]).copy_into(f["weight_scale"], scale[i])
         out[p] = QuantizedWeight("int4_k2", g, weights, scale, None)
-    return ExpertWeights(L, "int4_k2", out["gate"], out["up"], out["down"], E, H, I, layout, "int4-pack-quantized")
+    return _weights(L, "int4_k2", out["gate"], out["up"], out["down"], sel, E, H, I, layout, "int4-pack-quantized")

@@ -100,6 +100,7 @@ _PYTHON_NAMES = {"moe_sft_create": "MoESFT", "moe_sft_update_lora": "layer.updat
                  "moe_sft_discard_saved": "layer.discard_saved", "moe_sft_cache_depth": "layer.cache_depth",
                  "moe_sft_route": "moe_sft.route", "moe_sft_route_backward": "moe_sft.route_backward",
                  "moe_sft_quantize": "moe_sft.quantize", "moe_sft_isa": "moe_sft.isa",
+                 "moe_sft_plan_exchange": "moe_sft.plan_exchange",
                  "moe_sft_adamw_create": "moe_sft.AdamW", "moe_sft_adamw_step": "AdamW.step",
                  "moe_sft_adamw_set_lr": "AdamW.lr", "moe_sft_adamw_set_config": "AdamW (hyperparameters)",
                  "moe_sft_adamw_set_step": "AdamW.load_state_dict"}

@@ -213,6 +213,22 @@ int route_backward(AnyIn logits, moe_sft_scoring scoring, bool renormalize,
                                 data(grad_routing_weights), data(grad_logits));
 }
 
+// The send plan of expert_ids under placement (see moe_sft_plan_exchange); returns (status, send_rows).
+std::pair<int, int64_t> plan_exchange(Array<const int64_t, nb::ndim<2>> expert_ids,
+                                      Array<const int32_t, nb::ndim<1>> placement, int32_t world,
+                                      Array<int64_t, nb::ndim<1>> send_counts, Array<int64_t, nb::ndim<1>> send_offsets,
+                                      Array<int64_t, nb::ndim<1>> send_pairs) {
+  if (send_counts.shape(0) != size_t(world > 0 ? world : 0) || send_offsets.shape(0) != send_counts.shape(0) ||
+      send_pairs.shape(0) != expert_ids.shape(0) * expert_ids.shape(1)) {
+    throw nb::value_error("plan_exchange: send_counts and send_offsets must be [world], send_pairs [T * k]");
+  }
+  int64_t rows = 0;
+  const int status = moe_sft_plan_exchange(int64_t(expert_ids.shape(0)), int32_t(expert_ids.shape(1)),
+                                           data(expert_ids), int32_t(placement.shape(0)), data(placement), world,
+                                           data(send_counts), data(send_offsets), data(send_pairs), &rows);
+  return {status, rows};
+}
+
 // w [rows, cols] as bf16 bits; weights, scale, zero in weight_format's layout (None where it has none).
 int quantize(moe_sft_weight_format weight_format, int32_t group_size, Array<const uint16_t, nb::ndim<2>> w,
              std::optional<AnyOut> weights, std::optional<Array<float>> scale,
@@ -438,6 +454,8 @@ NB_MODULE(_moe_sft_ext, m) {
         array("expert_ids"), array("grad_routing_weights"), array("grad_logits"));
   m.def("quantize", &quantize, nb::arg("weight_format"), nb::arg("group_size"), array("w"),
         optional_array("weights"), optional_array("scale"), optional_array("zero"));
+  m.def("plan_exchange", &plan_exchange, array("expert_ids"), array("placement"), nb::arg("world"),
+        array("send_counts"), array("send_offsets"), array("send_pairs"));
   m.def("adamw_create", &adamw_create, nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"), nb::arg("eps"),
         nb::arg("weight_decay"), nb::arg("max_grad_norm"), nb::arg("num_threads"), nb::arg("names"),
         array("params"));
