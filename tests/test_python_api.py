@@ -305,7 +305,8 @@ def test_error_messages_name_the_python_call(prob):
 
 def test_enum_names_come_from_the_library():
     backend = _backend.backend
-    assert list(_arrays.enum_codes("weight_format")) == ["bf16", "int8", "int4_awq", "int4_k2"]
+    assert list(_arrays.enum_codes("weight_format")) == ["bf16", "int8", "int4_awq", "int4_k2", "fp8_e4m3_block",
+                                                         "mxfp4"]
     assert list(_arrays.enum_codes("scoring")) == ["softmax", "sigmoid"]
     assert len(_arrays.enum_codes("dtype")) == 2
     for kind in ("weight_format", "dtype", "scoring"):

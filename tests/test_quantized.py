@@ -50,7 +50,7 @@ def test_format_names():
     Python callers pass as weight_format=."""
     for enumerator, code in abi.enum("moe_sft_weight_format").items():
         assert B.weight_format_name(code) == enumerator[len("MOE_SFT_WEIGHT_"):].lower()
-    assert set(FORMATS) == {"bf16", "int8", "int4_awq", "int4_k2"}  # the words README and the API use
+    assert set(FORMATS) == {"bf16", "int8", "int4_awq", "int4_k2", "fp8_e4m3_block", "mxfp4"}  # the words README and the API use
     assert B.weight_format_name(len(FORMATS)) is None and B.weight_format_name(-1) is None
 
 
@@ -561,6 +561,8 @@ RESIDENT_CASES = {  # weight_format: (group_size, low, high) of the growth / bf1
     "int8": (0, 0.0, 0.55),
     "int4_awq": (128, 0.0, 0.30),
     "int4_k2": (32, 0.0, 0.30),
+    "fp8_e4m3_block": (0, 0.0, 0.52),  # the issue's targets: 1 byte + an f32 scale per row and 128 columns
+    "mxfp4": (32, 0.0, 0.28),  # half a byte + an e8m0 byte per 32
 }
 RESIDENT_SHAPE = (32, 512, 512)  # E, H, I
 

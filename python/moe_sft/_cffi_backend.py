@@ -16,8 +16,9 @@ import numpy as _np
 from . import _paths
 
 __all__ = ["Layer", "create", "destroy", "update_lora", "forward", "backward", "discard_saved", "cache_depth",
-           "layer_isa", "route", "route_backward", "plan_exchange", "quantize", "isa", "status_string", "weight_format_name",
-           "dtype_name", "scoring_name", "last_error", "version", "AdamW", "adamw_create", "adamw_destroy",
+           "layer_isa", "route", "route_backward", "plan_exchange", "quantize", "quantize_blocks", "isa",
+           "status_string", "weight_format_name", "dtype_name", "scoring_name", "last_error", "version", "AdamW",
+           "adamw_create", "adamw_destroy",
            "adamw_step", "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step",
            "adamw_state"]
 
@@ -87,7 +88,7 @@ class Layer:
 
 def create(experts, hidden, intermediate, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count,
            check_finite, weight_format, group_size, prequantized, gate, up, down, gate_scale=None, up_scale=None,
-           down_scale=None, gate_zero=None, up_zero=None, down_zero=None):
+           down_scale=None, gate_zero=None, up_zero=None, down_zero=None, block_rows=0, block_cols=0, scale_dtype=1):
     cfg = _ffi.new("moe_sft_config *")
     _lib.moe_sft_config_init(cfg)
     cfg.expert_num, cfg.hidden_size, cfg.intermediate_size = experts, hidden, intermediate
@@ -99,6 +100,7 @@ def create(experts, hidden, intermediate, lora_rank, lora_alpha, max_cache_depth
     cfg.gate_proj, cfg.up_proj, cfg.down_proj = (_ptr("const void *", a) for a in (gate, up, down))
     cfg.gate_scale, cfg.up_scale, cfg.down_scale = (_ptr("const void *", a) for a in (gate_scale, up_scale, down_scale))
     cfg.gate_zero, cfg.up_zero, cfg.down_zero = (_ptr("const uint8_t *", a) for a in (gate_zero, up_zero, down_zero))
+    cfg.block_rows, cfg.block_cols, cfg.scale_dtype = block_rows, block_cols, scale_dtype
     out = _ffi.new("moe_sft_layer **")
     status = _lib.moe_sft_create(cfg, out)
     return status, (Layer(out[0]) if status == 0 else None)
@@ -188,6 +190,13 @@ def quantize(weight_format, group_size, w, weights, scale, zero):
     rows, cols = w.shape
     return _lib.moe_sft_quantize(weight_format, group_size, rows, cols, _ptr("const uint16_t *", w),
                                  _ptr("void *", weights), _ptr("float *", scale), _ptr("uint8_t *", zero))
+
+
+def quantize_blocks(weight_format, block_rows, block_cols, scale_dtype, w, weights, scale):
+    """w [rows, cols] as bf16 bits; weights uint8 and scale (f32, bf16 bits or e8m0 bytes) in weight_format's layout."""
+    rows, cols = w.shape
+    return _lib.moe_sft_quantize_blocks(weight_format, block_rows, block_cols, scale_dtype, rows, cols,
+                                        _ptr("const uint16_t *", w), _ptr("uint8_t *", weights), _ptr("void *", scale))
 
 
 def isa():

@@ -45,8 +45,11 @@ class MoESFT:
     into the layer; the arrays may be dropped afterwards.
 
     weight_format: how the layer stores them: "bf16", or quantized at create (QLoRA-style) "int8" (per output
-    channel) or "int4_awq" (per group of group_size along K, default 128). Pre-quantized weights (including
-    "int4_k2" checkpoints) go to MoESFT.from_quantized.
+    channel), "int4_awq" (per group of group_size along K, default 128), "fp8_e4m3_block" (e4m3 codes with a
+    scale per group_size block (rows, cols), default (128, 128), scales in scale_dtype, float32 or bfloat16) or
+    "mxfp4"
+    (e2m1 codes with an e8m0 scale per 32 along K). Pre-quantized weights (including "int4_k2", FP8 and
+    gpt-oss MXFP4 checkpoints) go to MoESFT.from_quantized.
 
     check_finite: stop at the first NaN/Inf with an error naming the stage, tensor, position and value
     (None: on when the environment has MOE_SFT_CHECK_FINITE=1). Base weights are checked here, once.
@@ -60,10 +63,11 @@ class MoESFT:
                   "tp_count", "weight_format", "group_size")
 
     def __init__(self, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
-                 num_threads=None, tp_count=1, check_finite=None, weight_format="bf16", group_size=None):
+                 num_threads=None, tp_count=1, check_finite=None, weight_format="bf16", group_size=None,
+                 scale_dtype=None):
         self._layer = None  # set first: __del__ runs even when create fails
-        self._create(_quantize.from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size), lora_rank,
-                     lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
+        self._create(_quantize.from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size, scale_dtype),
+                     lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
 
     @classmethod
     def from_quantized(cls, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
@@ -110,7 +114,8 @@ class MoESFT:
             base.experts, base.hidden, base.intermediate, fields["lora_rank"], fields["lora_alpha"],
             fields["max_cache_depth"], 0 if num_threads is None else integer(num_threads, "num_threads"),
             fields["tp_count"], None if check_finite is None else bool(check_finite),
-            _quantize.format_code(base.weight_format), base.group_size, base.prequantized, **base.arrays())
+            _quantize.format_code(base.weight_format), base.config_group_size(), base.prequantized, **base.arrays(),
+            **base.block_fields())
         _check(status)
         set_(self, "_layer", layer)
 
@@ -135,7 +140,8 @@ class MoESFT:
     max_cache_depth = property(lambda self: self._fields["max_cache_depth"], doc="saved forwards allowed at once")
     tp_count = property(lambda self: self._fields["tp_count"], doc="tensor-parallel parts of I")
     weight_format = property(lambda self: self._fields["weight_format"], doc="how the base weights are stored")
-    group_size = property(lambda self: self._fields["group_size"], doc="elements along K per scale (0: none)")
+    group_size = property(lambda self: self._fields["group_size"],
+                          doc="elements along K per scale (0: none); fp8_e4m3_block's block (rows, columns)")
 
     # ---- not copyable ----
 
