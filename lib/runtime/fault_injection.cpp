@@ -1,6 +1,7 @@
 // MOE_SFT_FAULT_INJECTION builds only (see fault_injection.h). The library's own operator new and delete,
-// hidden so that they bind only inside libmoe_sft (the host process and libstdc++ keep theirs): every
-// allocation a std container makes in library code passes through allocation_fails().
+// bound inside libmoe_sft by -Bsymbolic-functions (CMakeLists.txt) so that the library's calls reach them
+// whatever the host process defines (a sanitizer's, say), while the host keeps its own: every allocation a
+// std container makes in library code passes through allocation_fails().
 #include "runtime/fault_injection.h"
 
 #include <atomic>
@@ -62,20 +63,19 @@ void* allocate_aligned(std::size_t n, std::align_val_t align) noexcept {
 
 }  // namespace
 
-#define MOE_SFT_HIDDEN __attribute__((visibility("hidden")))
-MOE_SFT_HIDDEN void* operator new(std::size_t n) { return checked(allocate(n)); }
-MOE_SFT_HIDDEN void* operator new[](std::size_t n) { return checked(allocate(n)); }
-MOE_SFT_HIDDEN void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
-MOE_SFT_HIDDEN void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
-MOE_SFT_HIDDEN void* operator new(std::size_t n, std::align_val_t a) { return checked(allocate_aligned(n, a)); }
-MOE_SFT_HIDDEN void* operator new[](std::size_t n, std::align_val_t a) { return checked(allocate_aligned(n, a)); }
-MOE_SFT_HIDDEN void operator delete(void* p) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete[](void* p) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-MOE_SFT_HIDDEN void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void* operator new(std::size_t n) { return checked(allocate(n)); }
+void* operator new[](std::size_t n) { return checked(allocate(n)); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
+void* operator new(std::size_t n, std::align_val_t a) { return checked(allocate_aligned(n, a)); }
+void* operator new[](std::size_t n, std::align_val_t a) { return checked(allocate_aligned(n, a)); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }

@@ -101,8 +101,12 @@ int main(int argc, char** argv) {
 
   // Serial references, one thread at a time.
   std::vector<Outputs> expected;
-  for (const Problem& p : problems) {
-    moe_sft_layer* layer = p.create(1);
+  // Layer i runs on 1 + i % 2 threads and tp parts; its reference is serial with the same parts (tp parts
+  // sum the LoRA grads in their own order).
+  auto tp_of = [](size_t i) { return int32_t(1 + i % 2); };
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const Problem& p = problems[i];
+    moe_sft_layer* layer = p.create(1, tp_of(i));
     expected.emplace_back(p);
     REQUIRE(forward(layer, p, expected.back(), 1) == MOE_SFT_OK && backward(layer, p, expected.back()) == MOE_SFT_OK,
             "serial run");
@@ -111,7 +115,7 @@ int main(int argc, char** argv) {
   const std::vector<float> adamw_expected = adamw_run();
 
   std::vector<moe_sft_layer*> layers;
-  for (size_t i = 0; i < problems.size(); ++i) layers.push_back(problems[i].create(int32_t(1 + i % 2), int32_t(1 + i % 2)));
+  for (size_t i = 0; i < problems.size(); ++i) layers.push_back(problems[i].create(tp_of(i), tp_of(i)));
   std::vector<std::thread> threads;
   for (size_t i = 0; i < 3; ++i)
     threads.emplace_back(layer_loop, layers[i], std::cref(problems[i]), std::cref(expected[i]), iterations, false);
