@@ -40,7 +40,9 @@ void layer_loop(moe_sft_layer* layer, const Problem& p, const Outputs& expected,
     if (f == MOE_SFT_OK) EXPECT(got.forward_equal(expected), "forward differs from the serial run");
     const moe_sft_status b = backward(layer, p, got);
     EXPECT(b == MOE_SFT_OK || (shared && b == MOE_SFT_ERR_CACHE_EMPTY), "backward status");
-    if (b == MOE_SFT_OK) EXPECT(got.backward_equal(expected), "backward differs from the serial run");
+    if (b == MOE_SFT_OK)
+      EXPECT(got.backward_equal(expected), shared ? "backward (shared layer) differs from the serial run"
+                                                  : "backward (own layer) differs from the serial run");
     if (i % 3 == 0) EXPECT(moe_sft_update_lora(layer, &lora) == MOE_SFT_OK, "update_lora");
     if (i % 4 == 1) {  // an evaluation forward saved by mistake, then dropped
       if (forward(layer, p, got, 1) == MOE_SFT_OK) {
