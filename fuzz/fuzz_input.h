@@ -2,6 +2,7 @@
 // case. Past the end every read gives zero, so any prefix of a case is a case too (libFuzzer shrinks inputs by
 // cutting them). Also used by the reliability drivers to draw random cases from a seeded byte source.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>

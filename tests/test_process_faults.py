@@ -6,14 +6,27 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
-import numpy as np
 import pytest
 
 import moe_sft
 import reference as R
 from conftest import make_layer, run_layer
 from test_threads import same
+
+
+def _wait(pid, timeout):
+    """The child's wait status; a child still running after timeout seconds (hung in the library) is killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the child did not finish in {timeout} s")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
@@ -50,7 +63,7 @@ def test_fork_while_another_thread_computes():
                     os._exit(status)
             pids.append(pid)
         for pid in pids:
-            _, status = os.waitpid(pid, 0)
+            status = _wait(pid, timeout=60)
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child exited with {status}"
     finally:
         stop.set()
@@ -60,7 +73,6 @@ def test_fork_while_another_thread_computes():
 
 CTRL_C = textwrap.dedent("""
     import sys, time
-    import numpy as np
     sys.path.insert(0, {tests!r})
     import reference as R
     from conftest import make_layer
@@ -79,7 +91,7 @@ CTRL_C = textwrap.dedent("""
     layer.forward(p.x, p.ids, p.weights, save_for_backward=True)
     layer.backward(p.grad_out)
     assert layer.cache_depth == 0
-    print("interrupted", flush=True)
+    print(f"interrupted after {{waited:.2f}} s", flush=True)
 """)
 
 

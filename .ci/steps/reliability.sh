@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CI: the reliability checks of README "Reliability", bounded (about 10 minutes on 2 cores, half of it building the two sanitized libraries):
+# CI: the reliability checks of README "Reliability", bounded (about 10 minutes on 2 cores, half of it
+# building the two sanitized libraries):
 #  1. the library built with clang under ASan + UBSan with libFuzzer coverage and the allocation-failure hook
 #     (one build serves the fuzzers, the allocation sweep and the leak-checked soak);
 #  2. each libFuzzer harness for FUZZ_SECONDS from its seed corpus, and the Python file readers with atheris

@@ -22,9 +22,9 @@ namespace {
 
 int total_sites = 0;
 
-// Runs attempt(N) for N = 1, 2, ... until a run finishes without reaching its N-th allocation. attempt arms
-// the fault around the one call under test and returns that call's status; check(status, failed) checks
-// the outcome (failed: the armed allocation was reached).
+// For N = 1, 2, ...: before() prepares, call() runs with the N-th allocation armed to fail, after(failed)
+// checks the outcome (failed: the call reached its N-th allocation) and recovers; stops after the first N
+// the call does not reach.
 void sweep(const char* name, const std::function<moe_sft_status()>& call,
            const std::function<void()>& before, const std::function<void(bool failed)>& after) {
   int sites = 0;
