@@ -102,7 +102,9 @@ def test_ctrl_c_between_calls_and_layer_consistent(tmp_path):
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C.format(tests=os.path.dirname(os.path.abspath(__file__)), tokens=64))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"the child did not start: {proc.communicate()[1]}")
     threading.Event().wait(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
