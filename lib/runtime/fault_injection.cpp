@@ -1,7 +1,8 @@
 // MOE_SFT_FAULT_INJECTION builds only (see fault_injection.h). The library's own operator new and delete,
 // bound inside libmoe_sft by -Bsymbolic-functions (CMakeLists.txt) so that the library's calls reach them
-// whatever the host process defines (a sanitizer's, say), while the host keeps its own: every allocation a
-// std container makes in library code passes through allocation_fails().
+// whatever the host process defines (a sanitizer's runtime, loaded first, keeps serving the rest of the
+// process): every allocation a std container makes in library code passes through allocation_fails().
+// Counting happens only while armed, so allocations of the host that land here outside a sweep cost nothing.
 #include "runtime/fault_injection.h"
 
 #include <atomic>
