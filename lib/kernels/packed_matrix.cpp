@@ -2,6 +2,7 @@
 
 #include "kernels/minifloat.h"
 #include "runtime/assert.h"
+#include "runtime/fault_injection.h"
 #include "runtime/numa.h"
 
 #if defined(__linux__)
@@ -138,7 +139,7 @@ PackedStorage::PackedStorage(int64_t bytes_wanted, int numa_node) {
   const size_t bytes = size_t(bytes_wanted);
   const size_t align = bytes >= kHugePage ? kHugePage : 64;
   const size_t rounded = size_t(round_up(int64_t(bytes), int64_t(align)));
-  void* p = std::aligned_alloc(align, rounded == 0 ? align : rounded);
+  void* p = fault_injection::allocation_fails() ? nullptr : std::aligned_alloc(align, rounded == 0 ? align : rounded);
   if (p == nullptr) throw std::bad_alloc();
   data_.reset(static_cast<std::byte*>(p));
 #if defined(MADV_HUGEPAGE)

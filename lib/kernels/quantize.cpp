@@ -103,7 +103,10 @@ void quantize_awq_group(const bf16* w, int64_t n, uint8_t* codes, float* scale, 
     lo = std::min(lo, to_float(w[i]));
     hi = std::max(hi, to_float(w[i]));
   }
-  const float s = hi > lo ? (hi - lo) / 15.0f : 1.0f;
+  // hi - lo overflows f32 when the group spans more than f32's largest value (weights near +-3e38): then the
+  // range is taken in double, where it fits, and its fifteenth fits f32 again.
+  const float range = hi - lo;
+  const float s = !(hi > lo) ? 1.0f : std::isfinite(range) ? range / 15.0f : float((double(hi) - double(lo)) / 15.0);
   const float z = std::clamp(rint_f32(-lo / s), 0.0f, 15.0f);
   for (int64_t i = 0; i < n; ++i) codes[i] = uint8_t(std::clamp(rint_f32(to_float(w[i]) / s) + z, 0.0f, 15.0f));
   *scale = s;

@@ -1,6 +1,7 @@
 #include "scratch_arena.h"
 
 #include "runtime/assert.h"
+#include "runtime/fault_injection.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -26,7 +27,7 @@ std::byte* ScratchArena::frame(const ScratchLayout& layout) {
     // Grow geometrically so a slowly rising T does not reallocate on every call.
     size_t grown = need + need / 4 + 4096;
     grown = (grown + ScratchLayout::kAlign - 1) / ScratchLayout::kAlign * ScratchLayout::kAlign;
-    void* p = std::aligned_alloc(ScratchLayout::kAlign, grown);
+    void* p = fault_injection::allocation_fails() ? nullptr : std::aligned_alloc(ScratchLayout::kAlign, grown);
     if (p == nullptr) throw std::bad_alloc();
     std::free(data_);
     data_ = static_cast<std::byte*>(p);

@@ -47,9 +47,15 @@ bool amx_native_usable(const char** why_not) {
 // Everything defined below is compiled for AMX, including the kernel templates, so that the tile operations
 // inline into them. Shared headers are included above, outside the region, so that no inline function of
 // theirs gets an AMX-only copy the linker could hand to code that runs on any CPU.
+#if defined(__clang__)  // no target pragma in clang: the list as an attribute on every function of the region
+#include <immintrin.h>
+#pragma clang attribute push(__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16"))), \
+                             apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")
 #include <immintrin.h>
+#endif
 
 #include "kernels/amx/amx_family.h"
 #include "kernels/amx/gemm_amx.h"
@@ -152,4 +158,8 @@ const KernelSet& amx_native_kernels() {
 
 }  // namespace moe_sft::kernels
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif

@@ -17,6 +17,16 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__clang__)
+// clang (the fuzz build) has no target pragma: the same list as an attribute on every function of the region.
+// Its intrinsics carry their own target attributes, so they are declared here, outside the region.
+#include <immintrin.h>
+#define MOE_SFT_AVX512_BEGIN                                                                                   \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma\"))), \
+          apply_to = function)")
+#define MOE_SFT_AVX512_END _Pragma("clang attribute pop")
+#else
 #define MOE_SFT_AVX512_BEGIN \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma\")")
 #define MOE_SFT_AVX512_END _Pragma("GCC pop_options")
+#endif
