@@ -206,6 +206,26 @@ def test_projections_subset():
     assert rel(x.grad, torch.from_numpy(ref["input"])) < LORA_TOL
 
 
+
+def test_untrained_projections_cost_no_memory_per_layer():
+    """Projections without Parameters read zeros and have their grads written to scratch: both shared by the
+    layers of a model (a model of N layers trained on "down" only must not keep N sets of scratch resident)."""
+    import tracemalloc
+    problems = [R.make_problem(E, H, I, K, T, 32, seed=s) for s in range(4)]  # rank 32: scratch >> bookkeeping
+    layers = [module(p, projections=("down",)) for p in problems]
+    x, ids, w = inputs(problems[0])
+    scratch = 4 * sum(np.prod(s) for n, s in layers[0].layer.lora_shapes().items() if not n.startswith("down"))
+    tracemalloc.start()
+    try:
+        layers[0](x, ids, w).sum().backward()
+        first = tracemalloc.get_traced_memory()[0]
+        for m in layers[1:]:
+            m(x, ids, w).sum().backward()
+        more = tracemalloc.get_traced_memory()[0] - first
+    finally:
+        tracemalloc.stop()
+    assert more < scratch / 2, (more, scratch)
+
 def test_no_lora_runs_the_base_layer():
     p = problem()
     m = module(p, projections=())
@@ -229,6 +249,22 @@ def test_output_is_an_ordinary_tensor():
     out.float().sum().backward()
     assert m.layer.cache_depth == 0 and x.grad is not None
 
+
+
+def test_torch_compile_runs_the_layer_outside_the_graph():
+    """torch.compile on a model holding the module: dynamo leaves the layer's call out of its graph (it cannot
+    trace numpy views), and outputs and grads are the eager ones."""
+    p = problem()
+    results = []
+    for compiled in (False, True):
+        m = module(p)
+        x, ids, w = inputs(p)
+        f = torch.compile(m, backend="eager", fullgraph=False) if compiled else m
+        (f(x, ids, w) ** 2).sum().backward()
+        results.append(grads_of(m, x, w))
+        assert m.layer.cache_depth == 0
+    for name, g in results[0].items():
+        assert torch.equal(g, results[1][name]), name
 
 # ---- what gets saved, and when --------------------------------------------------------------------------------------
 
