@@ -266,6 +266,22 @@ def test_torch_compile_runs_the_layer_outside_the_graph():
     for name, g in results[0].items():
         assert torch.equal(g, results[1][name]), name
 
+
+def test_default_device_elsewhere():
+    """A GPU user's torch.set_default_device("cuda") (here "meta", which no CPU code can read) changes nothing:
+    the module makes its Parameters, saved-forward tokens and grads on the CPU, where the layer reads them."""
+    p = problem()
+    ref = module(p)
+    x, ids, w = inputs(p)
+    (ref(x, ids, w) ** 2).sum().backward()
+    with torch.device("meta"):
+        m = module(p)
+        assert all(q.device.type == "cpu" for q in m.parameters())
+        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        (m(x2, ids, w2) ** 2).sum().backward()
+    for name, g in grads_of(ref, x, w).items():
+        assert torch.equal(g, grads_of(m, x2, w2)[name]), name
+
 # ---- what gets saved, and when --------------------------------------------------------------------------------------
 
 def test_no_grad_saves_nothing():

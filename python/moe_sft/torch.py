@@ -193,7 +193,7 @@ class _LayerState:
         serial = self.next_serial
         self.next_serial += 1
         self.stack.append(serial)
-        token = torch.tensor([serial], dtype=torch.int64)
+        token = torch.tensor([serial], dtype=torch.int64, device="cpu")
         weakref.finalize(token, _token_died, self, serial, layer).atexit = False
         return token
 
@@ -394,10 +394,10 @@ def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, wan
             state.make_room(layer)
             layer.forward(*recompute_inputs(), save_for_backward=True)
         T = go.shape[0]
-        gi = torch.empty((T, layer.hidden_size), dtype=torch.bfloat16)
-        gw = torch.empty((T, top_k), dtype=torch.float32)
+        gi = torch.empty((T, layer.hidden_size), dtype=torch.bfloat16, device="cpu")
+        gw = torch.empty((T, top_k), dtype=torch.float32, device="cpu")
         shapes = layer.lora_shapes()
-        lora_grads = {n: torch.empty(shapes[n], dtype=torch.float32) for n in wanted}
+        lora_grads = {n: torch.empty(shapes[n], dtype=torch.float32, device="cpu") for n in wanted}
         want_lora = bool(wanted)
         out = Grads(as_numpy(gi, "grad_input"), as_numpy(gw, "grad_routing_weights"),
                     **{n: (as_numpy(lora_grads[n], n) if n in lora_grads else _scratch_grad(n, shapes[n]))
@@ -505,9 +505,10 @@ class MoEExperts(torch.nn.Module):
         self._layer = layer
         self.projections = projections
         shapes = layer.lora_shapes()
-        for p in projections:
-            for name in (f"{p}_a", f"{p}_b"):
-                self.register_parameter(name, torch.nn.Parameter(torch.zeros(shapes[name], dtype=lora_dtype)))
+        for p in projections:  # device="cpu" here and wherever this module makes a tensor: whatever the default
+            for name in (f"{p}_a", f"{p}_b"):  # device (torch.set_default_device), the layer reads CPU memory
+                self.register_parameter(name, torch.nn.Parameter(torch.zeros(shapes[name], dtype=lora_dtype,
+                                                                             device="cpu")))
         self.reset_lora(init, seed)
 
     @classmethod
