@@ -372,6 +372,27 @@ def test_graph_dropped_without_backward_leaves_nothing():
     assert m.layer.cache_depth == 0
 
 
+def test_graph_dropped_during_a_direct_call_on_the_layer_does_not_hang():
+    """A graph can die inside a call on the layer that holds its lock (a garbage collection running there, in the
+    same thread): its saved forward is then dropped at the next call here, instead of waiting for that lock."""
+    import threading
+    p = problem()
+    m = module(p)
+    x, ids, w = inputs(p)
+    loss = m(x, ids, w).sum()
+
+    def drop_inside_a_layer_call():
+        nonlocal loss
+        with m.layer._lock:
+            del loss
+    thread = threading.Thread(target=drop_inside_a_layer_call, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "deadlock: the dying token waited for the layer's lock held by its own thread"
+    m(x, ids, w).sum().backward()
+    assert m.layer.cache_depth == 0
+
+
 def test_backwards_in_another_order_and_retained_graph():
     """Two losses backpropagated oldest first, and one graph backpropagated twice: each backward gets its own
     forward (recomputed when its saved one is not on top or already taken)."""
