@@ -671,3 +671,9 @@ def test_as_numpy_and_as_tensor_share_memory():
 def test_import_moe_sft_does_not_import_torch():
     code = "import sys, moe_sft; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_import_moe_sft_torch_does_not_import_dynamo():
+    """torch.compile support must not cost every user dynamo's import (seconds)."""
+    code = "import sys, moe_sft.torch; sys.exit('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -444,7 +444,6 @@ class _ExpertsFunction(torch.autograd.Function):
                 *(_like(lora_grads[n], lora[n]) if need[n] else None for n in ctx.names))
 
 
-@torch.compiler.disable  # under torch.compile: a graph break, the layer runs eagerly (dynamo cannot trace numpy views)
 def experts_forward(layer, hidden_states, top_k_index, top_k_weights, lora=None):
     """The routed experts of ``layer`` (a moe_sft.MoESFT) on ``hidden_states`` [T, H], differentiable in
     hidden_states, top_k_weights and the LoRA tensors.
@@ -457,6 +456,9 @@ def experts_forward(layer, hidden_states, top_k_index, top_k_weights, lora=None)
     read zeros (that projection runs without an adapter); None or {} runs the base layer only. The same tensor
     may be given as gate_a and up_a (one A shared, as in PEFT's fused gate_up_proj): its grads add up.
     """
+    if torch.compiler.is_compiling():  # dynamo cannot trace numpy views: a graph break, the layer runs eagerly
+        # (disabled here, not by a decorator: torch.compiler.disable imports dynamo, seconds at import time)
+        return torch.compiler.disable(experts_forward)(layer, hidden_states, top_k_index, top_k_weights, lora)
     if not isinstance(layer, MoESFT):
         raise invalid(f"layer must be a moe_sft.MoESFT, got {type(layer).__name__}")
     lora = _lora_dict(lora)
