@@ -225,13 +225,13 @@ class _LayerState:
 # layers trained on some projections only would otherwise keep one set of each per layer.
 # Keyed by name too: gate_a and up_a of one shape must stay distinct arrays (the same array bound as both is a
 # shared A to the layer; the same array as both grads would be written twice at once).
-_ZEROS = {}  # (name, shape, torch dtype) -> read-only zero array standing in for an adapter that is not given
+_ZEROS = {}  # (name, shape, torch dtype) -> zero array standing in for an adapter that is not given
 _SCRATCH = threading.local()  # .arrays: (name, shape) -> f32 array unwanted LoRA grads are written to, never read
 
 
 def _zeros(name, shape, dtype):
     """A zero array for an adapter that is not given: np.zeros maps untouched pages, which the layers only read,
-    so it costs address space, not memory. Read-only, so sharing it between layers and threads is safe."""
+    so it costs address space, not memory. Never written, so layers and threads can share it."""
     key = (name, shape, dtype)
     if key not in _ZEROS:
         zeros = np.zeros(shape, bfloat16 if dtype == torch.bfloat16 else np.float32)
