@@ -206,6 +206,26 @@ def test_projections_subset():
     assert rel(x.grad, torch.from_numpy(ref["input"])) < LORA_TOL
 
 
+
+def test_untrained_projections_cost_no_memory_per_layer():
+    """Projections without Parameters read zeros and have their grads written to scratch: both shared by the
+    layers of a model (a model of N layers trained on "down" only must not keep N sets of scratch resident)."""
+    import tracemalloc
+    problems = [R.make_problem(E, H, I, K, T, 32, seed=s) for s in range(4)]  # rank 32: scratch >> bookkeeping
+    layers = [module(p, projections=("down",)) for p in problems]
+    x, ids, w = inputs(problems[0])
+    scratch = 4 * sum(np.prod(s) for n, s in layers[0].layer.lora_shapes().items() if not n.startswith("down"))
+    tracemalloc.start()
+    try:
+        layers[0](x, ids, w).sum().backward()
+        first = tracemalloc.get_traced_memory()[0]
+        for m in layers[1:]:
+            m(x, ids, w).sum().backward()
+        more = tracemalloc.get_traced_memory()[0] - first
+    finally:
+        tracemalloc.stop()
+    assert more < scratch / 2, (more, scratch)
+
 def test_no_lora_runs_the_base_layer():
     p = problem()
     m = module(p, projections=())
@@ -229,6 +249,38 @@ def test_output_is_an_ordinary_tensor():
     out.float().sum().backward()
     assert m.layer.cache_depth == 0 and x.grad is not None
 
+
+
+def test_torch_compile_runs_the_layer_outside_the_graph():
+    """torch.compile on a model holding the module: dynamo leaves the layer's call out of its graph (it cannot
+    trace numpy views), and outputs and grads are the eager ones."""
+    p = problem()
+    results = []
+    for compiled in (False, True):
+        m = module(p)
+        x, ids, w = inputs(p)
+        f = torch.compile(m, backend="eager", fullgraph=False) if compiled else m
+        (f(x, ids, w) ** 2).sum().backward()
+        results.append(grads_of(m, x, w))
+        assert m.layer.cache_depth == 0
+    for name, g in results[0].items():
+        assert torch.equal(g, results[1][name]), name
+
+
+def test_default_device_elsewhere():
+    """A GPU user's torch.set_default_device("cuda") (here "meta", which no CPU code can read) changes nothing:
+    the module makes its Parameters, saved-forward tokens and grads on the CPU, where the layer reads them."""
+    p = problem()
+    ref = module(p)
+    x, ids, w = inputs(p)
+    (ref(x, ids, w) ** 2).sum().backward()
+    with torch.device("meta"):
+        m = module(p)
+        assert all(q.device.type == "cpu" for q in m.parameters())
+        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        (m(x2, ids, w2) ** 2).sum().backward()
+    for name, g in grads_of(ref, x, w).items():
+        assert torch.equal(g, grads_of(m, x2, w2)[name]), name
 
 # ---- what gets saved, and when --------------------------------------------------------------------------------------
 
@@ -317,6 +369,27 @@ def test_graph_dropped_without_backward_leaves_nothing():
     with mt._state(m.layer).locked():
         del loss
         assert m.layer.cache_depth == 1
+    assert m.layer.cache_depth == 0
+
+
+def test_graph_dropped_during_a_direct_call_on_the_layer_does_not_hang():
+    """A graph can die inside a call on the layer that holds its lock (a garbage collection running there, in the
+    same thread): its saved forward is then dropped at the next call here, instead of waiting for that lock."""
+    import threading
+    p = problem()
+    m = module(p)
+    x, ids, w = inputs(p)
+    loss = m(x, ids, w).sum()
+
+    def drop_inside_a_layer_call():
+        nonlocal loss
+        with m.layer._lock:
+            del loss
+    thread = threading.Thread(target=drop_inside_a_layer_call, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "deadlock: the dying token waited for the layer's lock held by its own thread"
+    m(x, ids, w).sum().backward()
     assert m.layer.cache_depth == 0
 
 
@@ -597,4 +670,10 @@ def test_as_numpy_and_as_tensor_share_memory():
 
 def test_import_moe_sft_does_not_import_torch():
     code = "import sys, moe_sft; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_import_moe_sft_torch_does_not_import_dynamo():
+    """torch.compile support must not cost every user dynamo's import (seconds)."""
+    code = "import sys, moe_sft.torch; sys.exit('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
