@@ -67,7 +67,8 @@ def isa(request, monkeypatch):
 
 
 def make_layer(p, **kwargs):
-    return bind_lora(moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=p.rank, lora_alpha=p.alpha, **kwargs), p)
+    return bind_lora(moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=p.rank, lora_alpha=p.alpha,
+                                    **p.layer_kwargs(), **kwargs), p)
 
 
 def bind_lora(layer, p):
@@ -168,7 +169,7 @@ def routing_terms(p):
             e = p.ids[t, j]
             if e >= 0:
                 h = R.expert_forward(p, e, R.f64(p.x[t:t + 1]))[2][0]
-                y_abs = np.abs(h) @ np.abs(R.f64(p.down[e])).T
+                y_abs = np.abs(h) @ np.abs(R.f64(p.down[e])).T + np.abs(p.bias("down_bias", e))
                 if p.rank:
                     y_abs += p.scale * np.abs(h @ R.f64(p.lora["down_a"][e]).T) @ np.abs(R.f64(p.lora["down_b"][e])).T
                 terms[t, j] = np.abs(R.f64(p.grad_out[t])) @ y_abs
