@@ -14,6 +14,7 @@ gate = min(g, limit), up = clamp(u, -limit, limit): the library's SWIGLU_CLAMPED
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,11 +58,10 @@ def activation(name, swiglu_alpha, swiglu_limit):
     for n, v in given.items():
         if v is None:
             v = GPT_OSS_ALPHA if n == "swiglu_alpha" else GPT_OSS_LIMIT
-        try:
-            as_float = float(v)
-        except (TypeError, ValueError):
-            raise invalid(f"{n} = {v!r} is not a number") from None
-        if not (math.isfinite(as_float) and as_float > 0 and math.isfinite(np.float32(as_float))):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise invalid(f"{n} = {v!r} is not a number")
+        as_float = float(v)
+        if not (math.isfinite(as_float) and 0 < as_float <= float(np.finfo(np.float32).max)):
             raise invalid(f"{n} = {v!r}: the clamped SwiGLU needs a finite float32 > 0 (gpt-oss: swiglu_alpha "
                           f"{GPT_OSS_ALPHA}, swiglu_limit {GPT_OSS_LIMIT})")
         values[n] = as_float
