@@ -362,3 +362,62 @@ def test_gpt_oss_adapter_layout_refused(tmp_path):
     moe_sft.save_adapter(tmp_path / "b", {0: lora}, RANK, 16)  # per expert
     with pytest.raises(moe_sft.InvalidArgumentError, match="gpt_oss=True, but layer 0 has per-expert LoRA"):
         moe_sft.load_adapter(tmp_path / "b", gpt_oss=True)
+
+
+# ---- gpt-oss checkpoints (the dequantized bf16 releases' keys) ----
+
+def write_gpt_oss_checkpoint(directory, p, layer=1, limit=7.0, drop=(), replace=None):
+    """A gpt-oss checkpoint directory holding p's experts as layer ``layer`` (and a router, attention around them)."""
+    gate_up, down, gate_up_bias, down_bias = gpt_oss_layout(p)
+    pre = f"model.layers.{layer}."
+    tensors = {pre + "mlp.router.weight": np.ones((E, H), R.bf16), pre + "mlp.router.bias": np.ones(E, R.bf16),
+               pre + "self_attn.q_proj.weight": np.ones((H, H), R.bf16),
+               pre + "mlp.experts.gate_up_proj": gate_up, pre + "mlp.experts.gate_up_proj_bias": gate_up_bias.astype(R.bf16),
+               pre + "mlp.experts.down_proj": down, pre + "mlp.experts.down_proj_bias": down_bias.astype(R.bf16)}
+    for key in drop:
+        del tensors[pre + key]
+    tensors.update({pre + k: v for k, v in (replace or {}).items()})
+    directory.mkdir()
+    (directory / "config.json").write_text(
+        '{"model_type": "gpt_oss", "num_local_experts": %d, "hidden_size": %d, "intermediate_size": %d, '
+        '"swiglu_limit": %r}' % (E, H, I, limit))
+    moe_sft.save_safetensors(directory / "model.safetensors", tensors)
+    return directory
+
+
+def test_gpt_oss_checkpoint(tmp_path):
+    """load_experts reads gpt-oss's keys (biases as the checkpoint rounds them, bf16) into the layer from_gpt_oss
+    makes; swiglu_limit comes from config.json."""
+    p = clamped_problem(seed=19)
+    p.biases = {n: b.astype(R.bf16).astype(np.float32) for n, b in p.biases.items()}  # as the checkpoint holds them
+    directory = write_gpt_oss_checkpoint(tmp_path / "ckpt", p, limit=6.5)
+    weights = moe_sft.load_experts(directory, 1)
+    assert (weights.layout, weights.weight_format, weights.experts, weights.hidden_size,
+            weights.intermediate_size) == ("gpt_oss", "bf16", E, H, I)
+    assert weights.model_kwargs["swiglu_limit"] == 6.5 and weights.model_kwargs["swiglu_alpha"] == 1.702
+    with moe_sft.MoESFT.from_checkpoint(directory, 1, lora_rank=RANK, lora_alpha=p.alpha) as got, \
+            moe_sft.MoESFT.from_gpt_oss(*gpt_oss_layout(p), swiglu_limit=6.5, lora_rank=RANK,
+                                        lora_alpha=p.alpha) as want:
+        assert got.activation == "swiglu_clamped" and got.swiglu_limit == 6.5
+        outs = []
+        for layer in (got, want):
+            layer.update_lora(*(p.lora[n] for n in R.LORA_NAMES))
+            out, grads = run_layer(layer, p)
+            outs.append((out, grads.input, grads.routing_weights, grads.gate_b, grads.up_a))
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("drop, replace, match", [
+    (("mlp.experts.down_proj_bias",), None, r"lacks model\.layers\.1\.mlp\.experts\.down_proj_bias"),
+    ((), {"mlp.experts.gate_up_proj_bias": np.zeros((E, I), R.bf16)},
+     r"gate_up_proj_bias has shape \[5, 80\]; expected \[5, 160\]"),
+    ((), {"mlp.experts.down_proj": np.zeros((E, H, I), R.bf16)},
+     r"down_proj has shape \[5, 72, 80\]; expected \[5, 80, 72\]"),
+    ((), {"mlp.experts.gate_up_proj": np.zeros((E, H, 2 * I + 1), R.bf16)},
+     r"gate_up_proj has shape \[5, 72, 161\]; expected gpt-oss's \[E, H, 2I\]"),
+])
+def test_bad_gpt_oss_checkpoint(tmp_path, drop, replace, match):
+    directory = write_gpt_oss_checkpoint(tmp_path / "ckpt", clamped_problem(), drop=drop, replace=replace)
+    with pytest.raises(moe_sft.InvalidArgumentError, match=match):
+        moe_sft.load_experts(directory, 1)

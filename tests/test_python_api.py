@@ -52,7 +52,8 @@ def test_shape_and_format_attributes_are_read_only(prob):
     layer = make_layer(prob, max_cache_depth=2)
     before = {name: getattr(layer, name) for name in moe_sft.MoESFT._READ_ONLY}
     assert before == dict(expert_num=E, hidden_size=H, intermediate_size=I, lora_rank=RANK, lora_alpha=prob.alpha,
-                          max_cache_depth=2, tp_count=1, weight_format="bf16", group_size=0)
+                          max_cache_depth=2, tp_count=1, weight_format="bf16", group_size=0, activation="silu",
+                          swiglu_alpha=None, swiglu_limit=None)
     for name in before:
         with pytest.raises(AttributeError, match=f"MoESFT.{name} is read-only"):
             setattr(layer, name, 2)

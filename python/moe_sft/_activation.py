@@ -87,6 +87,11 @@ def biases(gate_bias, up_bias, down_bias, experts, hidden, intermediate):
             "down_bias": bias(down_bias, "down_bias", (experts, hidden))}
 
 
+def split_gate_up(a):
+    """gpt-oss's interleaved [.., 2I] (a bias) as its gate and up halves [.., I], C-contiguous."""
+    return np.ascontiguousarray(a[..., 0::2]), np.ascontiguousarray(a[..., 1::2])
+
+
 def _shape_error(name, a, expected):
     return invalid(f"{name} has shape {tuple(np.shape(a))}; expected {expected} (gpt-oss's layout)")
 
@@ -108,8 +113,7 @@ def gpt_oss_arrays(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias):
            "down_proj": _as_bf16(dn.transpose(0, 2, 1), "down_proj")}
     gate_bias = up_bias = None
     if gate_up_proj_bias is not None:
-        b = bias(gate_up_proj_bias, "gate_up_proj_bias", (E, 2 * I))
-        gate_bias, up_bias = np.ascontiguousarray(b[:, 0::2]), np.ascontiguousarray(b[:, 1::2])
+        gate_bias, up_bias = split_gate_up(bias(gate_up_proj_bias, "gate_up_proj_bias", (E, 2 * I)))
     out.update(gate_bias=gate_bias, up_bias=up_bias,
                down_bias=bias(down_proj_bias, "down_proj_bias", (E, H)))
     return out

@@ -12,6 +12,11 @@ Key layouts under ``{prefix}layers.{L}.`` (any prefix, e.g. ``model.`` or ``lang
   Mixtral      block_sparse_moe.experts.{e}.{w1,w3,w2}.weight      w1 gate, w3 up, w2 down
   fused        mlp.experts.gate_up_proj [E, 2I, H] (gate's I rows, then up's: transformers 5's
                ``gate, up = linear(x, gate_up_proj[e]).chunk(2, dim=-1)``), mlp.experts.down_proj [E, H, I]
+  gpt-oss      (config.json's model_type "gpt_oss", or keys with gpt-oss's suffixes) mlp.experts.gate_up_proj
+               [E, H, 2I] (transposed, gate and up interleaved: gate = columns 0::2), gate_up_proj_bias [E, 2I],
+               down_proj [E, I, H], down_proj_bias [E, H], as the dequantized (bf16) releases ship; the layer gets
+               the clamped SwiGLU with config.json's swiglu_limit (default 7.0) and swiglu_alpha (1.702, the
+               modeling code's) and the biases (moe_sft._activation has the layout)
 Shared experts (mlp.shared_experts / shared_expert) are not routed experts and are never read.
 
 dtypes: BF16 as is; F16 and F32 rounded to bf16 (round to nearest even); compressed-tensors pack-quantized int4
@@ -22,11 +27,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
 
+from ._activation import GPT_OSS_ALPHA, GPT_OSS_LIMIT, split_gate_up
 from ._arrays import bfloat16
 from ._errors import invalid
 from ._quantize import QuantizedWeight
@@ -39,7 +45,8 @@ SINGLE_NAME = "model.safetensors"
 _FLOAT_CODES = ("BF16", "F16", "F32")
 _PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 _EXPERT_KEY = re.compile(r"^(?P<block>mlp|block_sparse_moe)\.experts\.(?:(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|"
-                         r"down_proj|w1|w3|w2)\.(?P<field>\w+)|(?P<fused>gate_up_proj|down_proj)(?:\.weight)?)$")
+                         r"down_proj|w1|w3|w2)\.(?P<field>\w+)|(?P<fused>(?:gate_up_proj|down_proj)"
+                         r"(?P<suffix>_bias|_blocks|_scales)?)(?:\.weight)?)$")
 _ANY_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -61,19 +68,23 @@ class ExpertWeights:
     intermediate_size: int
     layout: str
     source_dtype: str
+    model_kwargs: dict = field(default_factory=dict)
 
     def __repr__(self):
+        activation = f", activation={self.model_kwargs['activation']!r}" if self.model_kwargs else ""
         return (f"ExpertWeights(layer_idx={self.layer_idx}, weight_format={self.weight_format!r}, experts="
                 f"{self.experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
-                f"layout={self.layout!r}, source_dtype={self.source_dtype!r})")
+                f"layout={self.layout!r}, source_dtype={self.source_dtype!r}{activation})")
 
     def create_layer(self, cls=None, **layer_kwargs):
-        """A MoESFT (or ``cls``) on these weights; layer_kwargs are MoESFT's (lora_rank, lora_alpha, ...)."""
+        """A MoESFT (or ``cls``) on these weights; layer_kwargs are MoESFT's (lora_rank, lora_alpha, ...), over the
+        model's own ``model_kwargs`` (gpt-oss: activation, swiglu_alpha, swiglu_limit and the biases)."""
         if cls is None:
             from ._layer import MoESFT as cls
+        kwargs = {**self.model_kwargs, **layer_kwargs}
         if self.weight_format == "bf16":
-            return cls(self.gate_proj, self.up_proj, self.down_proj, **layer_kwargs)
-        return cls.from_quantized(self.gate_proj, self.up_proj, self.down_proj, **layer_kwargs)
+            return cls(self.gate_proj, self.up_proj, self.down_proj, **kwargs)
+        return cls.from_quantized(self.gate_proj, self.up_proj, self.down_proj, **kwargs)
 
 
 class _Checkpoint:
@@ -172,7 +183,9 @@ def load_experts(checkpoint_dir, layer_idx):
     if fused and per_expert:
         raise invalid(f"layer {L} of {where} mixes fused ({_some(sorted(fused.values()))}) and per-expert "
                       f"({_some(sorted(k for v in per_expert.values() for k in v.values()))}) expert tensors")
-    if fused:
+    if fused and (config.get("model_type") == "gpt_oss" or any(m["suffix"] for _, m in entries)):
+        result = _load_gpt_oss(ckpt, L, base, fused, config)
+    elif fused:
         result = _load_fused(ckpt, L, base, fused)
     else:
         layout = "mixtral" if block == "block_sparse_moe" else "per_expert"
@@ -195,7 +208,8 @@ def _check_config(config, w, where):
                 raise invalid(f"config.json has {name} = {value} but layer {w.layer_idx} of {where} has "
                               f"{w.experts} routed experts")
             break
-    for name, have in (("hidden_size", w.hidden_size), ("moe_intermediate_size", w.intermediate_size)):
+    intermediate = "intermediate_size" if w.layout == "gpt_oss" else "moe_intermediate_size"
+    for name, have in (("hidden_size", w.hidden_size), (intermediate, w.intermediate_size)):
         value = config.get(name)
         if isinstance(value, int) and value > 0 and value != have:
             raise invalid(f"config.json has {name} = {value} but layer {w.layer_idx}'s experts in {where} have {have}")
@@ -211,10 +225,7 @@ def _float_code(ckpt, key):
 
 
 def _load_fused(ckpt, L, base, fused):
-    for name in ("gate_up_proj", "down_proj"):
-        if name not in fused:
-            have = next(iter(fused.values()))
-            raise invalid(f"layer {L} of {ckpt.source} has {have} {list(ckpt.shape(have))} but lacks {base}{name}")
+    _require(ckpt, L, base, fused, ("gate_up_proj", "down_proj"))
     gu_key, dn_key = fused["gate_up_proj"], fused["down_proj"]
     gu, dn = ckpt.shape(gu_key), ckpt.shape(dn_key)
     if len(gu) != 3 or len(dn) != 3 or gu[1] % 2 or dn[0] != gu[0] or dn[1] != gu[2] or 2 * dn[2] != gu[1]:
@@ -229,6 +240,46 @@ def _load_fused(ckpt, L, base, fused):
         fg.copy_into(gu_key, up[e], (e, slice(I, 2 * I)))
         fd.copy_into(dn_key, down[e], e)
     return ExpertWeights(L, "bf16", gate, up, down, E, H, I, "fused", "/".join(sorted(codes)))
+
+
+def _require(ckpt, L, base, fused, names):
+    for name in names:
+        if name not in fused:
+            have = next(iter(fused.values()))
+            raise invalid(f"layer {L} of {ckpt.source} has {have} {list(ckpt.shape(have))} but lacks {base}{name}")
+
+
+def _gpt_oss_activation(config):
+    """MoESFT's activation arguments for a gpt-oss config.json."""
+    return {"activation": "swiglu_clamped", "swiglu_alpha": config.get("swiglu_alpha", GPT_OSS_ALPHA),
+            "swiglu_limit": config.get("swiglu_limit", GPT_OSS_LIMIT)}
+
+
+def _load_gpt_oss(ckpt, L, base, fused, config):
+    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    _require(ckpt, L, base, fused, names)
+    gu_key, gub_key, dn_key, dnb_key = (fused[n] for n in names)
+    gu = ckpt.shape(gu_key)
+    if len(gu) != 3 or gu[2] % 2:
+        raise invalid(f"{gu_key} has shape {list(gu)}; expected gpt-oss's [E, H, 2I] (gate and up interleaved)")
+    E, H, I = gu[0], gu[1], gu[2] // 2
+    for key, want in ((dn_key, (E, I, H)), (gub_key, (E, 2 * I)), (dnb_key, (E, H))):
+        if tuple(ckpt.shape(key)) != want:
+            raise invalid(f"{key} has shape {list(ckpt.shape(key))}; expected {list(want)} (gpt-oss's layout, E, H "
+                          f"and I from {gu_key} {list(gu)})")
+    codes = {_float_code(ckpt, k) for k in (gu_key, dn_key, gub_key, dnb_key)}
+    gate, up, down = (np.empty(s, bfloat16) for s in ((E, I, H), (E, I, H), (E, H, I)))
+    fg, fd = ckpt.file(gu_key), ckpt.file(dn_key)
+    for e in range(E):  # written through transposed views: [H, I] of the checkpoint into [I, H]
+        fg.copy_into(gu_key, gate[e].T, (e, slice(None), slice(0, None, 2)))
+        fg.copy_into(gu_key, up[e].T, (e, slice(None), slice(1, None, 2)))
+        fd.copy_into(dn_key, down[e].T, e)
+    gate_up_bias, down_bias = np.empty((E, 2 * I), np.float32), np.empty((E, H), np.float32)
+    ckpt.file(gub_key).copy_into(gub_key, gate_up_bias)
+    ckpt.file(dnb_key).copy_into(dnb_key, down_bias)
+    gate_bias, up_bias = split_gate_up(gate_up_bias)
+    model = {**_gpt_oss_activation(config), "gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
+    return ExpertWeights(L, "bf16", gate, up, down, E, H, I, "gpt_oss", "/".join(sorted(codes)), model)
 
 
 def _expert_count(ckpt, L, base, names, per_expert, field):
