@@ -81,6 +81,15 @@ typedef enum moe_sft_dtype { MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1 } moe
  *   INT8      W[n, k] = q[n, k] * scale[n]                      q int8, scale f32, per output channel.
  *   INT4_AWQ  W[n, k] = (q[n, k] - zero[n, k/g]) * scale[n, k/g]    q, zero in [0, 15], scale f32.
  *   INT4_K2   W[n, k] = q[n, k] * scale[n, k/g]                 q in [-8, 7], scale bf16 (symmetric; Kimi-K2).
+ *   FP8_E4M3_BLOCK  W[n, k] = e4m3(q[n, k]) * scale_inv[n/bn, k/bk]    (DeepSeek-V3/R1, Qwen3-FP8)
+ *             q an e4m3fn byte (sign, 4 exponent bits with bias 7, 3 mantissa bits; no infinities;
+ *             S.1111.111 is NaN; largest 448; subnormals 2^-6 * m/8); scale_inv f32 or bf16 (scale_dtype) per
+ *             block of bn x bk = block_rows x block_cols (the checkpoint's quantization_config
+ *             .weight_block_size, [128, 128] in every published model); the last block of a row or column
+ *             may be partial.
+ *   MXFP4     W[n, k] = e2m1(q[n, k]) * 2^(scale[n, k/32] - 127)   (OCP microscaling; gpt-oss)
+ *             q an e2m1 nibble (sign in bit 3; magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6), scale an e8m0 byte
+ *             (255 is NaN); group_size 32, K % 32 == 0.
  *
  * Made from bf16 at create (prequantized = 0: gate_proj/up_proj/down_proj are bf16 as above and the
  * layer quantizes them exactly as moe_sft_quantize does) for INT8 and INT4_AWQ; from the caller's
@@ -93,9 +102,21 @@ typedef enum moe_sft_dtype { MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1 } moe
  *   INT4_K2   weights int32 [E, N, K/8], the compressed-tensors "pack-quantized" layout
  *             (weight_packed): q[n, k] + 8 in bits 4 (k % 8) .. 4 (k % 8) + 3 of word k/8 (K % 8 == 0)
  *                                                    scale bf16 [E, N, K/g]   (weight_scale)
+ *   FP8_E4M3_BLOCK  weights uint8 [E, N, K] (weight)      scale f32 or bf16 [E, ceil(N/bn), ceil(K/bk)]
+ *                                                                             (weight_scale_inv)
+ *   MXFP4     weights uint8 [E, N, K/2] (= gpt-oss's *_blocks [E, N, K/32, 16]): q[n, k] in the low nibble of
+ *             byte k/2 for even k, the high nibble for odd k     scale uint8 [E, N, K/32] (*_scales)
  *
- * g must be even and divide K of every projection (H and I), and tp_count <= I / g (parts split I on
- * whole groups). Pre-quantized scales are taken as they are (zero and negative included; NaN/Inf are
+ * FP8_E4M3_BLOCK: block_rows, block_cols >= 1 (block_cols even), group_size 0; parts split I on whole blocks
+ * (tp_count <= ceil(I / lcm(block_rows, block_cols))). MXFP4: group_size 32. Both are made from bf16 at
+ * create as moe_sft_quantize_blocks does, or taken pre-quantized; their scales are taken as they are without
+ * check_finite (a NaN code, a non-finite or zero FP8 scale, an e8m0 255 make NaN/Inf/0 weights); with
+ * check_finite, create refuses them naming the projection, expert, row and column. Every family decodes
+ * them through one shared decoder into bf16 blocks (exact for every e4m3 code and every e2m1 value times a
+ * power of two in bf16's range; code * scale_inv is rounded to bf16 once).
+ *
+ * For the INT formats, g must be even and divide K of every projection (H and I), and tp_count <= I / g
+ * (parts split I on whole groups). Pre-quantized scales are taken as they are (zero and negative included; NaN/Inf are
  * refused only with check_finite); AWQ zero points above 15 are refused. A config the formats do not
  * allow (K2 from bf16, a missing or extra scale/zero pointer, group_size 0, ...) is
  * MOE_SFT_ERR_INVALID_ARGUMENT naming the field. Backward reads the stored integers as forward does: no
@@ -104,7 +125,9 @@ typedef enum moe_sft_weight_format {
   MOE_SFT_WEIGHT_BF16 = 0,
   MOE_SFT_WEIGHT_INT8 = 1,
   MOE_SFT_WEIGHT_INT4_AWQ = 2,
-  MOE_SFT_WEIGHT_INT4_K2 = 3
+  MOE_SFT_WEIGHT_INT4_K2 = 3,
+  MOE_SFT_WEIGHT_FP8_E4M3_BLOCK = 4,
+  MOE_SFT_WEIGHT_MXFP4 = 5
 } moe_sft_weight_format;
 
 /* The activation between the gate/up projections and the down projection (version 0.4). With g and u the gate and
@@ -147,6 +170,13 @@ typedef struct moe_sft_config {
                                 1: they hold weight_format's quantized layout, with the scales (and zeros) below */
   const void *gate_scale, *up_scale, *down_scale; /* pre-quantized scales: f32 (INT8, INT4_AWQ) or bf16 (INT4_K2) */
   const uint8_t *gate_zero, *up_zero, *down_zero; /* pre-quantized INT4_AWQ zero points; NULL for other formats */
+  /* Block-scaled FP8 (version 0.4). */
+  int32_t block_rows;        /* FP8_E4M3_BLOCK: rows (along N) per scale, the checkpoint's weight_block_size[0];
+                                must be 0 for other formats */
+  int32_t block_cols;        /* FP8_E4M3_BLOCK: columns (along K) per scale, weight_block_size[1]; even;
+                                must be 0 for other formats */
+  moe_sft_dtype scale_dtype; /* FP8_E4M3_BLOCK's pre-quantized scale_inv: F32 (default) or BF16; must stay F32
+                                for other formats (their scale types are fixed) */
   /* Activation and frozen biases (version 0.4). moe_sft_config_init's defaults: SILU and no biases, as before. */
   moe_sft_activation activation; /* see moe_sft_activation */
   float swiglu_alpha;        /* SWIGLU_CLAMPED's alpha: finite and > 0; default 1.702. Not read with SILU. */
@@ -262,7 +292,23 @@ const char *moe_sft_last_error(void);
 moe_sft_status moe_sft_quantize(moe_sft_weight_format weight_format, int32_t group_size, int64_t rows, int64_t cols,
                                 const uint16_t *w, void *weights, float *scale, uint8_t *zero);
 
-/* Name of a weight format ("bf16", "int8", "int4_awq", "int4_k2"); NULL for an unknown value. */
+/* Quantizes one bf16 matrix w [rows, cols] into FP8_E4M3_BLOCK or MXFP4's pre-quantized layout (see
+ * moe_sft_weight_format), exactly as moe_sft_create does from bf16 (version 0.4):
+ *   FP8_E4M3_BLOCK  per block of block_rows x block_cols (the last ones partial): scale_inv = amax(|block|) / 448
+ *             (1 for an all-zero block), stored as scale_dtype (F32 or BF16); q = e4m3(w / stored scale_inv),
+ *             rounded to nearest even, saturating at +-448. weights uint8 [rows, cols]; scale
+ *             [ceil(rows/block_rows), ceil(cols/block_cols)] of scale_dtype.
+ *   MXFP4     block_rows 1, block_cols 32, cols % 32 == 0 (scale_dtype is not read: the scales are e8m0 bytes):
+ *             per group of 32, e = clamp(floor(log2(amax)) - 2, -127, 127) (0 for an all-zero group), scale byte
+ *             e + 127, q = e2m1(w / 2^e) rounded to nearest even, saturating at +-6. weights uint8
+ *             [rows, cols/2] (low nibble first); scale uint8 [rows, cols/32].
+ * w must be finite. Stateless and thread-safe; nothing is written on error. */
+moe_sft_status moe_sft_quantize_blocks(moe_sft_weight_format weight_format, int32_t block_rows, int32_t block_cols,
+                                       moe_sft_dtype scale_dtype, int64_t rows, int64_t cols, const uint16_t *w,
+                                       uint8_t *weights, void *scale);
+
+/* Name of a weight format ("bf16", "int8", "int4_awq", "int4_k2", "fp8_e4m3_block", "mxfp4"); NULL for an
+ * unknown value. */
 const char *moe_sft_weight_format_name(moe_sft_weight_format weight_format);
 
 /* Name of an activation ("silu", "swiglu_clamped"); NULL for an unknown value. Static storage, thread-safe

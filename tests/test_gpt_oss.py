@@ -11,7 +11,7 @@ import pytest
 import abi
 import moe_sft
 import reference as R
-from conftest import assert_matches_reference, make_layer, run_layer
+from conftest import assert_matches_reference, bind_lora, make_layer, run_layer
 
 E, H, I, K, T, RANK = 5, 72, 80, 2, 24, 8  # I = 80: a partial 64-column block; tp 3 splits it unevenly
 
@@ -421,3 +421,67 @@ def test_bad_gpt_oss_checkpoint(tmp_path, drop, replace, match):
     directory = write_gpt_oss_checkpoint(tmp_path / "ckpt", clamped_problem(), drop=drop, replace=replace)
     with pytest.raises(moe_sft.InvalidArgumentError, match=match):
         moe_sft.load_experts(directory, 1)
+
+
+# ---- gpt-oss MXFP4 (the original release's *_blocks / *_scales) ----
+
+def mxfp4_gpt_oss(seed=23):
+    """(a clamped problem with H, I multiples of 32, its gpt-oss MXFP4 tensors {name: array} in the checkpoint's
+    orientation, the problem on the weights they encode)."""
+    p = R.make_gpt_oss_problem(4, 64, 96, 2, 20, 4, seed=seed)
+    gate_up_rows = np.empty((4, 192, 64), R.bf16)  # [E, 2I, H]: rows are outputs, interleaved
+    gate_up_rows[:, 0::2], gate_up_rows[:, 1::2] = p.gate, p.up
+    q_gu, q_dn = moe_sft.quantize(gate_up_rows, "mxfp4"), moe_sft.quantize(p.down, "mxfp4")
+    decoded_gu = moe_sft.dequantize(q_gu)
+    ref = dataclasses.replace(p, gate=decoded_gu[:, 0::2], up=decoded_gu[:, 1::2], down=moe_sft.dequantize(q_dn))
+    _, up_clamped, margin = R.clamp_stats(ref)
+    assert margin > 0.25 and 0.1 < up_clamped < 0.9
+    bias = np.empty((4, 192), np.float32)
+    bias[:, 0::2], bias[:, 1::2] = p.biases["gate_bias"], p.biases["up_bias"]
+    tensors = {"gate_up_proj_blocks": q_gu.weights.reshape(4, 192, 2, 16), "gate_up_proj_scales": q_gu.scale,
+               "down_proj_blocks": q_dn.weights.reshape(4, 64, 3, 16), "down_proj_scales": q_dn.scale,
+               "gate_up_proj_bias": bias, "down_proj_bias": p.biases["down_bias"]}
+    return p, tensors, ref
+
+
+def test_gpt_oss_mxfp4_checkpoint(tmp_path, isa):
+    """The original release's layout: load_experts keeps the MXFP4 bytes (uint8 arrays only: no bf16 copy), and the
+    layer matches the float64 reference on the weights they encode; from_gpt_oss on the same QuantizedWeight (as
+    transformers' Mxfp4GptOssExperts holds them) gives the same layer."""
+    p, tensors, ref = mxfp4_gpt_oss()
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "gpt_oss", "swiglu_limit": 7.0, '
+                                           '"quantization_config": {"quant_method": "mxfp4"}}')
+    moe_sft.save_safetensors(directory / "model.safetensors",
+                             {f"model.layers.0.mlp.experts.{k}": v for k, v in tensors.items()})
+    weights = moe_sft.load_experts(directory, 0)
+    assert (weights.weight_format, weights.layout, weights.source_dtype) == ("mxfp4", "gpt_oss", "mxfp4")
+    assert all(a.dtype == np.uint8 for q in (weights.gate_proj, weights.up_proj, weights.down_proj) for a in q[2:4])
+    with weights.create_layer(lora_rank=p.rank, lora_alpha=p.alpha, tp_count=2) as layer:
+        assert (layer.weight_format, layer.activation) == ("mxfp4", "swiglu_clamped")
+        out, grads = run_layer(bind_lora(layer, ref), ref)
+    assert_matches_reference(ref, out, grads)
+    quantized = [moe_sft.QuantizedWeight("mxfp4", 32, tensors[f"{n}_blocks"], tensors[f"{n}_scales"], None)
+                 for n in ("gate_up_proj", "down_proj")]
+    with moe_sft.MoESFT.from_gpt_oss(*quantized, tensors["gate_up_proj_bias"], tensors["down_proj_bias"],
+                                     lora_rank=p.rank, lora_alpha=p.alpha, tp_count=2) as layer:
+        again, again_grads = run_layer(bind_lora(layer, ref), ref)
+    assert np.array_equal(out, again) and np.array_equal(grads.input, again_grads.input)
+
+
+def test_bad_gpt_oss_mxfp4(tmp_path):
+    _, tensors, _ = mxfp4_gpt_oss()
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "gpt_oss"}')
+    tensors["down_proj_scales"] = tensors["down_proj_scales"][:, :, :2].copy()
+    moe_sft.save_safetensors(directory / "model.safetensors",
+                             {f"model.layers.0.mlp.experts.{k}": v for k, v in tensors.items()})
+    with pytest.raises(moe_sft.InvalidArgumentError, match=r"down_proj_scales has shape \[4, 64, 2\]; expected "
+                                                           r"\[4, 64, 3\]"):
+        moe_sft.load_experts(directory, 0)
+    q = moe_sft.QuantizedWeight("mxfp4", 32, tensors["gate_up_proj_blocks"], tensors["gate_up_proj_scales"], None)
+    dn = moe_sft.QuantizedWeight("mxfp4", 32, tensors["down_proj_blocks"], tensors["down_proj_scales"], None)
+    with pytest.raises(moe_sft.InvalidArgumentError, match="down_proj has weights uint8"):
+        moe_sft.MoESFT.from_gpt_oss(q, dn, lora_rank=0)

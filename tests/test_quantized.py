@@ -50,7 +50,7 @@ def test_format_names():
     Python callers pass as weight_format=."""
     for enumerator, code in abi.enum("moe_sft_weight_format").items():
         assert B.weight_format_name(code) == enumerator[len("MOE_SFT_WEIGHT_"):].lower()
-    assert set(FORMATS) == {"bf16", "int8", "int4_awq", "int4_k2"}  # the words README and the API use
+    assert set(FORMATS) == {"bf16", "int8", "int4_awq", "int4_k2", "fp8_e4m3_block", "mxfp4"}  # the words README and the API use
     assert B.weight_format_name(len(FORMATS)) is None and B.weight_format_name(-1) is None
 
 

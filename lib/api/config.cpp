@@ -8,7 +8,9 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <string>
+#include <utility>
 
 #include "api/validate.h"
 #include "kernels/quantize.h"
@@ -39,30 +41,69 @@ std::string format_label(kernels::WeightFormat f) {
   return std::string("weight_format ") + kernels::weight_format_name(f);
 }
 
+// The K of every projection (H and I), named as the config's fields.
+struct KDim {
+  const char* name;
+  int64_t k;
+};
+
+void require_zero_field(int32_t v, const char* field, const std::string& label, const char* why) {
+  if (v != 0) invalid(std::string("cfg->") + field + " = " + std::to_string(v) + " must be 0 with " + label + why);
+}
+
+void validate_fp8_blocks(const moe_sft_config& c, const std::string& label) {
+  require_zero_field(c.group_size, "group_size", label, " (its scales are per block_rows x block_cols)");
+  for (const auto& [field, v] : {std::pair<const char*, int32_t>{"block_rows", c.block_rows}, {"block_cols", c.block_cols}})
+    if (v <= 0)
+      invalid(std::string("cfg->") + field + " = " + std::to_string(v) + " with " + label +
+              ": set the checkpoint's quantization_config.weight_block_size (usually 128 x 128)");
+  if (c.block_cols % 2 != 0)
+    invalid("cfg->block_cols = " + std::to_string(c.block_cols) +
+            " is odd: the packed layout keeps pairs of K under one scale");
+  const int64_t scale_dtype = enum_value(c.scale_dtype);
+  if (scale_dtype != MOE_SFT_DTYPE_F32 && scale_dtype != MOE_SFT_DTYPE_BF16)
+    invalid("cfg->scale_dtype = " + std::to_string(scale_dtype) + " is not a moe_sft_dtype (0 bf16, 1 f32)");
+  const int64_t unit = std::lcm(int64_t(c.block_rows), int64_t(c.block_cols));  // a part boundary of gate/up rows and down columns
+  const int64_t max_parts = (c.intermediate_size + unit - 1) / unit;
+  if (c.tp_count > max_parts)
+    invalid("cfg->tp_count = " + std::to_string(c.tp_count) + " cannot split cfg->intermediate_size = " +
+            std::to_string(c.intermediate_size) + " into parts of whole " + std::to_string(c.block_rows) + " x " +
+            std::to_string(c.block_cols) + " blocks (at most " + std::to_string(max_parts) + " parts)");
+}
+
 void validate_group_size(const moe_sft_config& c, kernels::WeightFormat f) {
+  using kernels::WeightFormat;
   const std::string label = format_label(f);
+  if (f != WeightFormat::fp8_e4m3_block) {
+    require_zero_field(c.block_rows, "block_rows", label, " (only fp8_e4m3_block has scale blocks)");
+    require_zero_field(c.block_cols, "block_cols", label, " (only fp8_e4m3_block has scale blocks)");
+    if (enum_value(c.scale_dtype) != MOE_SFT_DTYPE_F32)
+      invalid("cfg->scale_dtype = " + std::to_string(enum_value(c.scale_dtype)) + " must stay MOE_SFT_DTYPE_F32 with " +
+              label + " (only fp8_e4m3_block's scales come in a chosen dtype)");
+  }
+  if (f == WeightFormat::fp8_e4m3_block) return validate_fp8_blocks(c, label);
   if (!kernels::has_groups(f)) {
     if (c.group_size != 0)
       invalid("cfg->group_size = " + std::to_string(c.group_size) + " must be 0 with " + label +
-              (f == kernels::WeightFormat::int8 ? " (one scale per output channel)" : " (no scales)"));
+              (f == WeightFormat::int8 ? " (one scale per output channel)" : " (no scales)"));
     return;
   }
   const int64_t g = c.group_size;
+  if (f == WeightFormat::mxfp4 && g != 32)
+    invalid("cfg->group_size = " + std::to_string(g) + " with " + label + ": MXFP4 scales groups of 32 along K");
   if (g <= 0)
     invalid("cfg->group_size = " + std::to_string(g) + " with " + label +
             ": set the elements per scale along K (" +
-            (f == kernels::WeightFormat::int4_awq ? "AWQ's usual is 128)" : "Kimi-K2's is 32)"));
+            (f == WeightFormat::int4_awq ? "AWQ's usual is 128)" : "Kimi-K2's is 32)"));
   if (g % 2 != 0)
     invalid("cfg->group_size = " + std::to_string(g) + " is odd: the packed layout keeps pairs of K in one group");
-  const struct {
-    const char* name;
-    int64_t k;
-  } dims[] = {{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size}};
-  for (const auto& d : dims) {
+  const KDim dims[] = {{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size}};
+  for (const KDim& d : dims) {
     if (d.k % g != 0)
       invalid("cfg->group_size = " + std::to_string(g) + " does not divide cfg->" + d.name + " = " +
-              std::to_string(d.k) + " (the K of a projection; groups run along K)");
-    if (f == kernels::WeightFormat::int4_k2 && d.k % 8 != 0)
+              std::to_string(d.k) + " (the K of a projection; groups run along K" +
+              (f == WeightFormat::mxfp4 ? ": MXFP4 needs K a multiple of 32)" : ")"));
+    if (f == WeightFormat::int4_k2 && d.k % 8 != 0)
       invalid("cfg->" + std::string(d.name) + " = " + std::to_string(d.k) +
               " is not a multiple of 8: int4_k2 packs 8 values of K per int32 word");
   }
@@ -71,6 +112,16 @@ void validate_group_size(const moe_sft_config& c, kernels::WeightFormat f) {
             std::to_string(c.intermediate_size) + " into parts of whole groups of group_size = " + std::to_string(g) +
             " (at most " + std::to_string(c.intermediate_size / g) + " parts)");
 }
+
+}  // namespace
+
+kernels::QuantizedSource source_shape(const moe_sft_config& c, int64_t rows, int64_t cols) {
+  const auto f = kernels::WeightFormat(enum_value(c.weight_format));
+  const auto scale_type = enum_value(c.scale_dtype) == MOE_SFT_DTYPE_BF16 ? kernels::ScaleType::bf16 : kernels::ScaleType::f32;
+  return kernels::QuantizedSource::shape(f, rows, cols, c.group_size, c.block_rows, c.block_cols, scale_type);
+}
+
+namespace {
 
 void validate_zero_points(const ProjectionFields& p, int64_t experts, int64_t groups) {
   const int64_t n = experts * p.rows * groups;
@@ -86,7 +137,7 @@ void validate_weights(const moe_sft_config& c) {
   const auto f = WeightFormat(enum_value(c.weight_format));
   if (kernels::weight_format_name(f) == nullptr)
     invalid("cfg->weight_format = " + std::to_string(enum_value(c.weight_format)) +
-            " is not a moe_sft_weight_format (0 bf16, 1 int8, 2 int4_awq, 3 int4_k2)");
+            " is not a moe_sft_weight_format (0 bf16, 1 int8, 2 int4_awq, 3 int4_k2, 4 fp8_e4m3_block, 5 mxfp4)");
   const std::string label = format_label(f);
   if (c.prequantized != 0 && c.prequantized != 1)
     invalid("cfg->prequantized = " + std::to_string(c.prequantized) + " must be 0 (bf16 weights) or 1 (quantized)");
@@ -108,14 +159,13 @@ void validate_weights(const moe_sft_config& c) {
       require_array(p.weights, p.weights_name, E * p.rows * p.cols, 2);
       continue;
     }
-    const int64_t row_bytes = kernels::QuantizedSource::weight_row_bytes(f, p.cols);
+    const kernels::QuantizedSource shape = source_shape(c, p.rows, p.cols);
     const int64_t word = f == WeightFormat::int4_k2 ? 4 : 1;
-    require_array(p.weights, p.weights_name, E * p.rows * row_bytes / word, word);
-    const int64_t groups = kernels::QuantizedSource::scale_row_elems(f, p.cols, c.group_size);
-    require_array(p.scale, p.scale_name, E * p.rows * groups, kernels::QuantizedSource::scale_bytes(f));
+    require_array(p.weights, p.weights_name, E * shape.weight_bytes() / word, word);
+    require_array(p.scale, p.scale_name, E * shape.scale_count(), kernels::QuantizedSource::scale_bytes(shape.scale_type));
     if (f == WeightFormat::int4_awq) {
-      require_array(p.zero, p.zero_name, E * p.rows * groups, 1);
-      validate_zero_points(p, E, groups);
+      require_array(p.zero, p.zero_name, E * shape.scale_count(), 1);
+      validate_zero_points(p, E, shape.groups());
     } else if (p.zero != nullptr) {
       invalid(std::string(p.zero_name) + " is set, but " + label + " is symmetric: it has no zero points");
     }
@@ -216,6 +266,7 @@ void moe_sft_config_init(moe_sft_config* cfg) {
   cfg->num_threads = 0;
   cfg->tp_count = 1;
   cfg->check_finite = moe_sft::api::check_finite_default();
+  cfg->scale_dtype = MOE_SFT_DTYPE_F32;
   cfg->activation = MOE_SFT_ACTIVATION_SILU;
   cfg->swiglu_alpha = 1.702f;
   cfg->swiglu_limit = 7.0f;

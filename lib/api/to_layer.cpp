@@ -15,6 +15,9 @@ layer::LayerConfig to_layer_config(const moe_sft_config& c) {
   out.check_finite = c.check_finite != 0;
   out.weight_format = kernels::WeightFormat(c.weight_format);
   out.group_size = c.group_size;
+  out.block_rows = c.block_rows;
+  out.block_cols = c.block_cols;
+  out.fp8_scale_type = c.scale_dtype == MOE_SFT_DTYPE_BF16 ? kernels::ScaleType::bf16 : kernels::ScaleType::f32;
   out.prequantized = c.prequantized != 0;
   out.gate = {c.gate_proj, c.gate_scale, c.gate_zero};
   out.up = {c.up_proj, c.up_scale, c.up_zero};

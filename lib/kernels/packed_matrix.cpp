@@ -1,5 +1,6 @@
 #include "packed_matrix.h"
 
+#include "kernels/minifloat.h"
 #include "runtime/assert.h"
 #include "runtime/numa.h"
 
@@ -22,6 +23,11 @@ constexpr int64_t P = PackedMatrix::kPanelRows;
 // packed_matrix.h), in its low nibble for even kp, its high nibble for odd kp.
 int64_t int4_byte(int64_t kp, int64_t lane) { return (kp / 4) * 64 + lane * 2 + (kp % 4) / 2; }
 
+// How a packed matrix stores its scales (packed_matrix.h): fp8_e4m3_block's bf16 scales are widened to f32.
+ScaleType packed_scale_type(WeightFormat f) {
+  return f == WeightFormat::int4_k2 ? ScaleType::bf16 : f == WeightFormat::mxfp4 ? ScaleType::e8m0 : ScaleType::f32;
+}
+
 // Sizes of a quantized matrix's three arrays (codes, scales, biases), each a whole number of cache lines.
 struct QuantizedLayout {
   int64_t group, groups, code_bytes, scale_bytes, bias_bytes;
@@ -29,9 +35,9 @@ struct QuantizedLayout {
     const int64_t padded_rows = round_up(rows, PackedMatrix::kColAlign), padded_cols = round_up(cols, PackedMatrix::kColAlign);
     group = has_groups(f) ? group_size : padded_cols;
     groups = (padded_cols + group - 1) / group;
-    code_bytes = round_up(padded_rows * padded_cols / (is_int4(f) ? 2 : 1), 64);
+    code_bytes = round_up(padded_rows * padded_cols / (packs_nibbles(f) ? 2 : 1), 64);
     const int64_t scales = padded_rows * groups;
-    scale_bytes = round_up(scales * QuantizedSource::scale_bytes(f), 64);
+    scale_bytes = round_up(scales * QuantizedSource::scale_bytes(packed_scale_type(f)), 64);
     bias_bytes = f == WeightFormat::int4_awq ? round_up(scales * 4, 64) : 0;
   }
 };
@@ -91,14 +97,19 @@ PackedMatrix::PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows,
     for (int64_t c = 0; c < cols; ++c) {  // padding columns keep code 0: int8's zero, or in an int4 padding group
       const int code = src.code(sr, c0 + c);
       const int64_t kp = c / 2, lane = (r % P) * 2 + c % 2;
-      if (is_int4(format_)) panel[int4_byte(kp, lane)] |= uint8_t(code << (4 * (kp % 2)));
-      else panel[kp * 2 * P + lane] = uint8_t(int8_t(code));
+      if (packs_nibbles(format_)) panel[int4_byte(kp, lane)] |= uint8_t(code << (4 * (kp % 2)));
+      else panel[kp * 2 * P + lane] = uint8_t(code);
     }
-    for (int64_t g = 0; g * group_ < cols; ++g) {  // padding groups keep scale 0 (int4 slices are whole groups)
+    // Padding groups keep scale 0 (slices start on whole groups; a format's last group may be partial).
+    for (int64_t g = 0; g * group_ < cols; ++g) {
       const int64_t at = ((r / P) * groups_ + g) * P + r % P;
-      const float s = src.scale_of(sr, has_groups(format_) ? g0 + g : 0);
-      if (format_ == WeightFormat::int4_k2) reinterpret_cast<bf16*>(scales)[at] = to_bf16(s);  // exact: s came from bf16
-      else reinterpret_cast<float*>(scales)[at] = s;
+      const int64_t sg = has_groups(format_) ? g0 + g : 0;
+      switch (packed_scale_type(format_)) {
+        case ScaleType::bf16: reinterpret_cast<bf16*>(scales)[at] = to_bf16(src.scale_of(sr, sg)); break;  // exact: from bf16
+        case ScaleType::e8m0: scales[at] = uint8_t(src.raw_scale(sr, sg)); break;
+        case ScaleType::f32: reinterpret_cast<float*>(scales)[at] = src.scale_of(sr, sg); break;
+      }
+      const float s = src.scale_of(sr, sg);
       if (format_ == WeightFormat::int4_awq) biases[at] = -float(src.zero_of(sr, g0 + g)) * s;
     }
   }
@@ -108,8 +119,11 @@ float PackedMatrix::value(int64_t r, int64_t c) const {
   if (format_ == WeightFormat::bf16) return to_float(at(r, c));
   const int64_t p = r / P, lane = (r % P) * 2 + c % 2, kp = c / 2, at = (c / group_) * P + r % P;
   int code;
-  if (is_int4(format_)) code = (codes(p)[int4_byte(kp, lane)] >> (4 * (kp % 2))) & 0xF;
+  if (packs_nibbles(format_)) code = (codes(p)[int4_byte(kp, lane)] >> (4 * (kp % 2))) & 0xF;
+  else if (format_ == WeightFormat::fp8_e4m3_block) code = codes(p)[kp * 2 * P + lane];
   else code = int8_t(codes(p)[kp * 2 * P + lane]);
+  if (format_ == WeightFormat::mxfp4) return e2m1_value(uint8_t(code)) * e8m0_value(scales_e8m0(p)[at]);
+  if (format_ == WeightFormat::fp8_e4m3_block) return e4m3_value(uint8_t(code)) * scales_f32(p)[at];
   const float s = format_ == WeightFormat::int4_k2 ? to_float(scales_bf16(p)[at]) : scales_f32(p)[at];
   const float bias = format_ == WeightFormat::int4_awq ? biases(p)[at] : format_ == WeightFormat::int4_k2 ? -8.0f * s : 0.0f;
   return std::fma(float(code), s, bias);

@@ -11,14 +11,16 @@
 //
 // Quantized formats keep the same panel order with narrower elements, so a block of panels dequantizes
 // (dequantize.h) into exactly the bf16 layout above, which the bf16 kernels then consume:
-//   int8: one byte per element at the bf16 element's index;
-//   int4: four pairs share 64 bytes, as 32 16-bit words, one per bf16 lane j = (r % 16) * 2 + c % 2: word j
-//         of unit kp / 4 holds pair kp's value in bits 4 (kp % 4) .. 4 (kp % 4) + 3, so one load and a shift
-//         per pair give a whole pair vector's codes, in lane order.
-// Scales follow each panel's codes as [groups][kPanelRows] (f32, or bf16 for int4_k2), and int4_awq adds
-// the matching f32 biases -zero·scale, so every format dequantizes as code·scale + bias (int4_k2's bias
-// is -8·scale, computed). Padding rows and padding groups have scale 0 (and bias 0), and int8's padding
-// columns code 0: the padding dequantizes to exact zeros as in the bf16 layout.
+//   int8, fp8_e4m3_block: one byte per element at the bf16 element's index;
+//   int4, mxfp4: four pairs share 64 bytes, as 32 16-bit words, one per bf16 lane j = (r % 16) * 2 + c % 2:
+//         word j of unit kp / 4 holds pair kp's value in bits 4 (kp % 4) .. 4 (kp % 4) + 3, so one load and a
+//         shift per pair give a whole pair vector's codes, in lane order.
+// Scales follow each panel's codes as [groups][kPanelRows] (f32; bf16 for int4_k2; e8m0 bytes for mxfp4;
+// fp8_e4m3_block's block scales repeated for each row of the block, as f32), and int4_awq adds the matching
+// f32 biases -zero·scale, so every integer format dequantizes as code·scale + bias (int4_k2's bias is
+// -8·scale, computed) and every minifloat one as value(code)·scale (minifloat.h). Padding rows and padding
+// groups have scale 0 (and bias 0; e8m0 byte 0, 2^-127, times code 0), and the padding columns code 0: the
+// padding dequantizes to exact zeros as in the bf16 layout.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -68,10 +70,12 @@ class PackedMatrix {
   const uint8_t* codes(int64_t p) const { return static_cast<const uint8_t*>(data_) + p * panel_code_bytes(); }
   const float* scales_f32(int64_t p) const { return static_cast<const float*>(scales_) + p * groups_ * kPanelRows; }
   const bf16* scales_bf16(int64_t p) const { return static_cast<const bf16*>(scales_) + p * groups_ * kPanelRows; }
+  const uint8_t* scales_e8m0(int64_t p) const { return static_cast<const uint8_t*>(scales_) + p * groups_ * kPanelRows; }
   const float* biases(int64_t p) const { return biases_ + p * groups_ * kPanelRows; }
-  int64_t panel_code_bytes() const { return kPanelRows * padded_cols_ * (is_int4(format_) ? 1 : 2) / 2; }
+  int64_t panel_code_bytes() const { return kPanelRows * padded_cols_ * (packs_nibbles(format_) ? 1 : 2) / 2; }
 
-  // W[r, c] as stored, for any format (quantized: code·scale + bias, in f32 as the kernels compute it).
+  // W[r, c] as stored, for any format (quantized: code·scale + bias or value(code)·scale, in f32 as the
+  // kernels compute it).
   float value(int64_t r, int64_t c) const;
 
  private:

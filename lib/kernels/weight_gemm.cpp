@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "kernels/minifloat.h"
 #include "runtime/assert.h"
 
 namespace moe_sft::kernels {
@@ -18,10 +19,16 @@ static_assert(kXwtBlockPairs % 4 == 0, "x·W^T blocks must be whole int4 units")
 static_assert(kColBlock % P == 0, "a column block must be whole panels");
 static_assert(kColBlock % PackedMatrix::kColAlign == 0, "d·W's dequantized block must be whole AMX tiles");
 
+// A quantized few-rows path decodes the integer formats only: the minifloat formats always take the
+// dequantized-block path through the shared decoder.
 bool serves(const FewRowsPath& path, const GemmArgs& g) {
-  return path.run != nullptr && g.m <= path.max_rows &&
+  return path.run != nullptr && g.m <= path.max_rows && !is_minifloat(g.w->format()) &&
          (g.w->format() == WeightFormat::bf16 || g.w->group() % kFewRowsGroupMultiple == 0);
 }
+
+// The decoder of a quantized W's blocks: the family's for the integer formats, the one ISA-neutral decoder
+// (minifloat.h) for the minifloat formats, whatever the family.
+DequantizeFn dequantizer(const KernelSet& k, WeightFormat f) { return is_minifloat(f) ? dequantize_minifloat : k.dequantize; }
 
 int64_t few_rows_scratch(const FewRowsPath& path, int64_t w_rows) {
   return path.run != nullptr && path.scratch_elems != nullptr ? path.scratch_elems(path.max_rows, w_rows) : 0;
@@ -54,7 +61,7 @@ int64_t KernelSet::scratch_elems(GemmOp op, WeightFormat f, int64_t w_rows) cons
   if (bf16) return xw_bf16_scratch(*this, w_rows);
   // The dequantized block and, behind it, what d·W on it needs; or the few-rows path's.
   return std::max(xw_block_elems(w_rows) + xw_bf16_scratch(*this, w_rows),
-                  few_rows_scratch(xw_quantized_few_rows, w_rows));
+                  is_minifloat(f) ? 0 : few_rows_scratch(xw_quantized_few_rows, w_rows));
 }
 
 void gemm_xwt(const KernelSet& kernels, const GemmArgs& g) {
@@ -69,7 +76,7 @@ void gemm_xwt(const KernelSet& kernels, const GemmArgs& g) {
   for (int64_t kp0 = 0; kp0 < pairs; kp0 += kXwtBlockPairs) {
     const int64_t n = std::min(kXwtBlockPairs, pairs - kp0);
     // Whole kColAlign columns: the AMX kernel reads B in tiles of that K, and the pad must be zeros, not scratch.
-    kernels.dequantize(w, g.c0 / P, panels, kp0, round_up(n, PackedMatrix::kColAlign / 2), g.scratch, stride);
+    dequantizer(kernels, w.format())(w, g.c0 / P, panels, kp0, round_up(n, PackedMatrix::kColAlign / 2), g.scratch, stride);
     const PackedMatrix block = PackedMatrix::view(g.scratch, width, std::min(2 * kXwtBlockPairs, K - 2 * kp0),
                                                   round_up(width, PackedMatrix::kColAlign), 2 * kXwtBlockPairs);
     kernels.gemm_xwt(GemmArgs{g.a + 2 * kp0, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate || kp0 > 0,
@@ -87,7 +94,7 @@ void gemm_xw(const KernelSet& kernels, const GemmArgs& g) {
   MOE_SFT_ASSERT(g.scratch_elems < 0 || g.scratch_elems >= block_elems);
   MOE_SFT_ASSERT(w.panels() * P * block_cols <= block_elems);
   bf16* block_data = g.scratch;
-  kernels.dequantize(w, 0, w.panels(), g.c0 / 2, block_cols / 2, block_data, P * block_cols);
+  dequantizer(kernels, w.format())(w, 0, w.panels(), g.c0 / 2, block_cols / 2, block_data, P * block_cols);
   const PackedMatrix block = PackedMatrix::view(block_data, w.rows(), width, w.padded_rows(), block_cols);
   xw_bf16(kernels, GemmArgs{g.a, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate, g.scratch + block_elems,
                             g.scratch_elems < 0 ? -1 : g.scratch_elems - block_elems});

@@ -10,6 +10,8 @@
 //          quantized W:  xw_quantized_few_rows while it serves the rows (and the groups), else the task's
 //                        <= kColBlock columns of W over all its rows dequantized into scratch, then as bf16.
 //
+// Quantized W's blocks are dequantized by the family's decoder for the integer formats and by the one shared
+// ISA-neutral decoder (minifloat.h) for fp8_e4m3_block and mxfp4, which never take a quantized few-rows path.
 // Nothing larger than a block is ever dequantized.
 #pragma once
 #include <cstdint>

@@ -1,9 +1,16 @@
 #include "layer/expert_part.h"
 
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+
 #include "kernels/gemm.h"
+#include "kernels/minifloat.h"
 #include "kernels/quantize.h"
 #include "checks/finite_check.h"
 #include "runtime/numa.h"
+#include "runtime/error.h"
 #include "runtime/runtime.h"
 
 namespace moe_sft::layer {
@@ -15,16 +22,16 @@ using kernels::WeightFormat;
 
 namespace {
 
-// Splits [0, I) into `count` parts on multiples of `granule` (the int4 formats' group: down_proj's groups
-// run along I and must not straddle parts), and on multiples of `block` too when that leaves no part
-// empty (the kernels then never see a partial block inside a part); validation guarantees I / granule >=
-// count.
+// Splits [0, I) into `count` parts on multiples of `granule` (a format's scale block along I: down_proj's
+// groups run along I, gate/up's fp8 row blocks too, and must not straddle parts; the last granule may be
+// partial), and on multiples of `block` too when that leaves no part empty (the kernels then never see a
+// partial block inside a part); validation guarantees ceil(I / granule) >= count.
 std::vector<int64_t> part_bounds(int64_t I, int64_t count, int64_t block, int64_t granule) {
-  int64_t unit = block;
-  while (unit % granule != 0) unit += block;  // lcm(block, granule)
-  if (I / unit < count) unit = granule;
+  int64_t unit = std::lcm(block, granule);
+  if ((I + unit - 1) / unit < count) unit = granule;
+  const int64_t units = (I + unit - 1) / unit;
   std::vector<int64_t> bounds(size_t(count) + 1);
-  for (int64_t p = 0; p <= count; ++p) bounds[size_t(p)] = p < count ? I * p / count / unit * unit : I;
+  for (int64_t p = 0; p <= count; ++p) bounds[size_t(p)] = p < count ? units * p / count * unit : I;
   return bounds;
 }
 
@@ -35,21 +42,71 @@ struct Projection {
   BaseWeights source;
 };
 
+// The shape of a projection's matrix (one expert's) in the config's format.
+QuantizedSource source_shape(const LayerConfig& cfg, int64_t rows, int64_t cols) {
+  return QuantizedSource::shape(cfg.weight_format, rows, cols, cfg.group_size, cfg.block_rows, cfg.block_cols,
+                                cfg.fp8_scale_type);
+}
+
+const checks::Stage kCreateStage{1, 1, "base weights, checked at create"};
+
+std::string hex_byte(int v) {
+  const char* digits = "0123456789abcdef";
+  return std::string("0x") + digits[(v >> 4) & 0xF] + digits[v & 0xF];
+}
+
+[[noreturn]] void refuse_weight(const std::string& what, const std::string& name, int64_t e, const std::string& where) {
+  throw Error(MOE_SFT_ERR_NON_FINITE, what + " in " + name + " at expert " + std::to_string(e) + ", " + where +
+                                          " (stage " + std::to_string(kCreateStage.number) + " of " +
+                                          std::to_string(kCreateStage.of) + ": " + kCreateStage.name + ")");
+}
+
+// check_finite on one expert's matrix in a minifloat format: the first NaN code, non-finite or zero scale, or
+// (mxfp4) value beyond bf16's range, named by expert, row and column (a scale by its block's rows and columns).
+void check_minifloat_source(const QuantizedSource& src, const char* name, int64_t e) {
+  const bool fp4 = src.format == kernels::WeightFormat::mxfp4;
+  for (int64_t sr = 0; sr < src.scale_rows(); ++sr)
+    for (int64_t g = 0; g < src.groups(); ++g) {
+      const float s = src.scale_of(sr * src.block_rows, g);
+      if (std::isfinite(s) && s != 0.0f) continue;
+      const int64_t r1 = std::min(src.rows, (sr + 1) * src.block_rows) - 1, c1 = std::min(src.cols, (g + 1) * src.group) - 1;
+      const std::string rows = src.block_rows == 1 ? "row " + std::to_string(sr)
+                                                   : "rows " + std::to_string(sr * src.block_rows) + ".." + std::to_string(r1);
+      const std::string value = fp4 ? "nan (e8m0 byte 255)" : std::isnan(s) ? "nan" : s == 0.0f ? "0" : s > 0 ? "inf" : "-inf";
+      refuse_weight(std::string(s == 0.0f ? "zero" : "non-finite") + " scale " + value + " (scale[" + std::to_string(sr) +
+                        ", " + std::to_string(g) + "])",
+                    std::string(name) + " scales", e,
+                    rows + ", columns " + std::to_string(g * src.group) + ".." + std::to_string(c1));
+    }
+  for (int64_t r = 0; r < src.rows; ++r)
+    for (int64_t c = 0; c < src.cols; ++c) {
+      const int code = src.code(r, c);
+      if (!fp4 && kernels::e4m3_is_nan(uint8_t(code)))
+        refuse_weight("NaN code " + hex_byte(code) + " (e4m3)", name, e, "row " + std::to_string(r) + ", column " + std::to_string(c));
+      if (fp4) {
+        const float v = to_float(to_bf16(kernels::e2m1_value(uint8_t(code)) * src.scale_of(r, c / src.group)));
+        if (!std::isfinite(v))
+          refuse_weight("non-finite value " + std::string(v > 0 ? "inf" : "-inf") + " (e2m1 code " + hex_byte(code) +
+                            " times 2^(" + std::to_string(int(src.raw_scale(r, c / src.group))) + " - 127) is beyond bf16)",
+                        name, e, "row " + std::to_string(r) + ", column " + std::to_string(c));
+      }
+    }
+}
+
 // Base weights are frozen: checked once, here. Weights about to be quantized are always checked: a NaN
-// has no quantized value.
+// has no quantized value. Pre-quantized minifloat weights are checked per expert as they are packed.
 void check_base_weights(const LayerConfig& cfg, const Projection (&projections)[3]) {
-  const checks::Stage stage{1, 1, "base weights, checked at create"};
   const WeightFormat f = cfg.weight_format;
   for (const Projection& p : projections) {
     if (!cfg.prequantized) {
-      check_expert_array(static_cast<const bf16*>(p.source.weights), cfg.experts, p.rows, p.cols, p.name, stage);
-    } else if (cfg.check_finite) {
-      const int64_t per_row = QuantizedSource::scale_row_elems(f, p.cols, cfg.group_size);
+      check_expert_array(static_cast<const bf16*>(p.source.weights), cfg.experts, p.rows, p.cols, p.name, kCreateStage);
+    } else if (cfg.check_finite && !kernels::is_minifloat(f)) {
+      const QuantizedSource shape = source_shape(cfg, p.rows, p.cols);
       const std::string name = std::string(p.name) + " scales";
-      if (f == WeightFormat::int4_k2)
-        check_expert_array(static_cast<const bf16*>(p.source.scale), cfg.experts, p.rows, per_row, name, stage);
+      if (shape.scale_type == kernels::ScaleType::bf16)
+        check_expert_array(static_cast<const bf16*>(p.source.scale), cfg.experts, shape.scale_rows(), shape.groups(), name, kCreateStage);
       else
-        check_expert_array(static_cast<const float*>(p.source.scale), cfg.experts, p.rows, per_row, name, stage);
+        check_expert_array(static_cast<const float*>(p.source.scale), cfg.experts, shape.scale_rows(), shape.groups(), name, kCreateStage);
     }
   }
 }
@@ -63,20 +120,25 @@ struct QuantizedBuffers {
 
 QuantizedSource expert_source(const LayerConfig& cfg, const Projection& p, int64_t e, QuantizedBuffers& buffers) {
   const WeightFormat f = cfg.weight_format;
-  const int64_t group = kernels::has_groups(f) ? cfg.group_size : p.cols;
-  const int64_t row_bytes = QuantizedSource::weight_row_bytes(f, p.cols);
-  const int64_t scales = p.rows * QuantizedSource::scale_row_elems(f, p.cols, cfg.group_size);
+  QuantizedSource src = source_shape(cfg, p.rows, p.cols);
+  const int64_t scales = src.scale_count();
   if (cfg.prequantized) {
-    return {f, p.rows, p.cols, group, static_cast<const uint8_t*>(p.source.weights) + e * p.rows * row_bytes,
-            static_cast<const uint8_t*>(p.source.scale) + e * scales * QuantizedSource::scale_bytes(f), p.source.zero ? p.source.zero + e * scales : nullptr};
+    src.weights = static_cast<const uint8_t*>(p.source.weights) + e * src.weight_bytes();
+    src.scale = static_cast<const uint8_t*>(p.source.scale) + e * scales * QuantizedSource::scale_bytes(src.scale_type);
+    src.zero = p.source.zero ? p.source.zero + e * scales : nullptr;
+    return src;
   }
-  buffers.weights.assign(size_t(p.rows * row_bytes), 0);
-  buffers.scale.resize(size_t(scales));
+  buffers.weights.assign(size_t(src.weight_bytes()), 0);
+  buffers.scale.resize(size_t(scales));  // f32 slots: room for any scale type
   buffers.zero.resize(f == WeightFormat::int4_awq ? size_t(scales) : 0);
-  kernels::quantize(f, cfg.group_size, p.rows, p.cols, static_cast<const bf16*>(p.source.weights) + e * p.rows * p.cols,
-                    buffers.weights.data(), buffers.scale.data(), buffers.zero.empty() ? nullptr : buffers.zero.data());
-  return {f, p.rows, p.cols, group, buffers.weights.data(), buffers.scale.data(),
-          buffers.zero.empty() ? nullptr : buffers.zero.data()};
+  src.weights = buffers.weights.data();
+  src.scale = buffers.scale.data();
+  src.zero = buffers.zero.empty() ? nullptr : buffers.zero.data();
+  const bf16* w = static_cast<const bf16*>(p.source.weights) + e * p.rows * p.cols;
+  if (kernels::is_minifloat(f)) kernels::quantize_blocks(w, src);
+  else kernels::quantize(f, cfg.group_size, p.rows, p.cols, w, buffers.weights.data(), buffers.scale.data(),
+                         buffers.zero.empty() ? nullptr : buffers.zero.data());
+  return src;
 }
 
 }  // namespace
@@ -103,11 +165,15 @@ std::vector<ExpertPart> pack_expert_parts(const LayerConfig& cfg, int threads) {
                                      {"down_proj", H, I, cfg.down}};
   if (cfg.check_finite || f != WeightFormat::bf16) check_base_weights(cfg, projections);
 
-  const int64_t group = kernels::has_groups(f) ? cfg.group_size : 1;
-  const std::vector<int64_t> bounds = part_bounds(I, cfg.tp_count, kernels::kColBlock, group);
+  // Parts start on whole scale blocks: down_proj's groups along I, and fp8's row blocks of gate/up.
+  const int64_t granule = f == WeightFormat::fp8_e4m3_block ? std::lcm(cfg.block_rows, cfg.block_cols)
+                          : kernels::has_groups(f)          ? cfg.group_size
+                                                            : 1;
+  const std::vector<int64_t> bounds = part_bounds(I, cfg.tp_count, kernels::kColBlock, granule);
+  const int64_t group = source_shape(cfg, 1, 1).group;
   std::vector<ExpertPart> parts(size_t(cfg.tp_count));
   const int nodes = numa_topology().nodes();
-  auto bytes = [&](int64_t rows, int64_t cols) { return PackedMatrix::storage_bytes(f, rows, cols, cfg.group_size); };
+  auto bytes = [&](int64_t rows, int64_t cols) { return PackedMatrix::storage_bytes(f, rows, cols, group); };
   for (size_t p = 0; p < parts.size(); ++p) {
     ExpertPart& part = parts[p];
     part.i_begin = bounds[p];
@@ -126,6 +192,8 @@ std::vector<ExpertPart> pack_expert_parts(const LayerConfig& cfg, int threads) {
       const Projection& proj = projections[which];
       const bool quantized = f != WeightFormat::bf16;
       const QuantizedSource src = quantized ? expert_source(cfg, proj, e, buffers) : QuantizedSource{};
+      if (quantized && cfg.prequantized && cfg.check_finite && kernels::is_minifloat(f))
+        check_minifloat_source(src, proj.name, e);
       const bf16* src_bf16 = quantized ? nullptr : static_cast<const bf16*>(proj.source.weights) + e * proj.rows * proj.cols;
       for (ExpertPart& part : parts) {
         const int64_t i0 = part.i_begin, w = part.width(), gate_bytes = bytes(w, H);

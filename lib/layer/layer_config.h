@@ -26,6 +26,9 @@ struct LayerConfig {
   bool check_finite = false;
   kernels::WeightFormat weight_format = kernels::WeightFormat::bf16;
   int64_t group_size = 0;
+  // fp8_e4m3_block: the scale blocks (rows x columns) and the pre-quantized scales' type (f32 or bf16).
+  int64_t block_rows = 0, block_cols = 0;
+  kernels::ScaleType fp8_scale_type = kernels::ScaleType::f32;
   bool prequantized = false;  // false: every BaseWeights::weights is bf16, to be quantized if the format says so
   BaseWeights gate, up, down;  // gate, up [E, I, H]; down [E, H, I]
   kernels::ActivationParams activation;

@@ -96,24 +96,60 @@ def _shape_error(name, a, expected):
     return invalid(f"{name} has shape {tuple(np.shape(a))}; expected {expected} (gpt-oss's layout)")
 
 
+def _mxfp4(q, name):
+    """An MXFP4 QuantizedWeight of gpt-oss's rows [E, N, ...]: (weights as [E, N, K/2], scale [E, N, K/32])."""
+    weights, scale = np.asarray(q.weights), np.asarray(q.scale)
+    if q.weight_format != "mxfp4":
+        raise invalid(f"{name}.weight_format = {q.weight_format!r}; gpt-oss's quantized experts are 'mxfp4'")
+    if weights.ndim == 4 and weights.shape[-1] == 16:  # the checkpoint's *_blocks [E, N, K/32, 16]
+        weights = weights.reshape(weights.shape[:2] + (-1,))
+    if weights.ndim != 3 or weights.dtype != np.uint8 or scale.shape != weights.shape[:2] + (weights.shape[2] // 16,):
+        raise invalid(f"{name} has weights {weights.dtype} {weights.shape} and scale {scale.dtype} {scale.shape}; "
+                      "expected uint8 [E, N, K/2] (or *_blocks [E, N, K/32, 16]) and uint8 [E, N, K/32]")
+    return weights, scale
+
+
+def gpt_oss_mxfp4(gate_up_proj, down_proj):
+    """gpt-oss's MXFP4 experts (QuantizedWeight "mxfp4", in the checkpoint's orientation: rows are outputs,
+    gate_up_proj [E, 2I, H/2] with gate and up rows interleaved, down_proj [E, H, I/2]) as the library's gate, up
+    and down QuantizedWeight: the rows are de-interleaved in the quantized bytes (a copy of 0.27x the bf16 size;
+    nothing is dequantized)."""
+    from ._quantize import QuantizedWeight
+    gu_w, gu_s = _mxfp4(gate_up_proj, "gate_up_proj")
+    dn_w, dn_s = _mxfp4(down_proj, "down_proj")
+    E, I2, H = gu_w.shape[0], gu_w.shape[1], gu_w.shape[2] * 2
+    if I2 % 2 or dn_w.shape != (E, H, I2 // 4):
+        raise invalid(f"gate_up_proj has weights {gu_w.shape} and down_proj {dn_w.shape}; expected [E, 2I, H/2] and "
+                      f"[E, H, I/2] (gpt-oss's MXFP4 rows)")
+    gate, up = (QuantizedWeight("mxfp4", 32, *(np.ascontiguousarray(a[:, rows]) for a in (gu_w, gu_s)), None)
+                for rows in (slice(0, None, 2), slice(1, None, 2)))
+    return {"gate_proj": gate, "up_proj": up, "down_proj": QuantizedWeight("mxfp4", 32, dn_w, dn_s, None)}, (E, H, I2 // 2)
+
+
 def gpt_oss_arrays(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias):
-    """gpt-oss's experts in the library's layout: {gate_proj, up_proj [E, I, H], down_proj [E, H, I] (bf16),
-    gate_bias, up_bias [E, I], down_bias [E, H] (float32, None where gpt-oss's bias is None)}. gate_up_proj
-    [E, H, 2I] is de-interleaved (gate = columns 0::2, up = 1::2) and transposed, down_proj [E, I, H] transposed:
-    each passes through one bf16 copy (the layer's bf16 bytes) before MoESFT packs it."""
-    gu = np.asarray(gate_up_proj)
-    if gu.ndim != 3 or gu.shape[2] % 2:
-        raise _shape_error("gate_up_proj", gu, "[experts, hidden, 2 * intermediate]")
-    E, H, I = gu.shape[0], gu.shape[1], gu.shape[2] // 2
-    dn = np.asarray(down_proj)
-    if dn.shape != (E, I, H):
-        raise _shape_error("down_proj", dn, f"[experts, intermediate, hidden] = {(E, I, H)} (from gate_up_proj)")
-    out = {"gate_proj": _as_bf16(gu[:, :, 0::2].transpose(0, 2, 1), "gate_up_proj"),
-           "up_proj": _as_bf16(gu[:, :, 1::2].transpose(0, 2, 1), "gate_up_proj"),
-           "down_proj": _as_bf16(dn.transpose(0, 2, 1), "down_proj")}
+    """gpt-oss's experts in the library's layout: {gate_proj, up_proj [E, I, H], down_proj [E, H, I], gate_bias,
+    up_bias [E, I], down_bias [E, H] (float32, None where gpt-oss's bias is None)}, and whether the projections are
+    quantized. bf16 / float: gate_up_proj [E, H, 2I] is de-interleaved (gate = columns 0::2, up = 1::2) and
+    transposed, down_proj [E, I, H] transposed: each passes through one bf16 copy (the layer's bf16 bytes) before
+    MoESFT packs it. MXFP4 (QuantizedWeight): see gpt_oss_mxfp4."""
+    if hasattr(gate_up_proj, "weight_format"):
+        out, (E, H, I) = gpt_oss_mxfp4(gate_up_proj, down_proj)
+        quantized = True
+    else:
+        gu = np.asarray(gate_up_proj)
+        if gu.ndim != 3 or gu.shape[2] % 2:
+            raise _shape_error("gate_up_proj", gu, "[experts, hidden, 2 * intermediate]")
+        E, H, I = gu.shape[0], gu.shape[1], gu.shape[2] // 2
+        dn = np.asarray(down_proj)
+        if dn.shape != (E, I, H):
+            raise _shape_error("down_proj", dn, f"[experts, intermediate, hidden] = {(E, I, H)} (from gate_up_proj)")
+        out = {"gate_proj": _as_bf16(gu[:, :, 0::2].transpose(0, 2, 1), "gate_up_proj"),
+               "up_proj": _as_bf16(gu[:, :, 1::2].transpose(0, 2, 1), "gate_up_proj"),
+               "down_proj": _as_bf16(dn.transpose(0, 2, 1), "down_proj")}
+        quantized = False
     gate_bias = up_bias = None
     if gate_up_proj_bias is not None:
         gate_bias, up_bias = split_gate_up(bias(gate_up_proj_bias, "gate_up_proj_bias", (E, 2 * I)))
     out.update(gate_bias=gate_bias, up_bias=up_bias,
                down_bias=bias(down_proj_bias, "down_proj_bias", (E, H)))
-    return out
+    return out, quantized

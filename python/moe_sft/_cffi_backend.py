@@ -87,8 +87,8 @@ class Layer:
 
 def create(experts, hidden, intermediate, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count,
            check_finite, weight_format, group_size, prequantized, gate, up, down, gate_scale=None, up_scale=None,
-           down_scale=None, gate_zero=None, up_zero=None, down_zero=None, activation=0, swiglu_alpha=None,
-           swiglu_limit=None, gate_bias=None, up_bias=None, down_bias=None):
+           down_scale=None, gate_zero=None, up_zero=None, down_zero=None, block_rows=0, block_cols=0, scale_dtype=1,
+           activation=0, swiglu_alpha=None, swiglu_limit=None, gate_bias=None, up_bias=None, down_bias=None):
     cfg = _ffi.new("moe_sft_config *")
     _lib.moe_sft_config_init(cfg)
     cfg.expert_num, cfg.hidden_size, cfg.intermediate_size = experts, hidden, intermediate
@@ -100,6 +100,7 @@ def create(experts, hidden, intermediate, lora_rank, lora_alpha, max_cache_depth
     cfg.gate_proj, cfg.up_proj, cfg.down_proj = (_ptr("const void *", a) for a in (gate, up, down))
     cfg.gate_scale, cfg.up_scale, cfg.down_scale = (_ptr("const void *", a) for a in (gate_scale, up_scale, down_scale))
     cfg.gate_zero, cfg.up_zero, cfg.down_zero = (_ptr("const uint8_t *", a) for a in (gate_zero, up_zero, down_zero))
+    cfg.block_rows, cfg.block_cols, cfg.scale_dtype = block_rows, block_cols, scale_dtype
     cfg.activation = activation
     if swiglu_alpha is not None:  # else the library's defaults (gpt-oss's)
         cfg.swiglu_alpha = swiglu_alpha
@@ -185,6 +186,13 @@ def quantize(weight_format, group_size, w, weights, scale, zero):
     rows, cols = w.shape
     return _lib.moe_sft_quantize(weight_format, group_size, rows, cols, _ptr("const uint16_t *", w),
                                  _ptr("void *", weights), _ptr("float *", scale), _ptr("uint8_t *", zero))
+
+
+def quantize_blocks(weight_format, block_rows, block_cols, scale_dtype, w, weights, scale):
+    """w [rows, cols] as bf16 bits; weights uint8 and scale (f32, bf16 bits or e8m0 bytes) in weight_format's layout."""
+    rows, cols = w.shape
+    return _lib.moe_sft_quantize_blocks(weight_format, block_rows, block_cols, scale_dtype, rows, cols,
+                                        _ptr("const uint16_t *", w), _ptr("uint8_t *", weights), _ptr("void *", scale))
 
 
 def isa():

@@ -14,7 +14,10 @@ Key layouts under ``{prefix}layers.{L}.`` (any prefix, e.g. ``model.`` or ``lang
                ``gate, up = linear(x, gate_up_proj[e]).chunk(2, dim=-1)``), mlp.experts.down_proj [E, H, I]
   gpt-oss      (config.json's model_type "gpt_oss", or keys with gpt-oss's suffixes) mlp.experts.gate_up_proj
                [E, H, 2I] (transposed, gate and up interleaved: gate = columns 0::2), gate_up_proj_bias [E, 2I],
-               down_proj [E, I, H], down_proj_bias [E, H], as the dequantized (bf16) releases ship; the layer gets
+               down_proj [E, I, H], down_proj_bias [E, H], as the dequantized (bf16) releases ship, or MXFP4 as the
+               original ships: gate_up_proj_blocks [E, 2I, H/32, 16] (rows interleaved) and _scales [E, 2I, H/32],
+               down_proj_blocks [E, H, I/32, 16] and _scales [E, H, I/32] (read as they are into MXFP4
+               QuantizedWeight, rows de-interleaved: no bf16 copy is ever made); the layer gets
                the clamped SwiGLU with config.json's swiglu_limit (default 7.0) and swiglu_alpha (1.702, the
                modeling code's) and the biases (moe_sft._activation has the layout)
 Shared experts (mlp.shared_experts / shared_expert) are not routed experts and are never read.
@@ -256,30 +259,72 @@ def _gpt_oss_activation(config):
 
 
 def _load_gpt_oss(ckpt, L, base, fused, config):
-    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-    _require(ckpt, L, base, fused, names)
-    gu_key, gub_key, dn_key, dnb_key = (fused[n] for n in names)
+    mxfp4 = "gate_up_proj_blocks" in fused or "down_proj_blocks" in fused
+    weight_names = (("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales") if mxfp4
+                    else ("gate_up_proj", "down_proj"))
+    _require(ckpt, L, base, fused, weight_names + ("gate_up_proj_bias", "down_proj_bias"))
+    E, H, I, gate, up, down = (_gpt_oss_mxfp4 if mxfp4 else _gpt_oss_bf16)(ckpt, *(fused[n] for n in weight_names))
+    gub_key, dnb_key = fused["gate_up_proj_bias"], fused["down_proj_bias"]
+    for key, want in ((gub_key, (E, 2 * I)), (dnb_key, (E, H))):
+        if tuple(ckpt.shape(key)) != want:
+            raise invalid(f"{key} has shape {list(ckpt.shape(key))}; expected {list(want)} (gpt-oss's layout, E, H "
+                          f"and I from {fused[weight_names[0]]})")
+        _float_code(ckpt, key)
+    gate_up_bias, down_bias = np.empty((E, 2 * I), np.float32), np.empty((E, H), np.float32)
+    ckpt.file(gub_key).copy_into(gub_key, gate_up_bias)
+    ckpt.file(dnb_key).copy_into(dnb_key, down_bias)
+    gate_bias, up_bias = split_gate_up(gate_up_bias)
+    model = {**_gpt_oss_activation(config), "gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
+    source = "mxfp4" if mxfp4 else "/".join(sorted({_float_code(ckpt, fused[n]) for n in weight_names}))
+    return ExpertWeights(L, "mxfp4" if mxfp4 else "bf16", gate, up, down, E, H, I, "gpt_oss", source, model)
+
+
+def _gpt_oss_bf16(ckpt, gu_key, dn_key):
+    """E, H, I and the bf16 gate, up [E, I, H], down [E, H, I] of gpt-oss's gate_up_proj [E, H, 2I] (interleaved)
+    and down_proj [E, I, H], de-interleaved and transposed while they are copied."""
     gu = ckpt.shape(gu_key)
     if len(gu) != 3 or gu[2] % 2:
         raise invalid(f"{gu_key} has shape {list(gu)}; expected gpt-oss's [E, H, 2I] (gate and up interleaved)")
     E, H, I = gu[0], gu[1], gu[2] // 2
-    for key, want in ((dn_key, (E, I, H)), (gub_key, (E, 2 * I)), (dnb_key, (E, H))):
-        if tuple(ckpt.shape(key)) != want:
-            raise invalid(f"{key} has shape {list(ckpt.shape(key))}; expected {list(want)} (gpt-oss's layout, E, H "
-                          f"and I from {gu_key} {list(gu)})")
-    codes = {_float_code(ckpt, k) for k in (gu_key, dn_key, gub_key, dnb_key)}
+    if tuple(ckpt.shape(dn_key)) != (E, I, H):
+        raise invalid(f"{dn_key} has shape {list(ckpt.shape(dn_key))}; expected {[E, I, H]} (gpt-oss's layout, E, "
+                      f"H and I from {gu_key} {list(gu)})")
+    _float_code(ckpt, gu_key), _float_code(ckpt, dn_key)
     gate, up, down = (np.empty(s, bfloat16) for s in ((E, I, H), (E, I, H), (E, H, I)))
     fg, fd = ckpt.file(gu_key), ckpt.file(dn_key)
     for e in range(E):  # written through transposed views: [H, I] of the checkpoint into [I, H]
         fg.copy_into(gu_key, gate[e].T, (e, slice(None), slice(0, None, 2)))
         fg.copy_into(gu_key, up[e].T, (e, slice(None), slice(1, None, 2)))
         fd.copy_into(dn_key, down[e].T, e)
-    gate_up_bias, down_bias = np.empty((E, 2 * I), np.float32), np.empty((E, H), np.float32)
-    ckpt.file(gub_key).copy_into(gub_key, gate_up_bias)
-    ckpt.file(dnb_key).copy_into(dnb_key, down_bias)
-    gate_bias, up_bias = split_gate_up(gate_up_bias)
-    model = {**_gpt_oss_activation(config), "gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
-    return ExpertWeights(L, "bf16", gate, up, down, E, H, I, "gpt_oss", "/".join(sorted(codes)), model)
+    return E, H, I, gate, up, down
+
+
+def _gpt_oss_mxfp4(ckpt, gu_blocks, gu_scales, dn_blocks, dn_scales):
+    """E, H, I and the MXFP4 QuantizedWeight of gate, up and down from gpt-oss's *_blocks [E, N, K/32, 16] and
+    *_scales [E, N, K/32] (rows are outputs: gate_up_proj's interleave gate and up), the rows de-interleaved while
+    the bytes are copied: no weight is ever dequantized."""
+    gb = ckpt.shape(gu_blocks)
+    if len(gb) != 4 or gb[1] % 2 or gb[3] != 16:
+        raise invalid(f"{gu_blocks} has shape {list(gb)}; expected gpt-oss's MXFP4 [E, 2I, H/32, 16]")
+    E, I, H = gb[0], gb[1] // 2, gb[2] * 32
+    want = {gu_scales: (E, 2 * I, H // 32), dn_blocks: (E, H, I // 32, 16), dn_scales: (E, H, I // 32)}
+    for key in (gu_blocks,) + tuple(want):
+        if ckpt.code(key) != "U8":
+            raise invalid(f"{key} has dtype {ckpt.code(key)}; expected U8 (MXFP4 nibbles and e8m0 scales)")
+    for key, shape in want.items():
+        if tuple(ckpt.shape(key)) != shape:
+            raise invalid(f"{key} has shape {list(ckpt.shape(key))}; expected {list(shape)} (E, H and I from "
+                          f"{gu_blocks} {list(gb)})")
+    out = []
+    for blocks, scales, rows, N, K in ((gu_blocks, gu_scales, slice(0, None, 2), I, H),
+                                       (gu_blocks, gu_scales, slice(1, None, 2), I, H),
+                                       (dn_blocks, dn_scales, slice(None), H, I)):
+        weights, scale = np.empty((E, N, K // 2), np.uint8), np.empty((E, N, K // 32), np.uint8)
+        for e in range(E):
+            ckpt.file(blocks).copy_into(blocks, weights[e].reshape(N, K // 32, 16), (e, rows))
+            ckpt.file(scales).copy_into(scales, scale[e], (e, rows))
+        out.append(QuantizedWeight("mxfp4", 32, weights, scale, None))
+    return (E, H, I, *out)
 
 
 def _expert_count(ckpt, L, base, names, per_expert, field):

@@ -77,7 +77,8 @@ std::pair<int, nb::object> create(int32_t experts, int32_t hidden, int32_t inter
                                   std::optional<AnyIn> gate_scale, std::optional<AnyIn> up_scale,
                                   std::optional<AnyIn> down_scale, std::optional<Array<const uint8_t>> gate_zero,
                                   std::optional<Array<const uint8_t>> up_zero,
-                                  std::optional<Array<const uint8_t>> down_zero, moe_sft_activation activation,
+                                  std::optional<Array<const uint8_t>> down_zero, int32_t block_rows,
+                                  int32_t block_cols, moe_sft_dtype scale_dtype, moe_sft_activation activation,
                                   std::optional<float> swiglu_alpha, std::optional<float> swiglu_limit,
                                   std::optional<BiasIn> gate_bias, std::optional<BiasIn> up_bias,
                                   std::optional<BiasIn> down_bias) {
@@ -104,6 +105,9 @@ std::pair<int, nb::object> create(int32_t experts, int32_t hidden, int32_t inter
   cfg.gate_zero = static_cast<const uint8_t*>(data(gate_zero));
   cfg.up_zero = static_cast<const uint8_t*>(data(up_zero));
   cfg.down_zero = static_cast<const uint8_t*>(data(down_zero));
+  cfg.block_rows = block_rows;
+  cfg.block_cols = block_cols;
+  cfg.scale_dtype = scale_dtype;
   cfg.activation = activation;
   if (swiglu_alpha) cfg.swiglu_alpha = *swiglu_alpha;  // else the library's defaults (gpt-oss's)
   if (swiglu_limit) cfg.swiglu_limit = *swiglu_limit;
@@ -233,6 +237,17 @@ int quantize(moe_sft_weight_format weight_format, int32_t group_size, Array<cons
   nb::gil_scoped_release release;
   return moe_sft_quantize(weight_format, group_size, int64_t(w.shape(0)), int64_t(w.shape(1)), data(w), weights_data,
                           scale_data, zero_data);
+}
+
+// w [rows, cols] as bf16 bits; weights uint8 and scale (f32, bf16 bits or e8m0 bytes) in weight_format's layout.
+int quantize_blocks(moe_sft_weight_format weight_format, int32_t block_rows, int32_t block_cols,
+                    moe_sft_dtype scale_dtype, Array<const uint16_t, nb::ndim<2>> w,
+                    std::optional<Array<uint8_t>> weights, std::optional<AnyOut> scale) {
+  uint8_t* weights_data = weights ? data(*weights) : nullptr;
+  void* scale_data = scale ? data(*scale) : nullptr;
+  nb::gil_scoped_release release;
+  return moe_sft_quantize_blocks(weight_format, block_rows, block_cols, scale_dtype, int64_t(w.shape(0)),
+                                 int64_t(w.shape(1)), data(w), weights_data, scale_data);
 }
 
 // ---- AdamW ----
@@ -399,7 +414,9 @@ NB_MODULE(_moe_sft_ext, m) {
       .value("BF16", MOE_SFT_WEIGHT_BF16)
       .value("INT8", MOE_SFT_WEIGHT_INT8)
       .value("INT4_AWQ", MOE_SFT_WEIGHT_INT4_AWQ)
-      .value("INT4_K2", MOE_SFT_WEIGHT_INT4_K2);
+      .value("INT4_K2", MOE_SFT_WEIGHT_INT4_K2)
+      .value("FP8_E4M3_BLOCK", MOE_SFT_WEIGHT_FP8_E4M3_BLOCK)
+      .value("MXFP4", MOE_SFT_WEIGHT_MXFP4);
   nb::enum_<moe_sft_activation>(m, "Activation", nb::is_arithmetic())
       .value("SILU", MOE_SFT_ACTIVATION_SILU)
       .value("SWIGLU_CLAMPED", MOE_SFT_ACTIVATION_SWIGLU_CLAMPED);
@@ -435,7 +452,8 @@ NB_MODULE(_moe_sft_ext, m) {
         array("gate"), array("up"), array("down"), optional_array("gate_scale") = nb::none(),
         optional_array("up_scale") = nb::none(), optional_array("down_scale") = nb::none(),
         optional_array("gate_zero") = nb::none(), optional_array("up_zero") = nb::none(),
-        optional_array("down_zero") = nb::none(), nb::arg("activation") = MOE_SFT_ACTIVATION_SILU,
+        optional_array("down_zero") = nb::none(), nb::arg("block_rows") = 0, nb::arg("block_cols") = 0,
+        nb::arg("scale_dtype") = MOE_SFT_DTYPE_F32, nb::arg("activation") = MOE_SFT_ACTIVATION_SILU,
         nb::arg("swiglu_alpha").none() = nb::none(), nb::arg("swiglu_limit").none() = nb::none(),
         optional_array("gate_bias") = nb::none(), optional_array("up_bias") = nb::none(),
         optional_array("down_bias") = nb::none());
@@ -454,6 +472,8 @@ NB_MODULE(_moe_sft_ext, m) {
         array("expert_ids"), array("grad_routing_weights"), array("grad_logits"));
   m.def("quantize", &quantize, nb::arg("weight_format"), nb::arg("group_size"), array("w"),
         optional_array("weights"), optional_array("scale"), optional_array("zero"));
+  m.def("quantize_blocks", &quantize_blocks, nb::arg("weight_format"), nb::arg("block_rows"), nb::arg("block_cols"),
+        nb::arg("scale_dtype"), array("w"), optional_array("weights"), optional_array("scale"));
   m.def("adamw_create", &adamw_create, nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"), nb::arg("eps"),
         nb::arg("weight_decay"), nb::arg("max_grad_norm"), nb::arg("num_threads"), nb::arg("names"),
         array("params"));

@@ -45,8 +45,11 @@ class MoESFT:
     into the layer; the arrays may be dropped afterwards.
 
     weight_format: how the layer stores them: "bf16", or quantized at create (QLoRA-style) "int8" (per output
-    channel) or "int4_awq" (per group of group_size along K, default 128). Pre-quantized weights (including
-    "int4_k2" checkpoints) go to MoESFT.from_quantized.
+    channel), "int4_awq" (per group of group_size along K, default 128), "fp8_e4m3_block" (e4m3 codes with a
+    scale per group_size block (rows, cols), default (128, 128), scales in scale_dtype, float32 or bfloat16) or
+    "mxfp4"
+    (e2m1 codes with an e8m0 scale per 32 along K). Pre-quantized weights (including "int4_k2", FP8 and
+    gpt-oss MXFP4 checkpoints) go to MoESFT.from_quantized.
 
     check_finite: stop at the first NaN/Inf with an error naming the stage, tensor, position and value
     (None: on when the environment has MOE_SFT_CHECK_FINITE=1). Base weights and biases are checked here, once.
@@ -68,11 +71,11 @@ class MoESFT:
 
     def __init__(self, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
                  num_threads=None, tp_count=1, check_finite=None, weight_format="bf16", group_size=None,
-                 activation="silu", swiglu_alpha=None, swiglu_limit=None, gate_bias=None, up_bias=None,
-                 down_bias=None):
+                 scale_dtype=None, activation="silu", swiglu_alpha=None, swiglu_limit=None, gate_bias=None,
+                 up_bias=None, down_bias=None):
         self._layer = None  # set first: __del__ runs even when create fails
-        self._create(_quantize.from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size), lora_rank,
-                     lora_alpha, max_cache_depth, num_threads, tp_count, check_finite,
+        self._create(_quantize.from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size, scale_dtype),
+                     lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite,
                      _activation.activation(activation, swiglu_alpha, swiglu_limit), (gate_bias, up_bias, down_bias))
 
     @classmethod
@@ -97,13 +100,21 @@ class MoESFT:
         and up interleaved: gate = columns 0::2, up = 1::2), down_proj [E, I, H], gate_up_proj_bias [E, 2I],
         down_proj_bias [E, H] (bf16 or float arrays), with the clamped SwiGLU (swiglu_alpha, swiglu_limit: the
         model config's). The projections are de-interleaved and transposed into one bf16 copy of the layer's
-        weights (3·E·H·I·2 bytes, freed after create) before the layer packs them. layer_kwargs are MoESFT's
-        (lora_rank, weight_format, tp_count, ...); LoRA arrays are the library's (gate and up separate, on the
-        de-interleaved halves; moe_sft.save_adapter(..., gpt_oss=True) writes PEFT's form)."""
-        arrays = _activation.gpt_oss_arrays(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
-        return cls(arrays.pop("gate_proj"), arrays.pop("up_proj"), arrays.pop("down_proj"),
-                   activation="swiglu_clamped", swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
-                   **arrays, **layer_kwargs)
+        weights (3·E·H·I·2 bytes, freed after create) before the layer packs them.
+
+        MXFP4 as the original release ships it: gate_up_proj and down_proj as QuantizedWeight("mxfp4", 32, blocks,
+        scales, None) in the checkpoint's orientation (gate_up_proj_blocks [E, 2I, H/32, 16] or [E, 2I, H/2] with
+        interleaved rows, _scales [E, 2I, H/32]; down_proj_blocks [E, H, I/32, 16], _scales [E, H, I/32]): the rows
+        are de-interleaved in the quantized bytes and the layer stores MXFP4; nothing is dequantized.
+
+        layer_kwargs are MoESFT's (lora_rank, weight_format, tp_count, ...); LoRA arrays are the library's (gate
+        and up separate, on the de-interleaved halves; moe_sft.save_adapter(..., gpt_oss=True) writes PEFT's
+        form)."""
+        arrays, quantized = _activation.gpt_oss_arrays(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
+        make = cls.from_quantized if quantized else cls
+        return make(arrays.pop("gate_proj"), arrays.pop("up_proj"), arrays.pop("down_proj"),
+                    activation="swiglu_clamped", swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+                    **arrays, **layer_kwargs)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir, layer_idx, **layer_kwargs):
@@ -140,8 +151,8 @@ class MoESFT:
             base.experts, base.hidden, base.intermediate, fields["lora_rank"], fields["lora_alpha"],
             fields["max_cache_depth"], 0 if num_threads is None else integer(num_threads, "num_threads"),
             fields["tp_count"], None if check_finite is None else bool(check_finite),
-            _quantize.format_code(base.weight_format), base.group_size, base.prequantized, **base.arrays(),
-            **act.create_kwargs(), **bias_kwargs)
+            _quantize.format_code(base.weight_format), base.config_group_size(), base.prequantized, **base.arrays(),
+            **base.block_fields(), **act.create_kwargs(), **bias_kwargs)
         _check(status)
         set_(self, "_layer", layer)
 
@@ -166,7 +177,8 @@ class MoESFT:
     max_cache_depth = property(lambda self: self._fields["max_cache_depth"], doc="saved forwards allowed at once")
     tp_count = property(lambda self: self._fields["tp_count"], doc="tensor-parallel parts of I")
     weight_format = property(lambda self: self._fields["weight_format"], doc="how the base weights are stored")
-    group_size = property(lambda self: self._fields["group_size"], doc="elements along K per scale (0: none)")
+    group_size = property(lambda self: self._fields["group_size"],
+                          doc="elements along K per scale (0: none); fp8_e4m3_block's block (rows, columns)")
     activation = property(lambda self: self._fields["activation"], doc="'silu' or 'swiglu_clamped'")
     swiglu_alpha = property(lambda self: self._fields["swiglu_alpha"], doc="swiglu_clamped's alpha (None for silu)")
     swiglu_limit = property(lambda self: self._fields["swiglu_limit"], doc="swiglu_clamped's limit (None for silu)")
