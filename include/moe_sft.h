@@ -6,9 +6,9 @@
  *   g = x Wg^T + s (x Ag^T) Bg^T      u = x Wu^T + s (x Au^T) Bu^T      h = silu(g) * u
  *   y = h Wd^T + s (h Ad^T) Bd^T      out[t] = sum_j routing_weights[t, j] * y_{expert_ids[t, j]}(x_t)
  *
- * with s = lora_alpha / lora_rank (the activation may instead be gpt-oss's clamped SwiGLU, and the projections may
- * have frozen biases: see moe_sft_activation and the config's bias fields). Backward returns grad_input, grad_routing_weights and the f32 grads of
- * the six LoRA matrices; base weights are frozen.
+ * with s = lora_alpha / lora_rank (the activation may instead be gpt-oss's clamped SwiGLU, and the projections
+ * may have frozen biases: see moe_sft_activation and the config's bias fields). Backward returns grad_input,
+ * grad_routing_weights and the f32 grads of the six LoRA matrices; base weights are frozen.
  *
  * Data contract (row-major, HF nn.Linear convention [out, in]):
  *   gate_proj, up_proj  [E, I, H] bf16          down_proj            [E, H, I] bf16
@@ -204,8 +204,7 @@ typedef struct moe_sft_lora_grads {
 
 /* Fills cfg with defaults (lora_alpha 32, lora_rank 16, max_cache_depth 1, num_threads 0, tp_count 1,
  * check_finite from MOE_SFT_CHECK_FINITE, weight_format BF16, activation SILU, swiglu_alpha 1.702, swiglu_limit 7,
- * everything else 0 / NULL) and sets
- * struct_size. Thread-safe. */
+ * everything else 0 / NULL) and sets struct_size. Thread-safe. */
 void moe_sft_config_init(moe_sft_config *cfg);
 
 /* Validates cfg, packs (and, from bf16, quantizes) the base weights, and returns a new layer in *out (set

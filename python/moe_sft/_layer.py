@@ -100,7 +100,7 @@ class MoESFT:
         and up interleaved: gate = columns 0::2, up = 1::2), down_proj [E, I, H], gate_up_proj_bias [E, 2I],
         down_proj_bias [E, H] (bf16 or float arrays), with the clamped SwiGLU (swiglu_alpha, swiglu_limit: the
         model config's). The projections are de-interleaved and transposed into one bf16 copy of the layer's
-        weights (3·E·H·I·2 bytes, freed after create) before the layer packs them.
+        weights (3·E·H·I·2 bytes beside the caller's arrays, freed after create) before the layer packs them.
 
         MXFP4 as the original release ships it: gate_up_proj and down_proj as QuantizedWeight("mxfp4", 32, blocks,
         scales, None) in the checkpoint's orientation (gate_up_proj_blocks [E, 2I, H/32, 16] or [E, 2I, H/2] with
