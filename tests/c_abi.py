@@ -34,8 +34,8 @@ def _text(char_pointer):
 
 def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_threads, tp_count, gate, up, down,
            check_finite, weight_format, group_size, prequantized, gate_scale, up_scale, down_scale, gate_zero, up_zero,
-           down_zero):
-    """The config's fields in its order; addresses of 0 are NULL."""
+           down_zero, block_rows=0, block_cols=0, scale_dtype=None):
+    """The config's fields in its order; addresses of 0 are NULL; scale_dtype None keeps the default."""
     cfg = _ffi.new("moe_sft_config *")
     _lib.moe_sft_config_init(cfg)
     cfg.expert_num = experts
@@ -55,6 +55,9 @@ def create(experts, hidden, intermediate, rank, alpha, max_cache_depth, num_thre
     cfg.prequantized = prequantized
     cfg.gate_zero, cfg.up_zero, cfg.down_zero = (
         _ffi.cast("const uint8_t *", a) for a in (gate_zero, up_zero, down_zero))
+    cfg.block_rows, cfg.block_cols = block_rows, block_cols
+    if scale_dtype is not None:
+        cfg.scale_dtype = scale_dtype
     out = _ffi.new("moe_sft_layer **")
     status = _lib.moe_sft_create(cfg, out)
     return status, int(_ffi.cast("uintptr_t", out[0]))
@@ -109,6 +112,12 @@ def quantize(weight_format, group_size, rows, cols, w, weights, scale, zero):
     return _lib.moe_sft_quantize(_format(weight_format), group_size, rows, cols, _ffi.cast("const uint16_t *", w),
                                  _ffi.cast("void *", weights), _ffi.cast("float *", scale),
                                  _ffi.cast("uint8_t *", zero))
+
+
+def quantize_blocks(weight_format, block_rows, block_cols, scale_dtype, rows, cols, w, weights, scale):
+    return _lib.moe_sft_quantize_blocks(_format(weight_format), block_rows, block_cols, scale_dtype, rows, cols,
+                                        _ffi.cast("const uint16_t *", w), _ffi.cast("uint8_t *", weights),
+                                        _ffi.cast("void *", scale))
 
 
 def weight_format_name(weight_format):

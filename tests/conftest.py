@@ -97,9 +97,12 @@ def run_layer(layer, p, **backward_kwargs):
 #   stated target), 1.23e-2 (int8, gate_a with few rows), 1.07e-2 (int4_awq, down_b), 1.20e-2 (int4_k2,
 #   down_b) -> 2.5e-2, 2.2e-2, 2.4e-2 (before: 3e-2 for all). Quantized layers dequantize to bf16 before the
 #   bf16 kernels, one rounding more per weight; the reference uses the dequantized weights exactly.
+#   fp8_e4m3_block and mxfp4 (test_block_formats): worst 5.4e-3 and 4.5e-3 aggregate, 1.04 and 0.92 per element
+#   -> the issue's target 1e-2 (mxfp4 decodes exactly; fp8 rounds code * scale_inv to bf16 once).
 UNIT = 2.0 ** -8
-ELEMENT_BOUND = {"bf16": 3.0, "int8": 3.0, "int4_awq": 3.0, "int4_k2": 3.0}
-AGGREGATE_BOUND = {"bf16": 1e-2, "int8": 2.5e-2, "int4_awq": 2.2e-2, "int4_k2": 2.4e-2}
+ELEMENT_BOUND = {"bf16": 3.0, "int8": 3.0, "int4_awq": 3.0, "int4_k2": 3.0, "fp8_e4m3_block": 3.0, "mxfp4": 3.0}
+AGGREGATE_BOUND = {"bf16": 1e-2, "int8": 2.5e-2, "int4_awq": 2.2e-2, "int4_k2": 2.4e-2, "fp8_e4m3_block": 1e-2,
+                   "mxfp4": 1e-2}
 
 
 def reference_errors(p, out, grads, reference=None):

@@ -387,3 +387,76 @@ def dequantize(weight_format, weights, scale, zero=None):
     group_size = q.shape[-1] // np.shape(scale)[-1]
     grouped = q.reshape(q.shape[:-1] + (-1, group_size))
     return ((grouped - f64(offset)[..., None]) * f64(scale)[..., None]).reshape(q.shape)
+
+
+# ---- the block-scaled formats (fp8_e4m3_block, mxfp4), from their definitions in moe_sft.h ----
+# Decoding from the bit fields (independent of ml_dtypes); quantizing with ml_dtypes' round-to-nearest-even casts
+# after the saturation the header documents, every op in float32.
+
+def e4m3_values():
+    """float64 [256]: sign, 4 exponent bits (bias 7), 3 mantissa bits; S.1111.111 NaN; subnormals 2^-6 m/8."""
+    c = np.arange(256)
+    e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    mag[(c & 0x7F) == 0x7F] = np.nan
+    return np.where(c & 0x80, -mag, mag)
+
+
+def e2m1_values():
+    """float64 [16]: sign in bit 3, 2 exponent bits (bias 1), 1 mantissa bit."""
+    c = np.arange(16)
+    e, m = (c >> 1) & 3, (c & 1).astype(np.float64)
+    mag = np.where(e == 0, m * 0.5, (1 + m / 2) * 2.0 ** (e - 1))
+    return np.where(c & 8, -mag, mag)
+
+
+def e8m0_values(s):
+    """2^(s - 127) for scale bytes s, NaN for 255."""
+    s = np.asarray(s).astype(np.int64)
+    return np.where(s == 255, np.nan, np.ldexp(1.0, s - 127))
+
+
+def dequantize_fp8(weights, scale, block):
+    """W [.., N, K] = e4m3(q) * scale_inv[.., n / bn, k / bk] (partial edge blocks allowed)."""
+    bn, bk = block
+    scale = np.asarray(scale)
+    s = f64(scale.view(bf16) if scale.dtype == np.uint16 else scale)
+    N, K = np.shape(weights)[-2:]
+    return e4m3_values()[np.asarray(weights)] * np.repeat(np.repeat(s, bn, axis=-2), bk, axis=-1)[..., :N, :K]
+
+
+def dequantize_mxfp4(blocks, scales):
+    """W [.., N, K] = e2m1(nibble) * 2^(s - 127), blocks uint8 [.., N, K/2] (low nibble = even k) or
+    [.., N, K/32, 16]."""
+    scales = np.asarray(scales)
+    blocks = np.asarray(blocks).reshape(scales.shape[:-1] + (-1,))
+    nibbles = np.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(blocks.shape[:-1] + (-1,))
+    return e2m1_values()[nibbles] * np.repeat(e8m0_values(scales), 32, axis=-1)
+
+
+def quantize_fp8(w, block, scale_dtype=np.float32):
+    """uint8 e4m3 [.., N, K] and scale_inv [.., ceil(N/bn), ceil(K/bk)] in scale_dtype: scale_inv = amax / 448
+    (1 for a zero block), q = e4m3(clip(w / stored scale_inv, -448, 448))."""
+    w = _f32(w)
+    bn, bk = block
+    N, K = w.shape[-2:]
+    rows, cols = -(-N // bn), -(-K // bk)
+    padded = np.zeros(w.shape[:-2] + (rows * bn, cols * bk), np.float32)
+    padded[..., :N, :K] = np.abs(w)
+    amax = padded.reshape(w.shape[:-2] + (rows, bn, cols, bk)).max(axis=(-3, -1))
+    scale = np.where(amax > 0, amax / np.float32(448), np.float32(1)).astype(np.float32).astype(scale_dtype)
+    full = np.repeat(np.repeat(scale.astype(np.float32), bn, axis=-2), bk, axis=-1)[..., :N, :K]
+    q = np.clip(w / full, np.float32(-448), np.float32(448)).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    return q, scale
+
+
+def quantize_mxfp4(w):
+    """uint8 [.., N, K/2] (low nibble first) and e8m0 scale bytes [.., N, K/32]: e = clip(floor(log2 amax) - 2,
+    -127, 127) (0 for a zero group), q = e2m1(clip(w / 2^e, -6, 6))."""
+    g = _grouped(w, 32)
+    amax = np.abs(g).max(axis=-1)
+    _, exponent = np.frexp(amax)  # amax in [2^(exponent-1), 2^exponent)
+    e = np.where(amax > 0, np.clip(exponent - 1 - 2, -127, 127), 0)
+    q = np.clip(g / np.ldexp(np.float32(1), e)[..., None].astype(np.float32), np.float32(-6), np.float32(6))
+    nibbles = q.astype(ml_dtypes.float4_e2m1fn).view(np.uint8).reshape(q.shape[:-2] + (-1,)) & 0xF
+    return (_pack_nibbles(nibbles, 2).astype(np.uint8), (e + 127).astype(np.uint8))

@@ -561,6 +561,8 @@ RESIDENT_CASES = {  # weight_format: (group_size, low, high) of the growth / bf1
     "int8": (0, 0.0, 0.55),
     "int4_awq": (128, 0.0, 0.30),
     "int4_k2": (32, 0.0, 0.30),
+    "fp8_e4m3_block": (0, 0.0, 0.52),  # the targets: 1 byte + an f32 scale per row and 128 columns
+    "mxfp4": (32, 0.0, 0.28),  # half a byte + an e8m0 byte per 32
 }
 RESIDENT_SHAPE = (32, 512, 512)  # E, H, I
 

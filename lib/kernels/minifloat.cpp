@@ -38,7 +38,10 @@ void dequantize_minifloat(const PackedMatrix& w, int64_t panel0, int64_t panels,
     for (int64_t kp = pair0; kp < pair0 + pairs; ++kp) {
       float scale[P];  // the group's scale of each of the panel's rows
       const int64_t g = kp / group_pairs;
-      for (int64_t r = 0; r < P; ++r) scale[r] = fp4 ? e8m0_value(w.scales_e8m0(p)[g * P + r]) : w.scales_f32(p)[g * P + r];
+      for (int64_t r = 0; r < P; ++r) {
+        const int64_t at = w.scale_index(g, r);
+        scale[r] = fp4 ? e8m0_value(w.scales_e8m0(p)[at]) : w.scales_f32(p)[at];
+      }
       bf16* dst = out + (p - panel0) * out_stride + (kp - pair0) * 2 * P;
       if (fp4) {  // packed_matrix.h's nibble layout: lane l's code in byte (kp / 4) * 64 + 2 l + (kp % 4) / 2
         const uint8_t* unit = codes + (kp / 4) * 4 * P + (kp % 4) / 2;

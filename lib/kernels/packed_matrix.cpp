@@ -30,13 +30,14 @@ ScaleType packed_scale_type(WeightFormat f) {
 
 // Sizes of a quantized matrix's three arrays (codes, scales, biases), each a whole number of cache lines.
 struct QuantizedLayout {
-  int64_t group, groups, code_bytes, scale_bytes, bias_bytes;
-  QuantizedLayout(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size) {
+  int64_t group, groups, scale_rows, code_bytes, scale_bytes, bias_bytes;
+  QuantizedLayout(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size, int64_t block_rows) {
     const int64_t padded_rows = round_up(rows, PackedMatrix::kColAlign), padded_cols = round_up(cols, PackedMatrix::kColAlign);
     group = has_groups(f) ? group_size : padded_cols;
     groups = (padded_cols + group - 1) / group;
     code_bytes = round_up(padded_rows * padded_cols / (packs_nibbles(f) ? 2 : 1), 64);
-    const int64_t scales = padded_rows * groups;
+    scale_rows = f == WeightFormat::fp8_e4m3_block && block_rows % P == 0 ? 1 : P;
+    const int64_t scales = padded_rows / P * scale_rows * groups;
     scale_bytes = round_up(scales * QuantizedSource::scale_bytes(packed_scale_type(f)), 64);
     bias_bytes = f == WeightFormat::int4_awq ? round_up(scales * 4, 64) : 0;
   }
@@ -44,9 +45,10 @@ struct QuantizedLayout {
 
 }  // namespace
 
-int64_t PackedMatrix::storage_bytes(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size) {
+int64_t PackedMatrix::storage_bytes(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size,
+                                    int64_t block_rows) {
   if (f == WeightFormat::bf16) return round_up(round_up(rows, kColAlign) * round_up(cols, kColAlign) * 2, 64);
-  const QuantizedLayout l(f, rows, cols, group_size);
+  const QuantizedLayout l(f, rows, cols, group_size, block_rows);
   return l.code_bytes + l.scale_bytes + l.bias_bytes;
 }
 
@@ -79,9 +81,10 @@ PackedMatrix::PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows,
                            void* storage)
     : format_(src.format), rows_(rows), cols_(cols), padded_rows_(round_up(rows, kColAlign)),
       padded_cols_(round_up(cols, kColAlign)) {
-  const QuantizedLayout l(format_, rows, cols, src.group);
+  const QuantizedLayout l(format_, rows, cols, src.group, src.block_rows);
   group_ = l.group;
   groups_ = l.groups;
+  scale_rows_ = l.scale_rows;
   auto* codes = static_cast<uint8_t*>(storage);
   std::memset(codes, 0, size_t(l.code_bytes + l.scale_bytes + l.bias_bytes));
   auto* scales = codes + l.code_bytes;
@@ -102,7 +105,7 @@ PackedMatrix::PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows,
     }
     // Padding groups keep scale 0 (slices start on whole groups; a format's last group may be partial).
     for (int64_t g = 0; g * group_ < cols; ++g) {
-      const int64_t at = ((r / P) * groups_ + g) * P + r % P;
+      const int64_t at = (r / P) * groups_ * scale_rows_ + scale_index(g, r);  // shared: every row writes the same
       const int64_t sg = has_groups(format_) ? g0 + g : 0;
       switch (packed_scale_type(format_)) {
         case ScaleType::bf16: reinterpret_cast<bf16*>(scales)[at] = to_bf16(src.scale_of(sr, sg)); break;  // exact: from bf16
@@ -117,7 +120,7 @@ PackedMatrix::PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows,
 
 float PackedMatrix::value(int64_t r, int64_t c) const {
   if (format_ == WeightFormat::bf16) return to_float(at(r, c));
-  const int64_t p = r / P, lane = (r % P) * 2 + c % 2, kp = c / 2, at = (c / group_) * P + r % P;
+  const int64_t p = r / P, lane = (r % P) * 2 + c % 2, kp = c / 2, at = scale_index(c / group_, r);
   int code;
   if (packs_nibbles(format_)) code = (codes(p)[int4_byte(kp, lane)] >> (4 * (kp % 2))) & 0xF;
   else if (format_ == WeightFormat::fp8_e4m3_block) code = codes(p)[kp * 2 * P + lane];

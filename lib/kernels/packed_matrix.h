@@ -15,8 +15,10 @@
 //   int4, mxfp4: four pairs share 64 bytes, as 32 16-bit words, one per bf16 lane j = (r % 16) * 2 + c % 2:
 //         word j of unit kp / 4 holds pair kp's value in bits 4 (kp % 4) .. 4 (kp % 4) + 3, so one load and a
 //         shift per pair give a whole pair vector's codes, in lane order.
-// Scales follow each panel's codes as [groups][kPanelRows] (f32; bf16 for int4_k2; e8m0 bytes for mxfp4;
-// fp8_e4m3_block's block scales repeated for each row of the block, as f32), and int4_awq adds the matching
+// Scales follow each panel's codes as [groups][scale_rows()] (f32; bf16 for int4_k2; e8m0 bytes for mxfp4;
+// fp8_e4m3_block's block scales as f32), one per row (scale_rows() = kPanelRows), or one per panel where all
+// its rows share their scales (scale_rows() = 1: fp8 blocks of a multiple of kPanelRows rows, whose parts
+// start on whole blocks), and int4_awq adds the matching
 // f32 biases -zero·scale, so every integer format dequantizes as code·scale + bias (int4_k2's bias is
 // -8·scale, computed) and every minifloat one as value(code)·scale (minifloat.h). Padding rows and padding
 // groups have scale 0 (and bias 0; e8m0 byte 0, 2^-127, times code 0), and the padding columns code 0: the
@@ -41,7 +43,8 @@ class PackedMatrix {
   PackedMatrix() = default;
   // Bytes of storage a rows x cols matrix packs into in format f (a whole number of cache lines);
   // group_size is the int4 formats' (ignored otherwise).
-  static int64_t storage_bytes(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size);
+  // fp8_e4m3_block's block_rows decides whether a panel's rows share their scales.
+  static int64_t storage_bytes(WeightFormat f, int64_t rows, int64_t cols, int64_t group_size, int64_t block_rows = 1);
   // Packs the rows x cols block of bf16 `src` whose element (r, c) is src[r * ld + c] into `storage`
   // (storage_bytes of it, 64-byte aligned, owned by the caller, e.g. a PackedStorage).
   PackedMatrix(const bf16* src, int64_t rows, int64_t cols, int64_t ld, void* storage);
@@ -67,10 +70,13 @@ class PackedMatrix {
   // Quantized formats only.
   int64_t group() const { return group_; }   // columns per scale (int8: padded_cols, one per row)
   int64_t groups() const { return groups_; } // scale groups per padded row
+  int64_t scale_rows() const { return scale_rows_; }  // scales per panel and group: kPanelRows, or 1 (shared)
   const uint8_t* codes(int64_t p) const { return static_cast<const uint8_t*>(data_) + p * panel_code_bytes(); }
-  const float* scales_f32(int64_t p) const { return static_cast<const float*>(scales_) + p * groups_ * kPanelRows; }
-  const bf16* scales_bf16(int64_t p) const { return static_cast<const bf16*>(scales_) + p * groups_ * kPanelRows; }
-  const uint8_t* scales_e8m0(int64_t p) const { return static_cast<const uint8_t*>(scales_) + p * groups_ * kPanelRows; }
+  const float* scales_f32(int64_t p) const { return static_cast<const float*>(scales_) + p * groups_ * scale_rows_; }
+  const bf16* scales_bf16(int64_t p) const { return static_cast<const bf16*>(scales_) + p * groups_ * scale_rows_; }
+  const uint8_t* scales_e8m0(int64_t p) const { return static_cast<const uint8_t*>(scales_) + p * groups_ * scale_rows_; }
+  // Index of row r's scale of group g in its panel's scales.
+  int64_t scale_index(int64_t g, int64_t r) const { return g * scale_rows_ + (scale_rows_ == 1 ? 0 : r % kPanelRows); }
   const float* biases(int64_t p) const { return biases_ + p * groups_ * kPanelRows; }
   int64_t panel_code_bytes() const { return kPanelRows * padded_cols_ * (packs_nibbles(format_) ? 1 : 2) / 2; }
 
@@ -80,7 +86,7 @@ class PackedMatrix {
 
  private:
   WeightFormat format_ = WeightFormat::bf16;
-  int64_t rows_ = 0, cols_ = 0, padded_rows_ = 0, padded_cols_ = 0, group_ = 0, groups_ = 0;
+  int64_t rows_ = 0, cols_ = 0, padded_rows_ = 0, padded_cols_ = 0, group_ = 0, groups_ = 0, scale_rows_ = kPanelRows;
   const void* data_ = nullptr;
   const void* scales_ = nullptr;
   const float* biases_ = nullptr;

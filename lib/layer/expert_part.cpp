@@ -173,7 +173,9 @@ std::vector<ExpertPart> pack_expert_parts(const LayerConfig& cfg, int threads) {
   const int64_t group = source_shape(cfg, 1, 1).group;
   std::vector<ExpertPart> parts(size_t(cfg.tp_count));
   const int nodes = numa_topology().nodes();
-  auto bytes = [&](int64_t rows, int64_t cols) { return PackedMatrix::storage_bytes(f, rows, cols, group); };
+  auto bytes = [&](int64_t rows, int64_t cols) {
+    return PackedMatrix::storage_bytes(f, rows, cols, group, f == WeightFormat::fp8_e4m3_block ? cfg.block_rows : 1);
+  };
   for (size_t p = 0; p < parts.size(); ++p) {
     ExpertPart& part = parts[p];
     part.i_begin = bounds[p];

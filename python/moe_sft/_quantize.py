@@ -225,8 +225,9 @@ def _dequantize_blocks(q):
             weights = weights.reshape(weights.shape[:-2] + (-1,))  # gpt-oss's [.., N, K/32, 16]
         codes = np.stack([weights & 0xF, weights >> 4], axis=-1).reshape(weights.shape[:-1] + (-1,))
         s = np.asarray(q.scale).astype(np.int32)
-        scale = np.where(s == 255, np.float32(np.nan), np.ldexp(np.float32(1), s - 127).astype(np.float32))
-        return _E2M1[codes] * np.repeat(scale, 32, axis=-1)
+        with np.errstate(over="ignore"):  # 2^128 (byte 255, NaN below) and 6 * 2^127 are beyond float32: inf
+            scale = np.where(s == 255, np.float32(np.nan), np.ldexp(np.float32(1), s - 127).astype(np.float32))
+            return _E2M1[codes] * np.repeat(scale, 32, axis=-1)
     bn, bk = block_size_for(q.group_size, "q.group_size")
     scale = np.asarray(q.scale)
     scale = (scale.view(bfloat16) if scale.dtype == np.uint16 else scale).astype(np.float32)
