@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the backends' interface (moe_sft._ext and moe_sft._cffi_backend), each a C function of the same name but the
 # Layer and AdamW classes
 FUNCTIONS = {"create", "destroy", "update_lora", "forward", "backward", "discard_saved", "route", "route_backward",
-             "quantize", "weight_format_name", "activation_name", "dtype_name", "scoring_name", "cache_depth", "layer_isa", "isa",
+             "quantize", "quantize_blocks", "weight_format_name", "activation_name", "dtype_name", "scoring_name",
+             "cache_depth", "layer_isa", "isa",
              "status_string", "last_error", "version", "adamw_create", "adamw_destroy", "adamw_step",
              "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step", "adamw_state"}
 CLASSES = {"Layer", "AdamW"}

@@ -16,10 +16,10 @@ import numpy as _np
 from . import _paths
 
 __all__ = ["Layer", "create", "destroy", "update_lora", "forward", "backward", "discard_saved", "cache_depth",
-           "layer_isa", "route", "route_backward", "quantize", "isa", "status_string", "weight_format_name",
-           "activation_name", "dtype_name", "scoring_name", "last_error", "version", "AdamW", "adamw_create", "adamw_destroy",
-           "adamw_step", "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step",
-           "adamw_state"]
+           "layer_isa", "route", "route_backward", "quantize", "quantize_blocks", "isa", "status_string",
+           "weight_format_name", "activation_name", "dtype_name", "scoring_name", "last_error", "version", "AdamW",
+           "adamw_create", "adamw_destroy", "adamw_step", "adamw_get_config", "adamw_set_config", "adamw_set_lr",
+           "adamw_get_step", "adamw_set_step", "adamw_state"]
 
 CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
 CDEF_END = "/* MOE_SFT_CDEF_END */"
