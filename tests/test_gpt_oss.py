@@ -485,3 +485,45 @@ def test_bad_gpt_oss_mxfp4(tmp_path):
     dn = moe_sft.QuantizedWeight("mxfp4", 32, tensors["down_proj_blocks"], tensors["down_proj_scales"], None)
     with pytest.raises(moe_sft.InvalidArgumentError, match="down_proj has weights uint8"):
         moe_sft.MoESFT.from_gpt_oss(q, dn, lora_rank=0)
+
+
+def test_gradient_at_the_clamps_edges():
+    """torch.clamp's convention: at g == limit and u == +-limit exactly the gradient passes, one bf16 step beyond it
+    is zero. Zero base weights and B make g = gate_bias and u = up_bias exactly, and the LoRA B grads (s dG^T (x A^T))
+    show whether dG and dU passed."""
+    E_, H_, I_, r = 1, 16, 8, 2
+    step = 2.0 ** -5  # bf16's spacing at 7
+    gate_bias = np.array([[7.0, 7.0 + step, 6.0, -3.0, 7.0, 0.5, 7.0 + step, 1.0]], np.float32)
+    up_bias = np.array([[7.0, -7.0, 7.0 + step, -7.0 - step, 0.0, -0.5, 3.0, 7.0]], np.float32)
+    rng = np.random.default_rng(0)
+    zeros = np.zeros((E_, I_, H_), R.bf16)
+    lora = {"gate_a": rng.standard_normal((E_, r, H_)).astype(np.float32), "gate_b": np.zeros((E_, I_, r), np.float32),
+            "up_a": rng.standard_normal((E_, r, H_)).astype(np.float32), "up_b": np.zeros((E_, I_, r), np.float32),
+            "down_a": rng.standard_normal((E_, r, I_)).astype(np.float32),
+            "down_b": rng.standard_normal((E_, H_, r)).astype(np.float32)}
+    x = rng.standard_normal((2, H_)).astype(R.bf16)
+    with moe_sft.MoESFT(zeros, zeros, np.zeros((E_, H_, I_), R.bf16), lora_rank=r, lora_alpha=r,
+                        activation="swiglu_clamped", gate_bias=gate_bias, up_bias=up_bias) as layer:
+        layer.update_lora(**lora)
+        layer.forward(x, np.zeros((2, 1), np.int64), np.ones((2, 1), np.float32), save_for_backward=True)
+        grads = layer.backward(rng.standard_normal((2, H_)).astype(R.bf16))
+    gate_passes = np.abs(grads.gate_b[0]).sum(axis=1) > 0
+    up_passes = np.abs(grads.up_b[0]).sum(axis=1) > 0
+    assert gate_passes.tolist() == [True, False, True, True, True, True, False, True]
+    assert up_passes.tolist() == [True, True, False, False, True, True, True, True]
+
+
+def test_mxfp4_orientation_is_transformers():
+    """transformers' own MXFP4 dequantization (integrations.mxfp4.convert_moe_packed_tensors, what it runs on the
+    original release) of the blocks gives exactly gpt_oss_layout of the weights the library's reading encodes: the
+    nibble order, the e8m0 scale, the [E, N, K] -> [E, K, N] orientation and the interleave agree."""
+    torch = pytest.importorskip("torch", reason="the comparison with transformers needs torch")
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4", reason="transformers without MXFP4 support")
+    _, tensors, ref = mxfp4_gpt_oss()
+    decoded = {n: mxfp4.convert_moe_packed_tensors(torch.from_numpy(tensors[f"{n}_blocks"]),
+                                                   torch.from_numpy(tensors[f"{n}_scales"]),
+                                                   dtype=torch.float32).numpy()
+               for n in ("gate_up_proj", "down_proj")}
+    assert np.array_equal(decoded["gate_up_proj"][:, :, 0::2], ref.gate.transpose(0, 2, 1))
+    assert np.array_equal(decoded["gate_up_proj"][:, :, 1::2], ref.up.transpose(0, 2, 1))
+    assert np.array_equal(decoded["down_proj"], ref.down.transpose(0, 2, 1))

@@ -179,12 +179,17 @@ def save_adapter(directory, layers, lora_rank, lora_alpha, layout=None, base_mod
     return directory
 
 
+def _gate_up_rows(I, gpt_oss):
+    """Where gate's and up's I rows sit among gate_up_proj's 2I: gate's then up's (transformers 5), or interleaved
+    (gpt-oss: gate = 0::2, up = 1::2)."""
+    return (slice(0, None, 2), slice(1, None, 2)) if gpt_oss else (slice(0, I), slice(I, None))
+
+
 def _gate_up(gate, up, gpt_oss):
-    """gate_up_proj's rows [E, 2I, ...] from gate's and up's [E, I, ...]: gate's then up's, or interleaved (gpt-oss)."""
-    if not gpt_oss:
-        return np.concatenate([gate, up], axis=1)
+    """gate_up_proj's rows [E, 2I, ...] from gate's and up's [E, I, ...]."""
     out = np.empty((gate.shape[0], 2 * gate.shape[1]) + gate.shape[2:], gate.dtype)
-    out[:, 0::2], out[:, 1::2] = gate, up
+    gate_rows, up_rows = _gate_up_rows(gate.shape[1], gpt_oss)
+    out[:, gate_rows], out[:, up_rows] = gate, up
     return out
 
 
@@ -425,7 +430,7 @@ def _load_fused(f, path, L, keys, r, dtype, gpt_oss):
     down_a = np.empty((E, r, I), dtype)
     f.copy_into(dn[0], down_a.reshape(E * r, I))
     gate_up_b = _unfuse_b(f, gu[1], 2 * I, r, E, dtype)
-    gate_rows, up_rows = (slice(0, None, 2), slice(1, None, 2)) if gpt_oss else (slice(0, I), slice(I, None))
+    gate_rows, up_rows = _gate_up_rows(I, gpt_oss)
     return {"gate_a": shared_a, "gate_b": np.ascontiguousarray(gate_up_b[:, gate_rows]), "up_a": shared_a,
             "up_b": np.ascontiguousarray(gate_up_b[:, up_rows]), "down_a": down_a,
             "down_b": _unfuse_b(f, dn[1], H, r, E, dtype)}
