@@ -442,3 +442,125 @@ def test_quantize_blocks_writes_nothing_on_error():
         assert all(np.array_equal(a, b) for a, b in zip((weights, scale), snapshot)), message
     assert B.quantize(F[FP8], 0, N, K, addr(w), addr(weights), addr(scale), 0) == INVALID
     assert "use moe_sft_quantize_blocks" in B.last_error()
+
+
+# ---- FP8 checkpoints (DeepSeek-V3 / Qwen3-FP8 naming) through load_experts and MoESFT.from_checkpoint ----
+
+FP8_CONFIG = {"model_type": "deepseek_v3", "quantization_config": {
+    "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+
+
+def fp8_checkpoint(directory, E=3, H=64, I=176, block=(128, 128), scale_dtype=np.float32, shards=2, config=None):
+    """Per expert and projection ``weight`` F8_E4M3 [N, K] and ``weight_scale_inv`` [ceil(N/bn), ceil(K/bk)], with
+    a dense layer, shared experts and attention around them (also FP8, never read). Returns {proj: (codes, scale)}."""
+    from test_checkpoints import write_checkpoint
+    rng = np.random.default_rng(14)
+    bn, bk = block
+    pre = "model.layers.1."
+    tensors = {"model.layers.0.mlp.gate_proj.weight": np.ones((8, H), ml_dtypes.float8_e4m3fn),
+               pre + "self_attn.q_proj.weight": np.ones((H, H), ml_dtypes.float8_e4m3fn),
+               pre + "self_attn.q_proj.weight_scale_inv": np.ones((1, 1), np.float32),
+               pre + "mlp.shared_experts.gate_proj.weight": np.ones((I, H), ml_dtypes.float8_e4m3fn),
+               pre + "mlp.shared_experts.gate_proj.weight_scale_inv": np.ones((2, 1), np.float32)}
+    expected = {}
+    for name, (N, K) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+        codes = rng.integers(0, 256, (E, N, K), np.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0x38  # no NaN codes; |values| <= 448, O(1 / sqrt(K)) weights after scaling
+        scale = (rng.uniform(0.5, 1, (E, -(-N // bn), -(-K // bk))) / (448 * np.sqrt(K))).astype(scale_dtype)
+        expected[name] = (codes, scale)
+        for e in range(E):
+            tensors[pre + f"mlp.experts.{e}.{name}.weight"] = codes[e].view(ml_dtypes.float8_e4m3fn)
+            tensors[pre + f"mlp.experts.{e}.{name}.weight_scale_inv"] = scale[e]
+    cfg = {"n_routed_experts": E, "hidden_size": H, "moe_intermediate_size": I,
+           **(config if config is not None else FP8_CONFIG)}
+    write_checkpoint(directory, tensors, cfg, shards)
+    return expected
+
+
+def _bf16_of(codes, scale, block):
+    """The bf16 weights the layer's decoder makes: e4m3 value * scale_inv in float32, rounded to bf16."""
+    bn, bk = block
+    s = np.asarray(scale).astype(np.float32)
+    N, K = codes.shape[-2:]
+    full = np.repeat(np.repeat(s, bn, axis=-2), bk, axis=-1)[..., :N, :K]
+    return (R.e4m3_values().astype(np.float32)[codes] * full).astype(R.bf16)
+
+
+@pytest.mark.parametrize("scale_dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+def test_fp8_checkpoint_loads_as_it_ships(tmp_path, scale_dtype):
+    """The codes and scales as the checkpoint holds them (never dequantized), and the layer equal, bit for bit, to
+    a bf16 layer on the decoded weights (I = 176: partial 128 x 128 blocks; tp_count 2)."""
+    expected = fp8_checkpoint(tmp_path, scale_dtype=scale_dtype)
+    w = moe_sft.load_experts(tmp_path, 1)
+    assert (w.weight_format, w.source_dtype, w.layout, w.experts, w.hidden_size, w.intermediate_size) == (
+        FP8, "F8_E4M3", "per_expert", 3, 64, 176)
+    for name, q in zip(("gate_proj", "up_proj", "down_proj"), (w.gate_proj, w.up_proj, w.down_proj)):
+        codes, scale = expected[name]
+        assert (q.weight_format, q.group_size, q.zero) == (FP8, (128, 128), None)
+        assert q.weights.dtype == np.uint8 and np.array_equal(q.weights, codes)
+        assert q.scale.dtype == np.dtype(scale_dtype) and np.array_equal(q.scale, scale)
+    p = R.make_problem(3, 64, 176, 2, 7, 4, seed=15)
+    decoded = {n: _bf16_of(*expected[n + "_proj"], (128, 128)) for n in PROJECTIONS}
+    p = dataclasses.replace(p, **decoded)
+    for tp in (1, 2):
+        layer = moe_sft.MoESFT.from_checkpoint(tmp_path, 1, lora_rank=p.rank, lora_alpha=p.alpha, tp_count=tp)
+        assert layer.weight_format == FP8 and layer.group_size == (128, 128)
+        out, grads = run_layer(bind_lora(layer, p), p)
+        bf16_out, bf16_grads = run_layer(make_layer(p, tp_count=tp), p)
+        assert np.array_equal(np.asarray(out, np.float32), np.asarray(bf16_out, np.float32))
+        for name in ("input", "routing_weights") + R.LORA_NAMES:
+            assert np.array_equal(getattr(grads, name), getattr(bf16_grads, name)), name
+
+
+def test_fp8_checkpoint_block_from_config(tmp_path):
+    """A 64 x 32 weight_block_size is read from config.json (and 128 x 128 when it has none)."""
+    fp8_checkpoint(tmp_path / "b", block=(64, 32), config={"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [64, 32]}})
+    assert moe_sft.load_experts(tmp_path / "b", 1).up_proj.group_size == (64, 32)
+    fp8_checkpoint(tmp_path / "none", config={})
+    assert moe_sft.load_experts(tmp_path / "none", 1).down_proj.group_size == (128, 128)
+
+
+def _fp8_edit(edit, config=None):
+    """An FP8 checkpoint with edit(tensors) applied to its single file."""
+    def make(d):
+        fp8_checkpoint(d, shards=1, config=config)
+        f = moe_sft.SafetensorsFile(d / "model.safetensors")
+        t = {k: np.array(f[k]) for k in f}
+        del f
+        edit(t)
+        moe_sft.save_safetensors(d / "model.safetensors", t)
+    return make
+
+
+X = "model.layers.1.mlp.experts."
+FP8_BAD = {
+    "scale shape": (_fp8_edit(lambda t: t.update({X + "2.down_proj.weight_scale_inv": np.ones((1, 1), np.float32)})),
+                    X + "2.down_proj.weight_scale_inv has shape [1, 1]; expected [1, 2] = [ceil(64 / 128), "
+                    "ceil(176 / 128)]"),
+    "scale f16": (_fp8_edit(lambda t: t.update({X + "0.up_proj.weight_scale_inv": np.ones((2, 1), np.float16)})),
+                  X + "0.up_proj.weight_scale_inv has dtype F16; expected F32 or BF16"),
+    "missing scale": (_fp8_edit(lambda t: t.pop(X + "1.gate_proj.weight_scale_inv")),
+                      "lacks " + X + "1.gate_proj.weight_scale_inv"),
+    "bf16 weight with a scale": (_fp8_edit(lambda t: t.update({X + "1.up_proj.weight": np.ones((176, 64), R.bf16)})),
+                                 X + "1.up_proj.weight has dtype BF16; expected F8_E4M3"),
+    "odd block": (_fp8_edit(lambda t: None, {"quantization_config": {"quant_method": "fp8",
+                                                                     "weight_block_size": [128, 127]}}),
+                  "config.json's quantization_config.weight_block_size = [128, 127]: block_cols = 127 is odd"),
+    "block of one number": (_fp8_edit(lambda t: None, {"quantization_config": {"weight_block_size": [128]}}),
+                            "config.json's quantization_config.weight_block_size = [128]"),
+    "per-tensor scales": (_fp8_edit(lambda t: None, {"quantization_config": {"quant_method": "fp8",
+                                                                             "weight_block_size": None}}),
+                          "weight_block_size is null: per-tensor FP8 scales are not supported"),
+    "other quant_method": (_fp8_edit(lambda t: None, {"quantization_config": {"quant_method": "awq"}}),
+                           "quantization_config.quant_method is 'awq'"),
+}
+
+
+@pytest.mark.parametrize("case", FP8_BAD)
+def test_bad_fp8_checkpoints(tmp_path, case):
+    make, needle = FP8_BAD[case]
+    make(tmp_path)
+    with pytest.raises(moe_sft.InvalidArgumentError) as err:
+        moe_sft.load_experts(tmp_path, 1)
+    assert needle in str(err.value), str(err.value)

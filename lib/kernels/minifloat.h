@@ -12,50 +12,36 @@
 // are arbitrary f32, so code·scale is rounded to bf16 once, as every other format's dequantized value is.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "kernels/packed_matrix.h"
 
 namespace moe_sft::kernels {
 
-namespace minifloat_detail {
-constexpr float pow2(int e) {  // exact, subnormals included
-  float v = 1.0f;
-  for (; e > 0; --e) v *= 2.0f;
-  for (; e < 0; ++e) v *= 0.5f;
-  return v;
+// Each decode moves the code's exponent and mantissa bits into f32's fields: that is the value times a fixed
+// power of two (an f32 subnormal for the code's subnormals, still exact), undone by one exact multiplication.
+// Plain integer and f32 operations, which the compiler vectorizes for any target.
+inline float f32_of_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
-struct E4m3Table {
-  float v[256];
-  constexpr E4m3Table() : v() {
-    for (int c = 0; c < 256; ++c) {
-      const int e = (c >> 3) & 0xF, m = c & 7;
-      float mag = e == 0 ? float(m) * pow2(-9) : (1.0f + float(m) / 8.0f) * pow2(e - 7);
-      if ((c & 0x7F) == 0x7F) mag = std::numeric_limits<float>::quiet_NaN();
-      v[c] = (c & 0x80) ? -mag : mag;
-    }
-  }
-};
-struct E8m0Table {
-  float v[256];
-  constexpr E8m0Table() : v() {
-    for (int s = 0; s < 255; ++s) v[s] = pow2(s - 127);
-    v[255] = std::numeric_limits<float>::quiet_NaN();
-  }
-};
-constexpr E4m3Table kE4m3{};
-constexpr E8m0Table kE8m0{};
-constexpr float kE2m1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-}  // namespace minifloat_detail
-
-inline float e4m3_value(uint8_t code) { return minifloat_detail::kE4m3.v[code]; }
 inline bool e4m3_is_nan(uint8_t code) { return (code & 0x7F) == 0x7F; }
-inline float e2m1_value(uint8_t nibble) { return minifloat_detail::kE2m1[nibble & 0xF]; }
-inline float e8m0_value(uint8_t s) { return minifloat_detail::kE8m0.v[s]; }
+inline float e4m3_value(uint8_t code) {
+  const uint32_t c = code;
+  const float v = f32_of_bits(((c & 0x80u) << 24) | ((c & 0x7Fu) << 20)) * 0x1p120f;  // bias 127 - 7
+  return e4m3_is_nan(code) ? std::numeric_limits<float>::quiet_NaN() : v;
+}
+inline float e2m1_value(uint8_t nibble) {
+  const uint32_t c = nibble;
+  return f32_of_bits(((c & 0x8u) << 28) | ((c & 0x7u) << 22)) * 0x1p126f;  // bias 127 - 1
+}
+inline float e8m0_value(uint8_t s) {  // 2^(s - 127): f32's exponent field; 2^-127 is f32's largest subnormal
+  return f32_of_bits(s == 0 ? 0x00400000u : s == 255 ? 0x7FC00000u : uint32_t(s) << 23);
+}
 
 constexpr float kE4m3Max = 448.0f;
-constexpr float kE2m1Max = 6.0f;
 // Round to nearest, ties to even, saturating at the largest finite value (v must not be NaN).
 uint8_t e4m3_encode(float v);
 uint8_t e2m1_encode(float v);

@@ -96,8 +96,12 @@ void gemm_xw(const KernelSet& kernels, const GemmArgs& g) {
   bf16* block_data = g.scratch;
   dequantizer(kernels, w.format())(w, 0, w.panels(), g.c0 / 2, block_cols / 2, block_data, P * block_cols);
   const PackedMatrix block = PackedMatrix::view(block_data, w.rows(), width, w.padded_rows(), block_cols);
-  xw_bf16(kernels, GemmArgs{g.a, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate, g.scratch + block_elems,
-                            g.scratch_elems < 0 ? -1 : g.scratch_elems - block_elems});
+  const GemmArgs on_block{g.a, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate, g.scratch + block_elems,
+                          g.scratch_elems < 0 ? -1 : g.scratch_elems - block_elems};
+  // The minifloat formats' blocks go to the general d·W kernel at every row count: the one path the integer
+  // formats' blocks also take (above their few-rows limits), never a family's few-rows kernel on a block.
+  if (is_minifloat(w.format())) return kernels.gemm_xw(on_block);
+  xw_bf16(kernels, on_block);
 }
 
 }  // namespace moe_sft::kernels

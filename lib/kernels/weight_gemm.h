@@ -11,7 +11,9 @@
 //                        <= kColBlock columns of W over all its rows dequantized into scratch, then as bf16.
 //
 // Quantized W's blocks are dequantized by the family's decoder for the integer formats and by the one shared
-// ISA-neutral decoder (minifloat.h) for fp8_e4m3_block and mxfp4, which never take a quantized few-rows path.
+// ISA-neutral decoder (minifloat.h) for fp8_e4m3_block and mxfp4, which never take a few-rows path: their
+// blocks go to gemm_xwt / gemm_xw at every row count (the kernels the integer formats' blocks use above their
+// few-rows limits), so the only code they add to any family is the shared decoder.
 // Nothing larger than a block is ever dequantized.
 #pragma once
 #include <cstdint>

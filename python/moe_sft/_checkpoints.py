@@ -24,7 +24,11 @@ Shared experts (mlp.shared_experts / shared_expert) are not routed experts and a
 
 dtypes: BF16 as is; F16 and F32 rounded to bf16 (round to nearest even); compressed-tensors pack-quantized int4
 (Kimi-K2: per expert and projection ``weight_packed`` int32 [N, K/8], ``weight_scale`` bf16 [N, K/g],
-``weight_shape`` [2] = [N, K]) stacked as they are into the INT4_K2 arrays of MoESFT.from_quantized.
+``weight_shape`` [2] = [N, K]) stacked as they are into the INT4_K2 arrays of MoESFT.from_quantized; block-scaled
+FP8 (DeepSeek-V3/R1, Qwen3-FP8: per expert and projection ``weight`` F8_E4M3 [N, K] and ``weight_scale_inv`` F32
+or BF16 [ceil(N/bn), ceil(K/bk)], the block [bn, bk] from config.json's quantization_config.weight_block_size,
+128 x 128 when there is none) stacked as they are, codes as bytes, into fp8_e4m3_block QuantizedWeight: never
+dequantized.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import numpy as np
 from ._activation import GPT_OSS_ALPHA, GPT_OSS_LIMIT, split_gate_up
 from ._arrays import bfloat16
 from ._errors import invalid
-from ._quantize import QuantizedWeight
+from ._quantize import FP8, QuantizedWeight, block_size_for
 from ._safetensors import SafetensorsFile, read_json_object
 
 __all__ = ["ExpertWeights", "load_experts"]
@@ -221,9 +225,9 @@ def _check_config(config, w, where):
 def _float_code(ckpt, key):
     code = ckpt.code(key)
     if code not in _FLOAT_CODES:
-        hint = " (FP8 checkpoints are not supported yet)" if code.startswith("F8") else ""
-        raise invalid(f"{key} has dtype {code}; load_experts reads {', '.join(_FLOAT_CODES)} weights and "
-                      f"compressed-tensors int4 (weight_packed){hint}")
+        hint = " (F8_E4M3 weights are read with their weight_scale_inv)" if code.startswith("F8") else ""
+        raise invalid(f"{key} has dtype {code}; load_experts reads {', '.join(_FLOAT_CODES)} weights, "
+                      f"compressed-tensors int4 (weight_packed) and block-scaled FP8{hint}")
     return code
 
 
@@ -346,9 +350,12 @@ def _load_per_expert(ckpt, L, base, names, per_expert, layout, config):
     if "weight" not in fields:
         raise invalid(f"layer {L} of {ckpt.source}: the experts hold {', '.join(sorted(fields))}; load_experts reads "
                       "weight (BF16/F16/F32) or weight_packed / weight_scale / weight_shape (compressed-tensors int4)")
-    if "weight_scale_inv" in fields or "weight_scale" in fields:
-        raise invalid(f"layer {L} of {ckpt.source}: the experts have weight_scale(_inv) tensors: quantized "
-                      "checkpoints other than compressed-tensors int4 are not supported yet")
+    if "weight_scale_inv" in fields:
+        return _load_fp8(ckpt, L, base, names, per_expert, layout, config)
+    if "weight_scale" in fields:
+        raise invalid(f"layer {L} of {ckpt.source}: the experts have weight_scale tensors next to weight: quantized "
+                      "checkpoints other than compressed-tensors int4 (weight_packed) and block-scaled FP8 "
+                      "(weight_scale_inv) are not supported")
     E = _expert_count(ckpt, L, base, names, per_expert, "weight")
     key = {(e, p): per_expert[(e, p)]["weight"] for e in range(E) for p in ("gate", "up", "down")}
     I, H = _shape2(ckpt, key[(0, "gate")])
@@ -438,3 +445,57 @@ def _load_k2(ckpt, L, base, names, per_expert, layout, config):
             ckpt.file(f["weight_scale"]).copy_into(f["weight_scale"], scale[e])
         out[p] = QuantizedWeight("int4_k2", g, weights, scale, None)
     return ExpertWeights(L, "int4_k2", out["gate"], out["up"], out["down"], E, H, I, layout, "int4-pack-quantized")
+
+
+def _fp8_block(config):
+    """The [bn, bk] of an FP8 checkpoint's config.json (quantization_config.weight_block_size; 128 x 128 when
+    there is none), after checking that it describes block-scaled e4m3."""
+    qc = config.get("quantization_config") or {}
+    where = "config.json's quantization_config"
+    if not isinstance(qc, dict):
+        raise invalid(f"{where} is {qc!r}; expected an object")
+    if qc.get("quant_method") not in (None, "fp8"):
+        raise invalid(f"{where}.quant_method is {qc.get('quant_method')!r} but the experts hold F8_E4M3 weight and "
+                      "weight_scale_inv; expected 'fp8'")
+    if qc.get("fmt") not in (None, "e4m3"):
+        raise invalid(f"{where}.fmt is {qc.get('fmt')!r}; load_experts reads e4m3 weights")
+    block = qc.get("weight_block_size")
+    if block is None and "weight_block_size" in qc:
+        raise invalid(f"{where}.weight_block_size is null: per-tensor FP8 scales are not supported (block-scaled only)")
+    return block_size_for(block, f"{where}.weight_block_size")
+
+
+def _load_fp8(ckpt, L, base, names, per_expert, layout, config):
+    E = _expert_count(ckpt, L, base, names, per_expert, "weight")
+    _expert_count(ckpt, L, base, names, per_expert, "weight_scale_inv")
+    bn, bk = _fp8_block(config)
+    key = {(e, p): per_expert[(e, p)] for e in range(E) for p in ("gate", "up", "down")}
+    I, H = _shape2(ckpt, key[(0, "gate")]["weight"])
+    want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    scale_codes = set()
+    for (e, p), f in key.items():
+        w, s = f["weight"], f["weight_scale_inv"]
+        if ckpt.code(w) != "F8_E4M3":
+            raise invalid(f"{w} has dtype {ckpt.code(w)}; expected F8_E4M3 (its module has weight_scale_inv)")
+        if tuple(ckpt.shape(w)) != want[p]:
+            raise invalid(f"{w} has shape {list(ckpt.shape(w))}; expected {list(want[p])} (from "
+                          f"{key[(0, 'gate')]['weight']} {list(want['gate'])})")
+        N, K = want[p]
+        scale_shape = (-(-N // bn), -(-K // bk))
+        if tuple(ckpt.shape(s)) != scale_shape:
+            raise invalid(f"{s} has shape {list(ckpt.shape(s))}; expected {list(scale_shape)} = [ceil({N} / {bn}), "
+                          f"ceil({K} / {bk})] for config.json's weight_block_size [{bn}, {bk}]")
+        if ckpt.code(s) not in ("F32", "BF16"):
+            raise invalid(f"{s} has dtype {ckpt.code(s)}; expected F32 or BF16")
+        scale_codes.add(ckpt.code(s))
+    scale_dtype = bfloat16 if scale_codes == {"BF16"} else np.dtype(np.float32)  # mixed: f32 holds both exactly
+    out = {}
+    for p, (N, K) in want.items():
+        weights = np.empty((E, N, K), np.uint8)
+        scale = np.empty((E, -(-N // bn), -(-K // bk)), scale_dtype)
+        for e in range(E):
+            f = key[(e, p)]
+            ckpt.file(f["weight"]).copy_into(f["weight"], weights[e], raw=True)
+            ckpt.file(f["weight_scale_inv"]).copy_into(f["weight_scale_inv"], scale[e])
+        out[p] = QuantizedWeight(FP8, (bn, bk), weights, scale, None)
+    return ExpertWeights(L, FP8, out["gate"], out["up"], out["down"], E, H, I, layout, "F8_E4M3")

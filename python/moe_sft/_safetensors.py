@@ -186,11 +186,14 @@ class SafetensorsFile(Mapping):
             return a
         return np.frombuffer(self._mm, dtype, (end - begin) // dtype.itemsize, self._data_start + begin).reshape(shape)
 
-    def copy_into(self, name, out, index=None):
+    def copy_into(self, name, out, index=None, raw=False):
         """Copies the tensor (or ``tensor[index]``) into the array ``out`` (numpy casting, e.g. f32 -> bf16
-        round-to-nearest-even), then drops the mapped pages that were read from this process's resident set
-        (they stay in the OS page cache)."""
+        round-to-nearest-even; ``raw``: the stored bytes as they are, viewed as ``out``'s dtype of the same item
+        size, e.g. F8_E4M3 codes into uint8), then drops the mapped pages that were read from this process's
+        resident set (they stay in the OS page cache)."""
         src = self.get_tensor(name)
+        if raw:
+            src = src.view(out.dtype)
         if index is not None:
             src = src[index]
         np.copyto(out, src, casting="unsafe")

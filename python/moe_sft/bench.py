@@ -334,7 +334,8 @@ def bench_formats(name, shape, formats, tokens, reps, budget, threads, out=print
     """bf16 and the quantized formats side by side in one run: resident size, quantization error, and
     forward / forward+backward time at each T with its ratio to bf16 (ratios > 1: slower than bf16)."""
     p = Problem(**shape)
-    out(f"\n## {name}: base-weight formats (quantized at create from the same bf16 weights; int4_awq group 128)")
+    out(f"\n## {name}: base-weight formats (quantized at create from the same bf16 weights; int4_awq group 128, "
+        "fp8_e4m3_block 128 x 128 blocks with f32 scales, mxfp4 groups of 32)")
     cols = ["format", "resident MiB", "x bf16 bytes", "quant. error"]
     for T in tokens:
         cols += [f"T={T} fwd ms", "f+b ms", "x bf16"]
@@ -460,7 +461,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--check-finite-tokens", nargs="*", type=int, default=[256],
                     help="token counts at which to also time forward+backward with check_finite on")
-    ap.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4_awq"],
+    ap.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4_awq", "fp8_e4m3_block", "mxfp4"],
                     help="base-weight formats to compare side by side (first shape only; none to skip)")
     ap.add_argument("--format-tokens", nargs="+", type=int, default=[1, 1024])
     ap.add_argument("--adamw", choices=["yes", "no", "only"], default="yes",
