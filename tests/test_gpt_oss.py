@@ -91,9 +91,12 @@ def gpt_oss_layout(p):
 
 
 def test_from_gpt_oss_is_the_library_layout():
+    """from_gpt_oss on Transformers' layout (bf16 given as uint16 bits, as a torch tensor's .view(torch.uint16)
+    gives them) is the layer made from the library's own layout."""
     p = clamped_problem(seed=11)
-    with make_layer(p) as want, moe_sft.MoESFT.from_gpt_oss(*gpt_oss_layout(p), lora_rank=RANK,
-                                                             lora_alpha=p.alpha) as got:
+    p.biases = {n: b.astype(R.bf16).astype(np.float32) for n, b in p.biases.items()}
+    as_bits = [a.astype(R.bf16).view(np.uint16) for a in gpt_oss_layout(p)]
+    with make_layer(p) as want, moe_sft.MoESFT.from_gpt_oss(*as_bits, lora_rank=RANK, lora_alpha=p.alpha) as got:
         assert (got.activation, got.swiglu_alpha, got.swiglu_limit) == ("swiglu_clamped", 1.702, 7.0)
         got.update_lora(*(p.lora[n] for n in R.LORA_NAMES))
         a, ga = run_layer(want, p)
@@ -126,6 +129,7 @@ def test_bad_activation_arguments():
     ("gate_bias", np.zeros((2, 15), np.float32), r"gate_bias has shape \(2, 15\); expected \(2, 16\)"),
     ("up_bias", np.zeros((16,), np.float32), r"up_bias has shape \(16,\); expected \(2, 16\)"),
     ("down_bias", np.zeros((2, 16), np.int32), r"down_bias has dtype int32; expected a float type"),
+    ("gate_bias", np.zeros((2, 16), np.uint8), r"gate_bias has dtype uint8; expected a float type"),
 ])
 def test_bad_bias(name, value, match):
     bad(match, **{name: value})

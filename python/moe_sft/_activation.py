@@ -69,13 +69,15 @@ def activation(name, swiglu_alpha, swiglu_limit):
 
 
 def bias(a, name, shape):
-    """A frozen bias as the library copies it: float32 [shape], C-contiguous (bf16, f16 and f64 converted: the
-    values the layer adds), or None."""
+    """A frozen bias as the library copies it: float32 [shape], C-contiguous (bf16, uint16 as bf16 bits, f16 and f64
+    converted: the values the layer adds), or None."""
     if a is None:
         return None
     a = np.asarray(a)
+    if a.dtype == np.uint16:
+        a = a.view(bfloat16)
     if a.dtype != bfloat16 and a.dtype.kind != "f":
-        raise invalid(f"{name} has dtype {a.dtype}; expected a float type or bfloat16")
+        raise invalid(f"{name} has dtype {a.dtype}; expected a float type, bfloat16 or uint16 (bf16 bits)")
     _check_shape(a, name, shape)
     return np.ascontiguousarray(a, dtype=np.float32)
 
