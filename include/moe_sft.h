@@ -116,8 +116,8 @@ typedef enum moe_sft_dtype { MOE_SFT_DTYPE_BF16 = 0, MOE_SFT_DTYPE_F32 = 1 } moe
  * power of two in bf16's range; code * scale_inv is rounded to bf16 once).
  *
  * For the INT formats, g must be even and divide K of every projection (H and I), and tp_count <= I / g
- * (parts split I on whole groups). Pre-quantized scales are taken as they are (zero and negative included; NaN/Inf are
- * refused only with check_finite); AWQ zero points above 15 are refused. A config the formats do not
+ * (parts split I on whole groups). Pre-quantized scales are taken as they are (zero and negative included;
+ * NaN/Inf are refused only with check_finite); AWQ zero points above 15 are refused. A config the formats do not
  * allow (K2 from bf16, a missing or extra scale/zero pointer, group_size 0, ...) is
  * MOE_SFT_ERR_INVALID_ARGUMENT naming the field. Backward reads the stored integers as forward does: no
  * bf16 copy of a quantized weight is ever made. */
@@ -168,7 +168,8 @@ typedef struct moe_sft_config {
                                 must be 0 for BF16 and INT8 */
   int32_t prequantized;      /* 0: gate_proj/up_proj/down_proj are bf16 (and every scale/zero pointer NULL);
                                 1: they hold weight_format's quantized layout, with the scales (and zeros) below */
-  const void *gate_scale, *up_scale, *down_scale; /* pre-quantized scales: f32 (INT8, INT4_AWQ) or bf16 (INT4_K2) */
+  const void *gate_scale, *up_scale, *down_scale; /* pre-quantized scales: f32 (INT8, INT4_AWQ), bf16 (INT4_K2),
+                                f32 or bf16 (FP8_E4M3_BLOCK: scale_dtype), e8m0 bytes (MXFP4) */
   const uint8_t *gate_zero, *up_zero, *down_zero; /* pre-quantized INT4_AWQ zero points; NULL for other formats */
   /* Block-scaled FP8 (version 0.4). */
   int32_t block_rows;        /* FP8_E4M3_BLOCK: rows (along N) per scale, the checkpoint's weight_block_size[0];

@@ -73,6 +73,14 @@ def scenario():
     rec["non-finite"] = _error(lambda: checked.forward(nan_x, p.ids, p.weights))
     rec["quantize nan"] = _error(lambda: moe_sft.quantize(nan_x, "int8"))
     rec["k2 from bf16"] = _error(lambda: moe_sft.quantize(p.gate, "int4_k2"))
+    pb = R.make_problem(3, 64, 96, 2, 9, 3, seed=4)  # the block-scaled formats (and moe_sft_quantize_blocks)
+    for fmt, group in (("fp8_e4m3_block", (32, 32)), ("mxfp4", None)):
+        blocks = {n: moe_sft.quantize(getattr(pb, n), fmt, group) for n in ("gate", "up", "down")}
+        rec[f"quantize {fmt}"] = [_bytes(q.weights, q.scale) for q in blocks.values()]
+        layer = bind_lora(moe_sft.MoESFT.from_quantized(*blocks.values(), lora_rank=pb.rank, lora_alpha=pb.alpha), pb)
+        out = layer.forward(pb.x, pb.ids, pb.weights, save_for_backward=True)
+        rec[f"from_quantized {fmt}"] = _bytes(out) + _grads(layer.backward(pb.grad_out))
+    rec["quantize_blocks nan"] = _error(lambda: moe_sft.quantize(nan_x, "fp8_e4m3_block"))
     logits = np.random.default_rng(5).standard_normal((12, 8)).astype(np.float32)
     logits[3] = np.nan
     logits[5, [1, 6]] = np.inf

@@ -53,7 +53,8 @@ void require_zero_field(int32_t v, const char* field, const std::string& label, 
 
 void validate_fp8_blocks(const moe_sft_config& c, const std::string& label) {
   require_zero_field(c.group_size, "group_size", label, " (its scales are per block_rows x block_cols)");
-  for (const auto& [field, v] : {std::pair<const char*, int32_t>{"block_rows", c.block_rows}, {"block_cols", c.block_cols}})
+  using Field = std::pair<const char*, int32_t>;
+  for (const auto& [field, v] : {Field{"block_rows", c.block_rows}, Field{"block_cols", c.block_cols}})
     if (v <= 0)
       invalid(std::string("cfg->") + field + " = " + std::to_string(v) + " with " + label +
               ": set the checkpoint's quantization_config.weight_block_size (usually 128 x 128)");
@@ -63,7 +64,8 @@ void validate_fp8_blocks(const moe_sft_config& c, const std::string& label) {
   const int64_t scale_dtype = enum_value(c.scale_dtype);
   if (scale_dtype != MOE_SFT_DTYPE_F32 && scale_dtype != MOE_SFT_DTYPE_BF16)
     invalid("cfg->scale_dtype = " + std::to_string(scale_dtype) + " is not a moe_sft_dtype (0 bf16, 1 f32)");
-  const int64_t unit = std::lcm(int64_t(c.block_rows), int64_t(c.block_cols));  // a part boundary of gate/up rows and down columns
+  // A part boundary splits gate/up's rows and down's columns: whole blocks of both.
+  const int64_t unit = std::lcm(int64_t(c.block_rows), int64_t(c.block_cols));
   const int64_t max_parts = (c.intermediate_size + unit - 1) / unit;
   if (c.tp_count > max_parts)
     invalid("cfg->tp_count = " + std::to_string(c.tp_count) + " cannot split cfg->intermediate_size = " +
@@ -117,7 +119,8 @@ void validate_group_size(const moe_sft_config& c, kernels::WeightFormat f) {
 
 kernels::QuantizedSource source_shape(const moe_sft_config& c, int64_t rows, int64_t cols) {
   const auto f = kernels::WeightFormat(enum_value(c.weight_format));
-  const auto scale_type = enum_value(c.scale_dtype) == MOE_SFT_DTYPE_BF16 ? kernels::ScaleType::bf16 : kernels::ScaleType::f32;
+  const auto scale_type =
+      enum_value(c.scale_dtype) == MOE_SFT_DTYPE_BF16 ? kernels::ScaleType::bf16 : kernels::ScaleType::f32;
   return kernels::QuantizedSource::shape(f, rows, cols, c.group_size, c.block_rows, c.block_cols, scale_type);
 }
 
@@ -162,7 +165,8 @@ void validate_weights(const moe_sft_config& c) {
     const kernels::QuantizedSource shape = source_shape(c, p.rows, p.cols);
     const int64_t word = f == WeightFormat::int4_k2 ? 4 : 1;
     require_array(p.weights, p.weights_name, E * shape.weight_bytes() / word, word);
-    require_array(p.scale, p.scale_name, E * shape.scale_count(), kernels::QuantizedSource::scale_bytes(shape.scale_type));
+    require_array(p.scale, p.scale_name, E * shape.scale_count(),
+                  kernels::QuantizedSource::scale_bytes(shape.scale_type));
     if (f == WeightFormat::int4_awq) {
       require_array(p.zero, p.zero_name, E * shape.scale_count(), 1);
       validate_zero_points(p, E, shape.groups());

@@ -91,7 +91,8 @@ moe_sft_status moe_sft_quantize_blocks(moe_sft_weight_format weight_format, int3
       require_range(block_rows, 1, INT32_MAX, "block_rows");
       require_range(block_cols, 1, INT32_MAX, "block_cols");
       if (block_cols % 2 != 0)
-        invalid("block_cols = " + std::to_string(block_cols) + " is odd: the packed layout keeps pairs of K under one scale");
+        invalid("block_cols = " + std::to_string(block_cols) +
+                " is odd: the packed layout keeps pairs of K under one scale");
       const int64_t dtype = moe_sft::api::enum_value(scale_dtype);
       if (dtype != MOE_SFT_DTYPE_F32 && dtype != MOE_SFT_DTYPE_BF16)
         invalid("scale_dtype = " + std::to_string(dtype) + " is not a moe_sft_dtype (0 bf16, 1 f32)");

@@ -13,10 +13,12 @@ uint8_t e4m3_encode(float v) {
   const uint8_t sign = std::signbit(v) ? 0x80 : 0x00;
   const float a = std::fmin(std::fabs(v), kE4m3Max);
   if (a < 0x1p-6f) return uint8_t(sign | int(std::nearbyint(a * 0x1p9f)));  // subnormal quanta of 2^-9; 8 is 2^-6
-  int e;
-  std::frexp(a, &e);  // a = f · 2^e, f in [0.5, 1): the binade [2^(e-1), 2^e) has 8 steps of 2^(e-4)
-  const int m = int(std::nearbyint(std::ldexp(a, 4 - e)));  // 8 .. 16; 16 carries into the next exponent
-  return uint8_t(sign | (((e - 1 + 7) << 3) + (m - 8)));
+  // A normal e4m3: f32's exponent and top 3 mantissa bits, rounded to nearest even on the bits below (a carry
+  // moves into the exponent), the exponent re-biased from 127 to 7.
+  uint32_t u;
+  std::memcpy(&u, &a, sizeof u);
+  u += 0x7FFFFu + ((u >> 20) & 1u);
+  return uint8_t(sign | ((u >> 20) - ((127 - 7) << 3)));
 }
 
 uint8_t e2m1_encode(float v) {

@@ -29,9 +29,8 @@ inline float f32_of_bits(uint32_t bits) {
 }
 inline bool e4m3_is_nan(uint8_t code) { return (code & 0x7F) == 0x7F; }
 inline float e4m3_value(uint8_t code) {
-  const uint32_t c = code;
-  const float v = f32_of_bits(((c & 0x80u) << 24) | ((c & 0x7Fu) << 20)) * 0x1p120f;  // bias 127 - 7
-  return e4m3_is_nan(code) ? std::numeric_limits<float>::quiet_NaN() : v;
+  const uint32_t c = code, magnitude = (c & 0x7Fu) == 0x7Fu ? 0x7FC00000u : (c & 0x7Fu) << 20;  // NaN stays NaN
+  return f32_of_bits(((c & 0x80u) << 24) | magnitude) * 0x1p120f;  // bias 127 - 7
 }
 inline float e2m1_value(uint8_t nibble) {
   const uint32_t c = nibble;

@@ -108,7 +108,9 @@ PackedMatrix::PackedMatrix(const QuantizedSource& src, int64_t r0, int64_t rows,
       const int64_t at = (r / P) * groups_ * scale_rows_ + scale_index(g, r);  // shared: every row writes the same
       const int64_t sg = has_groups(format_) ? g0 + g : 0;
       switch (packed_scale_type(format_)) {
-        case ScaleType::bf16: reinterpret_cast<bf16*>(scales)[at] = to_bf16(src.scale_of(sr, sg)); break;  // exact: from bf16
+        case ScaleType::bf16:  // exact: the scale came from bf16
+          reinterpret_cast<bf16*>(scales)[at] = to_bf16(src.scale_of(sr, sg));
+          break;
         case ScaleType::e8m0: scales[at] = uint8_t(src.raw_scale(sr, sg)); break;
         case ScaleType::f32: reinterpret_cast<float*>(scales)[at] = src.scale_of(sr, sg); break;
       }

@@ -74,7 +74,9 @@ class PackedMatrix {
   const uint8_t* codes(int64_t p) const { return static_cast<const uint8_t*>(data_) + p * panel_code_bytes(); }
   const float* scales_f32(int64_t p) const { return static_cast<const float*>(scales_) + p * groups_ * scale_rows_; }
   const bf16* scales_bf16(int64_t p) const { return static_cast<const bf16*>(scales_) + p * groups_ * scale_rows_; }
-  const uint8_t* scales_e8m0(int64_t p) const { return static_cast<const uint8_t*>(scales_) + p * groups_ * scale_rows_; }
+  const uint8_t* scales_e8m0(int64_t p) const {
+    return static_cast<const uint8_t*>(scales_) + p * groups_ * scale_rows_;
+  }
   // Index of row r's scale of group g in its panel's scales.
   int64_t scale_index(int64_t g, int64_t r) const { return g * scale_rows_ + (scale_rows_ == 1 ? 0 : r % kPanelRows); }
   const float* biases(int64_t p) const { return biases_ + p * groups_ * kPanelRows; }

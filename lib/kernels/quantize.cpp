@@ -18,7 +18,9 @@ QuantizedSource QuantizedSource::shape(WeightFormat f, int64_t rows, int64_t col
     s.scale_type = fp8_scale_type;
   } else if (has_groups(f)) {
     s.group = group_size;
-    s.scale_type = f == WeightFormat::int4_k2 ? ScaleType::bf16 : f == WeightFormat::mxfp4 ? ScaleType::e8m0 : ScaleType::f32;
+    s.scale_type = f == WeightFormat::int4_k2 ? ScaleType::bf16
+                   : f == WeightFormat::mxfp4 ? ScaleType::e8m0
+                                              : ScaleType::f32;
   }
   return s;
 }

@@ -28,7 +28,9 @@ bool serves(const FewRowsPath& path, const GemmArgs& g) {
 
 // The decoder of a quantized W's blocks: the family's for the integer formats, the one ISA-neutral decoder
 // (minifloat.h) for the minifloat formats, whatever the family.
-DequantizeFn dequantizer(const KernelSet& k, WeightFormat f) { return is_minifloat(f) ? dequantize_minifloat : k.dequantize; }
+DequantizeFn dequantizer(const KernelSet& k, WeightFormat f) {
+  return is_minifloat(f) ? dequantize_minifloat : k.dequantize;
+}
 
 int64_t few_rows_scratch(const FewRowsPath& path, int64_t w_rows) {
   return path.run != nullptr && path.scratch_elems != nullptr ? path.scratch_elems(path.max_rows, w_rows) : 0;
@@ -76,7 +78,8 @@ void gemm_xwt(const KernelSet& kernels, const GemmArgs& g) {
   for (int64_t kp0 = 0; kp0 < pairs; kp0 += kXwtBlockPairs) {
     const int64_t n = std::min(kXwtBlockPairs, pairs - kp0);
     // Whole kColAlign columns: the AMX kernel reads B in tiles of that K, and the pad must be zeros, not scratch.
-    dequantizer(kernels, w.format())(w, g.c0 / P, panels, kp0, round_up(n, PackedMatrix::kColAlign / 2), g.scratch, stride);
+    dequantizer(kernels, w.format())(w, g.c0 / P, panels, kp0, round_up(n, PackedMatrix::kColAlign / 2), g.scratch,
+                                     stride);
     const PackedMatrix block = PackedMatrix::view(g.scratch, width, std::min(2 * kXwtBlockPairs, K - 2 * kp0),
                                                   round_up(width, PackedMatrix::kColAlign), 2 * kXwtBlockPairs);
     kernels.gemm_xwt(GemmArgs{g.a + 2 * kp0, g.lda, g.m, &block, 0, width, g.c, g.ldc, g.accumulate || kp0 > 0,

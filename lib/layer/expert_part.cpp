@@ -61,35 +61,45 @@ std::string hex_byte(int v) {
                                           std::to_string(kCreateStage.of) + ": " + kCreateStage.name + ")");
 }
 
-// check_finite on one expert's matrix in a minifloat format: the first NaN code, non-finite or zero scale, or
-// (mxfp4) value beyond bf16's range, named by expert, row and column (a scale by its block's rows and columns).
+std::string row_column(int64_t r, int64_t c) { return "row " + std::to_string(r) + ", column " + std::to_string(c); }
+
+// "rows r0..r1, columns c0..c1" of scale (sr, g): the block of the matrix it covers.
+std::string scale_block(const QuantizedSource& src, int64_t sr, int64_t g) {
+  const int64_t r0 = sr * src.block_rows, r1 = std::min(src.rows, r0 + src.block_rows) - 1;
+  const int64_t c0 = g * src.group, c1 = std::min(src.cols, c0 + src.group) - 1;
+  const std::string rows =
+      r0 == r1 ? "row " + std::to_string(r0) : "rows " + std::to_string(r0) + ".." + std::to_string(r1);
+  return rows + ", columns " + std::to_string(c0) + ".." + std::to_string(c1);
+}
+
+// check_finite on one expert's matrix in a minifloat format: the first non-finite or zero scale, NaN code or
+// (mxfp4) value beyond bf16's range, named by expert, row and column (a scale by the block it covers).
 void check_minifloat_source(const QuantizedSource& src, const char* name, int64_t e) {
   const bool fp4 = src.format == kernels::WeightFormat::mxfp4;
   for (int64_t sr = 0; sr < src.scale_rows(); ++sr)
     for (int64_t g = 0; g < src.groups(); ++g) {
       const float s = src.scale_of(sr * src.block_rows, g);
       if (std::isfinite(s) && s != 0.0f) continue;
-      const int64_t r1 = std::min(src.rows, (sr + 1) * src.block_rows) - 1, c1 = std::min(src.cols, (g + 1) * src.group) - 1;
-      const std::string rows = src.block_rows == 1 ? "row " + std::to_string(sr)
-                                                   : "rows " + std::to_string(sr * src.block_rows) + ".." + std::to_string(r1);
-      const std::string value = fp4 ? "nan (e8m0 byte 255)" : std::isnan(s) ? "nan" : s == 0.0f ? "0" : s > 0 ? "inf" : "-inf";
-      refuse_weight(std::string(s == 0.0f ? "zero" : "non-finite") + " scale " + value + " (scale[" + std::to_string(sr) +
-                        ", " + std::to_string(g) + "])",
-                    std::string(name) + " scales", e,
-                    rows + ", columns " + std::to_string(g * src.group) + ".." + std::to_string(c1));
+      const std::string value = fp4 ? "nan (e8m0 byte 255)"
+                                : std::isnan(s) ? "nan"
+                                : s == 0.0f     ? "0"
+                                                : (s > 0 ? "inf" : "-inf");
+      const std::string at = " (scale[" + std::to_string(sr) + ", " + std::to_string(g) + "])";
+      refuse_weight(std::string(s == 0.0f ? "zero" : "non-finite") + " scale " + value + at,
+                    std::string(name) + " scales", e, scale_block(src, sr, g));
     }
   for (int64_t r = 0; r < src.rows; ++r)
     for (int64_t c = 0; c < src.cols; ++c) {
       const int code = src.code(r, c);
       if (!fp4 && kernels::e4m3_is_nan(uint8_t(code)))
-        refuse_weight("NaN code " + hex_byte(code) + " (e4m3)", name, e, "row " + std::to_string(r) + ", column " + std::to_string(c));
-      if (fp4) {
-        const float v = to_float(to_bf16(kernels::e2m1_value(uint8_t(code)) * src.scale_of(r, c / src.group)));
-        if (!std::isfinite(v))
-          refuse_weight("non-finite value " + std::string(v > 0 ? "inf" : "-inf") + " (e2m1 code " + hex_byte(code) +
-                            " times 2^(" + std::to_string(int(src.raw_scale(r, c / src.group))) + " - 127) is beyond bf16)",
-                        name, e, "row " + std::to_string(r) + ", column " + std::to_string(c));
-      }
+        refuse_weight("NaN code " + hex_byte(code) + " (e4m3)", name, e, row_column(r, c));
+      if (!fp4) continue;
+      const float v = to_float(to_bf16(kernels::e2m1_value(uint8_t(code)) * src.scale_of(r, c / src.group)));
+      if (!std::isfinite(v))
+        refuse_weight("non-finite value " + std::string(v > 0 ? "inf" : "-inf") + " (e2m1 code " + hex_byte(code) +
+                          " times 2^(" + std::to_string(int(src.raw_scale(r, c / src.group))) +
+                          " - 127) is beyond bf16)",
+                      name, e, row_column(r, c));
     }
 }
 
@@ -103,10 +113,11 @@ void check_base_weights(const LayerConfig& cfg, const Projection (&projections)[
     } else if (cfg.check_finite && !kernels::is_minifloat(f)) {
       const QuantizedSource shape = source_shape(cfg, p.rows, p.cols);
       const std::string name = std::string(p.name) + " scales";
+      const int64_t rows = shape.scale_rows(), cols = shape.groups();
       if (shape.scale_type == kernels::ScaleType::bf16)
-        check_expert_array(static_cast<const bf16*>(p.source.scale), cfg.experts, shape.scale_rows(), shape.groups(), name, kCreateStage);
+        check_expert_array(static_cast<const bf16*>(p.source.scale), cfg.experts, rows, cols, name, kCreateStage);
       else
-        check_expert_array(static_cast<const float*>(p.source.scale), cfg.experts, shape.scale_rows(), shape.groups(), name, kCreateStage);
+        check_expert_array(static_cast<const float*>(p.source.scale), cfg.experts, rows, cols, name, kCreateStage);
     }
   }
 }

@@ -154,9 +154,8 @@ def quantize(w, weight_format, group_size=None, *, scale_dtype=None):
     uint16 are bf16 bits) into ``weight_format``'s layout, exactly as MoESFT does at create: "int8" (per-channel
     symmetric), "int4_awq" (per group of ``group_size`` along K, default 128, with zero points),
     "fp8_e4m3_block" (per ``group_size`` block (rows, cols), default (128, 128): scale_inv = amax / 448 in
-    ``scale_dtype``,
-    float32 or bfloat16, and e4m3 codes) or "mxfp4" (per group of 32 along K: an e8m0 power of two and e2m1
-    codes; the math of both is moe_sft_quantize_blocks' in moe_sft.h).
+    ``scale_dtype``, float32 or bfloat16, and e4m3 codes) or "mxfp4" (per group of 32 along K: an e8m0 power of
+    two and e2m1 codes; the math of both is moe_sft_quantize_blocks' in moe_sft.h).
 
     Returns a QuantizedWeight with the arrays MoESFT.from_quantized and the C ABI take.
     """
