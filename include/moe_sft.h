@@ -6,8 +6,9 @@
  *   g = x Wg^T + s (x Ag^T) Bg^T      u = x Wu^T + s (x Au^T) Bu^T      h = silu(g) * u
  *   y = h Wd^T + s (h Ad^T) Bd^T      out[t] = sum_j routing_weights[t, j] * y_{expert_ids[t, j]}(x_t)
  *
- * with s = lora_alpha / lora_rank. Backward returns grad_input, grad_routing_weights and the f32 grads of
- * the six LoRA matrices; base weights are frozen.
+ * with s = lora_alpha / lora_rank (the activation may instead be gpt-oss's clamped SwiGLU, and the projections
+ * may have frozen biases: see moe_sft_activation and the config's bias fields). Backward returns grad_input,
+ * grad_routing_weights and the f32 grads of the six LoRA matrices; base weights are frozen.
  *
  * Data contract (row-major, HF nn.Linear convention [out, in]):
  *   gate_proj, up_proj  [E, I, H] bf16          down_proj            [E, H, I] bf16
@@ -129,6 +130,19 @@ typedef enum moe_sft_weight_format {
   MOE_SFT_WEIGHT_MXFP4 = 5
 } moe_sft_weight_format;
 
+/* The activation between the gate/up projections and the down projection (version 0.4). With g and u the gate and
+ * up projections' outputs (their biases and LoRA terms included):
+ *   SILU             h = silu(g) * u                                              (Qwen, DeepSeek, Mixtral, ...)
+ *   SWIGLU_CLAMPED   gate = min(g, limit), up = clamp(u, -limit, limit),
+ *                    h = (up + 1) * gate * sigmoid(alpha * gate)                  (gpt-oss)
+ *                    with alpha = swiglu_alpha (gpt-oss: 1.702) and limit = swiglu_limit (gpt-oss: 7.0). Backward:
+ *                    d/dg = 0 where g > limit, d/du = 0 where u > limit or u < -limit; at equality the gradient
+ *                    passes, as torch.clamp's backward does. A NaN g or u stays NaN (as torch.clamp). */
+typedef enum moe_sft_activation {
+  MOE_SFT_ACTIVATION_SILU = 0,
+  MOE_SFT_ACTIVATION_SWIGLU_CLAMPED = 1
+} moe_sft_activation;
+
 typedef struct moe_sft_config {
   size_t struct_size;        /* = sizeof(moe_sft_config); set by moe_sft_config_init, lets fields be added */
   int32_t expert_num;        /* E >= 1 */
@@ -164,6 +178,18 @@ typedef struct moe_sft_config {
                                 must be 0 for other formats */
   moe_sft_dtype scale_dtype; /* FP8_E4M3_BLOCK's pre-quantized scale_inv: F32 (default) or BF16; must stay F32
                                 for other formats (their scale types are fixed) */
+  /* Activation and frozen biases (version 0.4). moe_sft_config_init's defaults: SILU and no biases, as before. */
+  moe_sft_activation activation; /* see moe_sft_activation */
+  float swiglu_alpha;        /* SWIGLU_CLAMPED's alpha: finite and > 0; default 1.702. Not read with SILU. */
+  float swiglu_limit;        /* SWIGLU_CLAMPED's limit: finite and > 0; default 7.0. Not read with SILU. */
+  /* Optional biases, f32, each NULL (none) or all experts' stacked; copied at create (frozen: no grads), with
+   * any activation: g = x Wg^T + gate_bias[e] + LoRA, u = x Wu^T + up_bias[e] + LoRA, y = h Wd^T + down_bias[e] +
+   * LoRA, and the routing weight multiplies y with its bias (gpt-oss's order), so grad_routing_weights includes
+   * <grad_output, down_bias[e]>. gpt-oss's gate_up_proj_bias [E, 2I] is interleaved: gate_bias = its even
+   * columns, up_bias its odd ones. With check_finite a NaN/Inf bias is refused at create (as base weights). */
+  const float *gate_bias;    /* [E, I] */
+  const float *up_bias;      /* [E, I] */
+  const float *down_bias;    /* [E, H] */
 } moe_sft_config;
 
 /* The six LoRA arrays of all experts, one dtype for all six. Kept by pointer, read at every call. */
@@ -178,8 +204,8 @@ typedef struct moe_sft_lora_grads {
 } moe_sft_lora_grads;
 
 /* Fills cfg with defaults (lora_alpha 32, lora_rank 16, max_cache_depth 1, num_threads 0, tp_count 1,
- * check_finite from MOE_SFT_CHECK_FINITE, weight_format BF16, everything else 0 / NULL) and sets
- * struct_size. Thread-safe. */
+ * check_finite from MOE_SFT_CHECK_FINITE, weight_format BF16, activation SILU, swiglu_alpha 1.702, swiglu_limit 7,
+ * everything else 0 / NULL) and sets struct_size. Thread-safe. */
 void moe_sft_config_init(moe_sft_config *cfg);
 
 /* Validates cfg, packs (and, from bf16, quantizes) the base weights, and returns a new layer in *out (set
@@ -284,6 +310,10 @@ moe_sft_status moe_sft_quantize_blocks(moe_sft_weight_format weight_format, int3
 /* Name of a weight format ("bf16", "int8", "int4_awq", "int4_k2", "fp8_e4m3_block", "mxfp4"); NULL for an
  * unknown value. */
 const char *moe_sft_weight_format_name(moe_sft_weight_format weight_format);
+
+/* Name of an activation ("silu", "swiglu_clamped"); NULL for an unknown value. Static storage, thread-safe
+ * (version 0.4). */
+const char *moe_sft_activation_name(moe_sft_activation activation);
 
 /* Name of a dtype ("bf16", "f32"); NULL for an unknown value. Static storage, thread-safe (version 0.3). */
 const char *moe_sft_dtype_name(moe_sft_dtype dtype);

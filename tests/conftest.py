@@ -5,7 +5,9 @@ moe_sft picked at import (nanobind unless MOE_SFT_BACKEND says otherwise); the b
 - kernel family (the ``isa`` fixture): every family this machine runs (generic, amx-emulated everywhere;
   avx512_bf16, avx512_fma, amx where the CPU has them), for every test that takes ``isa``: test_correctness,
   test_kernel_tails, test_tensor_parallel, test_quantized (compute parts), test_cache_and_state,
-  test_finite_checks, test_threads.
+  test_finite_checks, test_threads, test_gpt_oss.
+- activation: SiLU-gated everywhere; gpt-oss's clamped SwiGLU with biases in test_gpt_oss (every family, tp_count
+  1-3, LoRA f32/bf16, int8/int4_awq at create, MXFP4 checkpoints; reference.Activation, make_gpt_oss_problem).
 - shapes: odd and block-straddling sizes in test_correctness (E, H, I, k, T, rank), every GEMM tail in
   test_kernel_tails (rows 1-33, H and I around 16/32/64-wide blocks), few-rows paths in test_quantized.
 - LoRA dtype f32/bf16: test_correctness, test_tensor_parallel.
@@ -67,7 +69,8 @@ def isa(request, monkeypatch):
 
 
 def make_layer(p, **kwargs):
-    return bind_lora(moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=p.rank, lora_alpha=p.alpha, **kwargs), p)
+    return bind_lora(moe_sft.MoESFT(p.gate, p.up, p.down, lora_rank=p.rank, lora_alpha=p.alpha,
+                                    **p.layer_kwargs(), **kwargs), p)
 
 
 def bind_lora(layer, p):
@@ -171,7 +174,7 @@ def routing_terms(p):
             e = p.ids[t, j]
             if e >= 0:
                 h = R.expert_forward(p, e, R.f64(p.x[t:t + 1]))[2][0]
-                y_abs = np.abs(h) @ np.abs(R.f64(p.down[e])).T
+                y_abs = np.abs(h) @ np.abs(R.f64(p.down[e])).T + np.abs(p.bias("down_bias", e))
                 if p.rank:
                     y_abs += p.scale * np.abs(h @ R.f64(p.lora["down_a"][e]).T) @ np.abs(R.f64(p.lora["down_b"][e])).T
                 terms[t, j] = np.abs(R.f64(p.grad_out[t])) @ y_abs

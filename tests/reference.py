@@ -3,7 +3,7 @@
 Everything is computed in float64 from the values the library actually sees (bf16-rounded base weights
 and activations, LoRA arrays as given), so the comparison measures the library's arithmetic only.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
@@ -20,9 +20,42 @@ def silu(g):
     return g / (1.0 + np.exp(-g))
 
 
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The gated activation h = act(g, u) from its definition (moe_sft_activation): "silu" (silu(g)·u) or
+    "swiglu_clamped" (gpt-oss: gate = min(g, limit), up = clip(u, -limit, limit), h = (up + 1)·gate·sigmoid(alpha·
+    gate); the derivative through an active clamp is 0, at equality it passes, as torch.clamp's)."""
+    name: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def terms(self, g, u):
+        """h and its partial derivatives h_g, h_u, h_gg, h_gu (h_uu is 0 for both), elementwise in float64."""
+        if self.name == "silu":
+            s = sigmoid(g)
+            act, d1 = g * s, s * (1.0 + g * (1.0 - s))
+            d2 = s * (1.0 - s) * (2.0 + g * (1.0 - 2.0 * s))
+            return act * u, d1 * u, act, d2 * u, d1
+        a, L = self.alpha, self.limit
+        gate_free, up_free = (g <= L).astype(np.float64), (np.abs(u) <= L).astype(np.float64)
+        gate, up1 = np.minimum(g, L), np.clip(u, -L, L) + 1.0
+        s = sigmoid(a * gate)
+        glu, d1 = gate * s, s * (1.0 + a * gate * (1.0 - s))
+        d2 = a * s * (1.0 - s) * (2.0 + a * gate * (1.0 - 2.0 * s))
+        return up1 * glu, gate_free * up1 * d1, up_free * glu, gate_free * up1 * d2, gate_free * up_free * d1
+
+
+SILU = Activation()
+
+
 @dataclass
 class Problem:
-    """One layer plus one batch: base weights [E,I,H]/[E,H,I], LoRA dict, inputs."""
+    """One layer plus one batch: base weights [E,I,H]/[E,H,I], LoRA dict, inputs; the activation and the
+    optional biases (float32 gate_bias, up_bias [E, I], down_bias [E, H], by name)."""
     gate: np.ndarray
     up: np.ndarray
     down: np.ndarray
@@ -32,6 +65,8 @@ class Problem:
     ids: np.ndarray  # [T, k] int64
     weights: np.ndarray  # [T, k] float32
     grad_out: np.ndarray  # [T, H] bf16
+    activation: Activation = SILU
+    biases: dict = field(default_factory=dict)
 
     @property
     def rank(self):
@@ -40,6 +75,19 @@ class Problem:
     @property
     def scale(self):
         return self.alpha / self.rank if self.rank else 0.0
+
+    def bias(self, name, e):
+        """Expert e's bias ``name`` in float64, or 0."""
+        b = self.biases.get(name)
+        return 0.0 if b is None else f64(b[e])
+
+    def layer_kwargs(self):
+        """MoESFT's activation and bias arguments for this problem."""
+        act = self.activation
+        kwargs = dict(self.biases)
+        if act.name != "silu":
+            kwargs.update(activation=act.name, swiglu_alpha=act.alpha, swiglu_limit=act.limit)
+        return kwargs
 
 
 def make_problem(E, H, I, k, T, rank, *, lora_dtype=np.float32, seed=0, alpha=None, ids=None, lora_scale=1.0):
@@ -63,6 +111,38 @@ def make_problem(E, H, I, k, T, rank, *, lora_dtype=np.float32, seed=0, alpha=No
     return Problem(gate, up, down, lora, alpha if alpha is not None else 2.0 * max(rank, 1), x, ids, weights, grad_out)
 
 
+def make_gpt_oss_problem(E, H, I, k, T, rank, *, seed=0, lora_dtype=np.float32, alpha=1.702, limit=7.0, ids=None):
+    """make_problem with gpt-oss's clamped SwiGLU and all three biases. Each gate/up column's bias is drawn from
+    {-2 limit, 0, 2 limit} (plus a little noise), so that the clamps are active on about a third of the elements
+    while g and u stay many standard deviations away from the clamps' edges: where an element sits within
+    rounding of an edge, the library and the float64 reference could take different sides (see clamp_margin)."""
+    p = make_problem(E, H, I, k, T, rank, lora_dtype=lora_dtype, seed=seed, lora_scale=0.5, ids=ids)
+    rng = np.random.default_rng(seed + 1)
+
+    def clustered():
+        return (rng.choice([-2 * limit, 0.0, 2 * limit], (E, I)) + 0.3 * rng.standard_normal((E, I))).astype(np.float32)
+
+    p.activation = Activation("swiglu_clamped", alpha, limit)
+    p.biases = {"gate_bias": clustered(), "up_bias": clustered(),
+                "down_bias": rng.standard_normal((E, H)).astype(np.float32)}
+    return p
+
+
+def clamp_stats(p):
+    """For the routed rows of p (float64): the fraction of gate elements above the limit, of up elements outside
+    [-limit, limit], and the smallest distance of any g from limit or u from +-limit."""
+    L = p.activation.limit
+    g_all, u_all = [], []
+    for e in np.unique(p.ids[p.ids >= 0]):
+        tok = np.nonzero(p.ids == e)[0]
+        g, u, _, _ = expert_forward(p, e, f64(p.x[tok]))
+        g_all.append(g.ravel())
+        u_all.append(u.ravel())
+    g, u = np.concatenate(g_all), np.concatenate(u_all)
+    margin = min(np.abs(g - L).min(), np.abs(np.abs(u) - L).min())
+    return float(np.mean(g > L)), float(np.mean(np.abs(u) > L)), float(margin)
+
+
 def _lora(p, name, e):
     return f64(p.lora[name][e]) if p.lora else None
 
@@ -70,13 +150,13 @@ def _lora(p, name, e):
 def expert_forward(p, e, x):
     """g, u, h, y for the rows x [n, H] through expert e (float64)."""
     s = p.scale
-    g = x @ f64(p.gate[e]).T
-    u = x @ f64(p.up[e]).T
+    g = x @ f64(p.gate[e]).T + p.bias("gate_bias", e)
+    u = x @ f64(p.up[e]).T + p.bias("up_bias", e)
     if p.rank:
         g = g + s * (x @ _lora(p, "gate_a", e).T) @ _lora(p, "gate_b", e).T
         u = u + s * (x @ _lora(p, "up_a", e).T) @ _lora(p, "up_b", e).T
-    h = silu(g) * u
-    y = h @ f64(p.down[e]).T
+    h = p.activation.terms(g, u)[0]
+    y = h @ f64(p.down[e]).T + p.bias("down_bias", e)
     if p.rank:
         y = y + s * (h @ _lora(p, "down_a", e).T) @ _lora(p, "down_b", e).T
     return g, u, h, y
@@ -118,9 +198,8 @@ def backward(p):
                 dh = dh + s * (dy @ Bd) @ Ad
                 grads["down_b"][e] += s * dy.T @ (h @ Ad.T)
                 grads["down_a"][e] += s * (dy @ Bd).T @ h
-            sg = 1.0 / (1.0 + np.exp(-g))
-            dg = dh * u * sg * (1.0 + g * (1.0 - sg))
-            du = dh * g * sg
+            _, h_g, h_u, _, _ = p.activation.terms(g, u)
+            dg, du = dh * h_g, dh * h_u
             dx = dg @ f64(p.gate[e]) + du @ f64(p.up[e])
             if p.rank:
                 for d, a, b in ((dg, "gate_a", "gate_b"), (du, "up_a", "up_b")):
@@ -175,6 +254,7 @@ def magnitudes(p):
         Wg, Wu, Wd = (_exact(f64(a[e])) for a in (p.gate, p.up, p.down))
         transposed = lambda a: (a[0].T, a[1].T)  # noqa: E731
         g, u = _mm(X, transposed(Wg)), _mm(X, transposed(Wu))
+        g, u = _plus(g, _exact(p.bias("gate_bias", e))), _plus(u, _exact(p.bias("up_bias", e)))
         if p.rank:
             L = {n: _exact(_lora(p, n, e)) for n in LORA_NAMES}
 
@@ -183,13 +263,9 @@ def magnitudes(p):
 
             g = _plus(g, low_rank(X, "gate_a", "gate_b"))
             u = _plus(u, low_rank(X, "up_a", "up_b"))
-        sg = 1.0 / (1.0 + np.exp(-g[0]))
-        act = g[0] * sg                                              # silu(g)
-        d1 = sg * (1.0 + g[0] * (1.0 - sg))                          # silu'(g)
-        d2 = sg * (1.0 - sg) * (2.0 + g[0] * (1.0 - 2.0 * sg))       # silu''(g)
-        hv = act * u[0]
-        h = (hv, sq(d1 * u[0]) * g[1] + sq(act) * u[1] + sq(hv))
-        y = _mm(h, transposed(Wd))
+        hv, h_g, h_u, h_gg, h_gu = p.activation.terms(g[0], u[0])
+        h = (hv, sq(h_g) * g[1] + sq(h_u) * u[1] + sq(hv))
+        y = _plus(_mm(h, transposed(Wd)), _exact(p.bias("down_bias", e)))
         if p.rank:
             y = _plus(y, low_rank(h, "down_a", "down_b"))
         np.add.at(v["output"], tok, sq(wr) * (y[1] + sq(y[0])))
@@ -204,9 +280,9 @@ def magnitudes(p):
             dh = _plus(dh, _scaled(s, _mm(dyB, L["down_a"])))
             v["down_b"][e] += s * s * _mm(transposed(dy), _mm(h, transposed(L["down_a"])))[1]
             v["down_a"][e] += s * s * _mm(transposed(dyB), h)[1]
-        dgv, duv = dh[0] * u[0] * d1, dh[0] * act
-        dg = (dgv, sq(u[0] * d1) * dh[1] + sq(dh[0] * d1) * u[1] + sq(dh[0] * u[0] * d2) * g[1] + sq(dgv))
-        du = (duv, sq(act) * dh[1] + sq(dh[0] * d1) * g[1] + sq(duv))
+        dgv, duv = dh[0] * h_g, dh[0] * h_u
+        dg = (dgv, sq(h_g) * dh[1] + sq(dh[0] * h_gu) * u[1] + sq(dh[0] * h_gg) * g[1] + sq(dgv))
+        du = (duv, sq(h_u) * dh[1] + sq(dh[0] * h_gu) * g[1] + sq(duv))
         dx = _plus(_mm(dg, Wg), _mm(du, Wu))
         if p.rank:
             for d, a, b in ((dg, "gate_a", "gate_b"), (du, "up_a", "up_b")):

@@ -19,13 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the backends' interface (moe_sft._ext and moe_sft._cffi_backend), each a C function of the same name but the
 # Layer and AdamW classes
 FUNCTIONS = {"create", "destroy", "update_lora", "forward", "backward", "discard_saved", "route", "route_backward",
-             "plan_exchange", "quantize", "quantize_blocks", "weight_format_name", "dtype_name", "scoring_name",
-             "cache_depth",
-             "layer_isa", "isa",
+             "plan_exchange", "quantize", "quantize_blocks", "weight_format_name", "activation_name", "dtype_name",
+             "scoring_name", "cache_depth", "layer_isa", "isa",
              "status_string", "last_error", "version", "adamw_create", "adamw_destroy", "adamw_step",
              "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step", "adamw_state"}
 CLASSES = {"Layer", "AdamW"}
-ENUMS = {"Status", "DType", "WeightFormat", "Scoring"}  # exported by the nanobind module for its callers
+ENUMS = {"Status", "DType", "WeightFormat", "Activation", "Scoring"}  # exported by the nanobind module for its callers
 
 
 def _cffi():

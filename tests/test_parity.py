@@ -2,7 +2,7 @@
 
 The compute matrix runs once, on the backend moe_sft chose (the backends only marshal pointers); this file is
 where both are compared, on a few cases that reach every entry point of the ABI: create (bf16, tp_count 2,
-quantized at create and pre-quantized), update_lora, forward, backward (overwrite and accumulate), cache_depth,
+quantized at create and pre-quantized, gpt-oss's activation and biases), update_lora, forward, backward (overwrite and accumulate), cache_depth,
 layer_isa, destroy (discard_saved: test_saved_forwards on the raw ABI of each backend), route, route_backward, quantize, weight_format_name, isa, status_string, last_error
 (through every error below) and version. The raw-ABI error tests (test_errors, the raw parts of test_router
 and test_quantized) also run once per backend."""
@@ -42,19 +42,21 @@ def scenario():
            "format names": [B.weight_format_name(code) for code in range(-1, 6)]}
     p = R.make_problem(5, 48, 64, 2, 17, 3, seed=3)
     p.ids[4, 1] = -1
-    for name, kwargs in {"bf16": {}, "tp2": {"tp_count": 2},
-                         "int4_awq": {"weight_format": "int4_awq", "group_size": 16}}.items():
-        layer = make_layer(p, max_cache_depth=2, **kwargs)
-        out = layer.forward(p.x, p.ids, p.weights, save_for_backward=True)
-        layer.forward(p.x[:9], p.ids[:9], p.weights[:9], save_for_backward=True)
+    gpt_oss = R.make_gpt_oss_problem(5, 48, 64, 2, 17, 3, seed=3)  # the clamped activation and biases
+    for name, (prob, kwargs) in {"bf16": (p, {}), "tp2": (p, {"tp_count": 2}),
+                                 "int4_awq": (p, {"weight_format": "int4_awq", "group_size": 16}),
+                                 "gpt_oss": (gpt_oss, {"tp_count": 2})}.items():
+        layer = make_layer(prob, max_cache_depth=2, **kwargs)
+        out = layer.forward(prob.x, prob.ids, prob.weights, save_for_backward=True)
+        layer.forward(prob.x[:9], prob.ids[:9], prob.weights[:9], save_for_backward=True)
         depth = layer.cache_depth
-        full = _error(lambda: layer.forward(p.x, p.ids, p.weights, save_for_backward=True))
-        small = layer.backward(p.grad_out[:9])
-        g = layer.backward(p.grad_out)
-        layer.forward(p.x, p.ids, p.weights, save_for_backward=True)
-        layer.backward(p.grad_out, out=g, accumulate=True)
+        full = _error(lambda: layer.forward(prob.x, prob.ids, prob.weights, save_for_backward=True))
+        small = layer.backward(prob.grad_out[:9])
+        g = layer.backward(prob.grad_out)
+        layer.forward(prob.x, prob.ids, prob.weights, save_for_backward=True)
+        layer.backward(prob.grad_out, out=g, accumulate=True)
         rec[name] = dict(isa=layer.isa, out=_bytes(out), depth=depth, full=full, small=_grads(small), acc=_grads(g),
-                         empty=_error(lambda: layer.backward(p.grad_out)))
+                         empty=_error(lambda: layer.backward(prob.grad_out)))
         layer.close()
     quantized = {n: moe_sft.quantize(getattr(p, n), "int8") for n in ("gate", "up", "down")}
     rec["quantize"] = [_bytes(*q[2:]) for q in quantized.values()]

@@ -52,7 +52,8 @@ def test_shape_and_format_attributes_are_read_only(prob):
     layer = make_layer(prob, max_cache_depth=2)
     before = {name: getattr(layer, name) for name in moe_sft.MoESFT._READ_ONLY}
     assert before == dict(expert_num=E, hidden_size=H, intermediate_size=I, lora_rank=RANK, lora_alpha=prob.alpha,
-                          max_cache_depth=2, tp_count=1, weight_format="bf16", group_size=0)
+                          max_cache_depth=2, tp_count=1, weight_format="bf16", group_size=0, activation="silu",
+                          swiglu_alpha=None, swiglu_limit=None)
     for name in before:
         with pytest.raises(AttributeError, match=f"MoESFT.{name} is read-only"):
             setattr(layer, name, 2)
@@ -308,8 +309,9 @@ def test_enum_names_come_from_the_library():
     assert list(_arrays.enum_codes("weight_format")) == ["bf16", "int8", "int4_awq", "int4_k2", "fp8_e4m3_block",
                                                          "mxfp4"]
     assert list(_arrays.enum_codes("scoring")) == ["softmax", "sigmoid"]
+    assert list(_arrays.enum_codes("activation")) == ["silu", "swiglu_clamped"]
     assert len(_arrays.enum_codes("dtype")) == 2
-    for kind in ("weight_format", "dtype", "scoring"):
+    for kind in ("weight_format", "dtype", "scoring", "activation"):
         lookup = getattr(backend, f"{kind}_name")
         assert lookup(-1) is None and lookup(len(_arrays.enum_codes(kind))) is None
 
@@ -317,7 +319,8 @@ def test_enum_names_come_from_the_library():
 def test_nanobind_enums_match_the_library_names():
     nanobind = _backend.load("nanobind")
     for enum, lookup in ((nanobind.WeightFormat, nanobind.weight_format_name),
-                         (nanobind.Scoring, nanobind.scoring_name), (nanobind.DType, nanobind.dtype_name)):
+                         (nanobind.Scoring, nanobind.scoring_name), (nanobind.DType, nanobind.dtype_name),
+                         (nanobind.Activation, nanobind.activation_name)):
         for member in enum:
             assert lookup(int(member)).lower() == member.name.lower()
     for member in nanobind.Status:

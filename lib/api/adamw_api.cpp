@@ -3,7 +3,6 @@
 // leaves parameters, state and outputs as they were.
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -25,6 +24,7 @@ struct moe_sft_adamw {
 
 using moe_sft::api::enum_value;
 using moe_sft::api::guard;
+using moe_sft::api::format_number;
 using moe_sft::api::invalid;
 using moe_sft::api::require_array;
 using moe_sft::api::require_non_null;
@@ -33,12 +33,6 @@ using moe_sft::optim::ParamDtype;
 using moe_sft::optim::ParamSpec;
 
 namespace {
-
-std::string num(double x) {
-  char buf[40];
-  std::snprintf(buf, sizeof buf, "%.9g", x);
-  return buf;
-}
 
 // The caller's config, as this library's struct: one version so far, so a shorter struct is refused; a
 // longer (newer) one is accepted when the fields this library does not know are all zero.
@@ -57,12 +51,12 @@ moe_sft_adamw_config read_config(const moe_sft_adamw_config* cfg) {
 }
 
 void require_finite(double x, const char* name) {
-  if (!std::isfinite(x)) invalid(std::string(name) + " = " + num(x) + " is not finite");
+  if (!std::isfinite(x)) invalid(std::string(name) + " = " + format_number(x) + " is not finite");
 }
 
 void validate_lr(double lr, const char* name) {
   require_finite(lr, name);
-  if (lr < 0) invalid(std::string(name) + " = " + num(lr) + " is negative (lr >= 0)");
+  if (lr < 0) invalid(std::string(name) + " = " + format_number(lr) + " is negative (lr >= 0)");
 }
 
 void validate_config(const moe_sft_adamw_config& c) {
@@ -73,15 +67,15 @@ void validate_config(const moe_sft_adamw_config& c) {
   } betas[] = {{c.beta1, "cfg->beta1"}, {c.beta2, "cfg->beta2"}};
   for (const auto& b : betas) {
     require_finite(b.value, b.name);
-    if (b.value < 0 || b.value >= 1) invalid(std::string(b.name) + " = " + num(b.value) + " is out of range [0, 1)");
+    if (b.value < 0 || b.value >= 1) invalid(std::string(b.name) + " = " + format_number(b.value) + " is out of range [0, 1)");
   }
   require_finite(c.eps, "cfg->eps");
-  if (!(c.eps > 0)) invalid("cfg->eps = " + num(c.eps) + " must be > 0 (it keeps m / (sqrt(v) + eps) finite)");
+  if (!(c.eps > 0)) invalid("cfg->eps = " + format_number(c.eps) + " must be > 0 (it keeps m / (sqrt(v) + eps) finite)");
   require_finite(c.weight_decay, "cfg->weight_decay");
-  if (c.weight_decay < 0) invalid("cfg->weight_decay = " + num(c.weight_decay) + " is negative (weight_decay >= 0)");
+  if (c.weight_decay < 0) invalid("cfg->weight_decay = " + format_number(c.weight_decay) + " is negative (weight_decay >= 0)");
   require_finite(c.max_grad_norm, "cfg->max_grad_norm");
   if (c.max_grad_norm < 0)
-    invalid("cfg->max_grad_norm = " + num(c.max_grad_norm) + " is negative (0 = no clipping, > 0 = the norm to clip to)");
+    invalid("cfg->max_grad_norm = " + format_number(c.max_grad_norm) + " is negative (0 = no clipping, > 0 = the norm to clip to)");
   moe_sft::api::require_range(c.num_threads, 0, 4096, "cfg->num_threads");
 }
 

@@ -176,6 +176,27 @@ void validate_weights(const moe_sft_config& c) {
   }
 }
 
+void validate_activation(const moe_sft_config& c) {
+  const int32_t kind = enum_value(c.activation);
+  if (kind != MOE_SFT_ACTIVATION_SILU && kind != MOE_SFT_ACTIVATION_SWIGLU_CLAMPED)
+    invalid("cfg->activation = " + std::to_string(kind) +
+            " is not a moe_sft_activation (0 silu, 1 swiglu_clamped)");
+  if (kind == MOE_SFT_ACTIVATION_SWIGLU_CLAMPED) {
+    const struct {
+      const char* name;
+      float value;
+    } params[] = {{"cfg->swiglu_alpha", c.swiglu_alpha}, {"cfg->swiglu_limit", c.swiglu_limit}};
+    for (const auto& p : params)
+      if (!(std::isfinite(p.value) && p.value > 0.0f))
+        invalid(std::string(p.name) + " = " + format_number(p.value) +
+                " with activation swiglu_clamped: it must be finite and > 0 (gpt-oss: alpha 1.702, limit 7)");
+  }
+  const int64_t E = c.expert_num;
+  require_array(c.gate_bias, "cfg->gate_bias", c.gate_bias ? E * c.intermediate_size : 0, sizeof(float));
+  require_array(c.up_bias, "cfg->up_bias", c.up_bias ? E * c.intermediate_size : 0, sizeof(float));
+  require_array(c.down_bias, "cfg->down_bias", c.down_bias ? E * c.hidden_size : 0, sizeof(float));
+}
+
 }  // namespace
 
 moe_sft_config read_config(const moe_sft_config* cfg) {
@@ -191,11 +212,10 @@ moe_sft_config read_config(const moe_sft_config* cfg) {
   constexpr size_t kV1 = offsetof(moe_sft_config, down_proj) + sizeof(cfg->down_proj);
   constexpr size_t kV2 = offsetof(moe_sft_config, check_finite) + sizeof(cfg->check_finite);
   constexpr size_t kV3 = offsetof(moe_sft_config, down_zero) + sizeof(cfg->down_zero);
-  constexpr size_t kV4 = offsetof(moe_sft_config, scale_dtype) + sizeof(cfg->scale_dtype);
-  constexpr Version kVersions[] = {{kV1, kV1},
-                                   {(kV2 + kAlign - 1) / kAlign * kAlign, kV2},
-                                   {(kV3 + kAlign - 1) / kAlign * kAlign, kV3},
-                                   {sizeof(moe_sft_config), kV4}};
+  constexpr size_t kV4 = offsetof(moe_sft_config, down_bias) + sizeof(cfg->down_bias);
+  constexpr auto padded = [](size_t n) { return (n + kAlign - 1) / kAlign * kAlign; };
+  constexpr Version kVersions[] = {
+      {kV1, kV1}, {padded(kV2), kV2}, {padded(kV3), kV3}, {sizeof(moe_sft_config), kV4}};
   if (cfg->struct_size == 0)
     invalid("cfg->struct_size = 0: initialize the config with moe_sft_config_init before setting fields");
   size_t known = 0;
@@ -205,8 +225,7 @@ moe_sft_config read_config(const moe_sft_config* cfg) {
   if (known == 0)
     invalid("cfg->struct_size = " + std::to_string(cfg->struct_size) + " is not the size of any moe_sft_config (" +
             std::to_string(kVersions[0].size) + ", " + std::to_string(kVersions[1].size) + ", " +
-            std::to_string(kVersions[2].size) + " or at least " +
-            std::to_string(sizeof(moe_sft_config)) + ")");
+            std::to_string(kVersions[2].size) + " or at least " + std::to_string(sizeof(moe_sft_config)) + ")");
   require_unknown_fields_zero(cfg, cfg->struct_size, sizeof(moe_sft_config));
   moe_sft_config out;
   moe_sft_config_init(&out);
@@ -221,7 +240,7 @@ void validate_config(const moe_sft_config& c) {
   require_range(c.intermediate_size, 1, INT32_MAX, "cfg->intermediate_size");
   require_range(c.lora_rank, 0, INT32_MAX, "cfg->lora_rank");
   if (c.lora_rank > 0 && !std::isfinite(c.lora_alpha))
-    invalid("cfg->lora_alpha = " + std::to_string(c.lora_alpha) + " is not finite");
+    invalid("cfg->lora_alpha = " + format_number(c.lora_alpha) + " is not finite");
   require_range(c.max_cache_depth, 0, INT32_MAX, "cfg->max_cache_depth");
   require_range(c.num_threads, 0, 4096, "cfg->num_threads");
   require_range(c.tp_count, 1, c.intermediate_size, "cfg->tp_count");
@@ -229,6 +248,7 @@ void validate_config(const moe_sft_config& c) {
   require_product_fits({c.expert_num, c.lora_rank, std::max(c.hidden_size, c.intermediate_size)},
                        "expert_num * lora_rank * max(hidden_size, intermediate_size)");
   validate_weights(c);
+  validate_activation(c);
 }
 
 bool check_finite_default() {
@@ -251,6 +271,9 @@ void moe_sft_config_init(moe_sft_config* cfg) {
   cfg->tp_count = 1;
   cfg->check_finite = moe_sft::api::check_finite_default();
   cfg->scale_dtype = MOE_SFT_DTYPE_F32;
+  cfg->activation = MOE_SFT_ACTIVATION_SILU;
+  cfg->swiglu_alpha = 1.702f;
+  cfg->swiglu_limit = 7.0f;
 }
 
 }  // extern "C"

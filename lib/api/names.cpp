@@ -28,6 +28,14 @@ const char* moe_sft_dtype_name(moe_sft_dtype dtype) {
   return nullptr;
 }
 
+const char* moe_sft_activation_name(moe_sft_activation activation) {
+  switch (moe_sft::api::enum_value(activation)) {
+    case MOE_SFT_ACTIVATION_SILU: return "silu";
+    case MOE_SFT_ACTIVATION_SWIGLU_CLAMPED: return "swiglu_clamped";
+  }
+  return nullptr;
+}
+
 const char* moe_sft_scoring_name(moe_sft_scoring scoring) {
   switch (moe_sft::api::enum_value(scoring)) {
     case MOE_SFT_SCORING_SOFTMAX: return "softmax";

@@ -1,7 +1,6 @@
 // C ABI entry points of the router: validation of every argument and input value, then lib/router.
 // Everything is checked before the first write, so a failing call leaves its outputs untouched.
 #include <cmath>
-#include <cstdio>
 #include <string>
 
 #include "api/config.h"
@@ -12,6 +11,7 @@
 #include "moe_sft.h"
 
 using moe_sft::api::enum_value;
+using moe_sft::api::format_number;
 using moe_sft::api::guard;
 using moe_sft::api::invalid;
 using moe_sft::api::require_array;
@@ -19,12 +19,6 @@ using moe_sft::api::require_range;
 using moe_sft::router::RouterShape;
 
 namespace {
-
-std::string format_value(float v) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%.9g", double(v));
-  return text;
-}
 
 // The arguments both calls share; returns the shape and the logits' element size.
 // logits_dtype and scoring: the callers' enum values as integers (enum_value), not yet validated.
@@ -50,7 +44,7 @@ void validate_bias(const float* bias, int32_t expert_num) {
   require_array(bias, "correction_bias", expert_num, 4);
   for (int32_t e = 0; e < expert_num; ++e)
     if (!std::isfinite(bias[e]))
-      invalid("correction_bias[" + std::to_string(e) + "] = " + format_value(bias[e]) + " is not finite");
+      invalid("correction_bias[" + std::to_string(e) + "] = " + format_number(bias[e]) + " is not finite");
 }
 
 // With MOE_SFT_CHECK_FINITE on, a poisoned row is an error naming it (the router would route it safely,

@@ -22,6 +22,12 @@ layer::LayerConfig to_layer_config(const moe_sft_config& c) {
   out.gate = {c.gate_proj, c.gate_scale, c.gate_zero};
   out.up = {c.up_proj, c.up_scale, c.up_zero};
   out.down = {c.down_proj, c.down_scale, c.down_zero};
+  out.activation = {c.activation == MOE_SFT_ACTIVATION_SWIGLU_CLAMPED ? kernels::ActivationKind::swiglu_clamped
+                                                                      : kernels::ActivationKind::silu,
+                    c.swiglu_alpha, c.swiglu_limit};
+  out.gate_bias = c.gate_bias;
+  out.up_bias = c.up_bias;
+  out.down_bias = c.down_bias;
   return out;
 }
 

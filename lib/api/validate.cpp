@@ -10,6 +10,12 @@ namespace moe_sft::api {
 
 void invalid(const std::string& message) { throw Error(MOE_SFT_ERR_INVALID_ARGUMENT, message); }
 
+std::string format_number(double x) {
+  char text[40];
+  std::snprintf(text, sizeof text, "%.9g", x);
+  return text;
+}
+
 void require_dtype(int32_t dtype, const char* name) {
   if (dtype != MOE_SFT_DTYPE_BF16 && dtype != MOE_SFT_DTYPE_F32)
     invalid(std::string(name) + " = " + std::to_string(dtype) +

@@ -13,6 +13,9 @@ namespace moe_sft::api {
 
 [[noreturn]] void invalid(const std::string& message);  // throws Error(INVALID_ARGUMENT, message)
 
+// A number as error messages show it: %.9g (every float and the doubles of a config told apart; nan, inf).
+std::string format_number(double x);
+
 // The integer behind an ABI enum a caller passed. A C caller may pass any int32 where a moe_sft_* enum is
 // expected, but in C++ reading an enum object whose value lies outside its enumerators' range is undefined
 // (UBSan's -fsanitize=enum reports it): entry points read such values through this until they are validated.

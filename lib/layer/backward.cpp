@@ -1,7 +1,7 @@
 // Backward pass of the most recent saved forward. With dO = grad_output rows (expert-sorted, unweighted)
 // and w the routing weight of each row:
 //   D   = dO·Wd + s (dO·Bd)·Ad            [rows, I]  grad of h, before the routing weight
-//   grad_routing_weight = <D, h>           (= <dO, y>: the router's gradient, one dot product per row)
+//   grad_routing_weight = <D, h> (+ <dO, bd> with a down bias)   (= <dO, y>: the router's gradient)
 //   dH  = w·D;  dG, dU = activation grads of dH
 //   dX  = dG·Wg + dU·Wu + s (dG·Bg)·Ag + s (dU·Bu)·Au    [rows, H], summed per token into grad_input
 // LoRA grads (summed over each expert's rows):
@@ -9,7 +9,7 @@
 //   dAg = s (dG·Bg)^T x       dBg = s dG^T (x·Ag^T)        (up alike)
 // Phases over one BackwardFrame (each one parallel_for over the shared pool):
 //   1. gather_rows                 x and dO rows in expert-sorted order
-//   2. lora_products_of_grad_output   dO·Bd, and w·dO·Bd, w·h·Ad^T for the down grads
+//   2. lora_products_of_grad_output   dO·Bd, and w·dO·Bd, w·h·Ad^T for the down grads; <dO, bd> per row
 //   3. activation_backward         per (expert, block of I): D, the router's partial dot products, dG and dU;
 //                                  dAd, dBg, dBu
 //   4. lora_products_of_grad_gate_up  dG·Bg, dU·Bu
@@ -68,6 +68,7 @@ struct BackwardFrame {
   bf16* grad_up;                    // [rows, I] dU
   float* grad_input_rows;           // [rows, H] dX
   float* routing_grad_parts;        // [rows, intermediate_blocks] <D, h> over one block of I
+  float* down_bias_dots;            // [rows] <dO, bd> (with a down bias only)
   float* grad_output_down_b;        // [rows, r] dO·Bd
   float* weighted_grad_output_down_b;  // [rows, r] w·dO·Bd
   float* weighted_activation_down_a;   // [rows, r] w·h·Ad^T
@@ -111,6 +112,7 @@ ScratchPlan plan_scratch(BackwardFrame<T>& f) {
   plan.place(f.grad_up, R * I);
   plan.place(f.grad_input_rows, R * H);
   plan.place(f.routing_grad_parts, R * f.intermediate_blocks);
+  plan.place(f.down_bias_dots, f.layer.biases.down.empty() ? 0 : R);
   plan.place(f.grad_output_down_b, R * r);
   plan.place(f.weighted_grad_output_down_b, R * r);
   plan.place(f.weighted_activation_down_a, R * r);
@@ -174,6 +176,21 @@ void lora_products_of_grad_output(const BackwardFrame<T>& f) {
   });
 }
 
+// <dO, bd> of every row: the down bias's share of its routing-weight grad (y includes the bias).
+template <class T>
+void down_bias_dots(const BackwardFrame<T>& f) {
+  const int64_t H = f.hidden;
+  f.pool->parallel_for(int64_t(f.row_tasks.size()), f.layer.threads, [&](int64_t i, int) {
+    const ExpertTask& t = f.row_tasks[size_t(i)];
+    const float* bias = f.layer.biases.down.data() + t.expert * H;
+    for (int64_t row = t.row_begin; row < t.row_end; ++row) {
+      float dot = 0.0f;
+      for (int64_t c = 0; c < H; ++c) dot += to_float(f.grad_output_rows[row * H + c]) * bias[c];
+      f.down_bias_dots[row] = dot;
+    }
+  });
+}
+
 // Per (expert, block of I): D, the router's partial dot products, the activation backward; dAd, dBg, dBu.
 template <class T>
 void activation_backward(const BackwardFrame<T>& f) {
@@ -196,7 +213,7 @@ void activation_backward(const BackwardFrame<T>& f) {
                                              f.lora.down_a(e) + b.begin, I, s, grad_h_tile, w, true);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t row = t.row_begin + j, at = row * I + b.begin;
-      f.routing_grad_parts[row * f.intermediate_blocks + t.block_index] = layer.kernels->silu_mul_backward_row(
+      f.routing_grad_parts[row * f.intermediate_blocks + t.block_index] = layer.activation.backward(
           f.saved.gate.data() + at, f.saved.up.data() + at, grad_h_tile + j * w, f.routing_weight(row), w,
           h_tile + j * w, f.grad_gate + at, f.grad_up + at);
     }
@@ -274,6 +291,7 @@ void combine_tokens(const BackwardFrame<T>& f) {
       if (row >= 0) {
         for (int64_t c = 0; c < H; ++c) sum[c] += f.grad_input_rows[row * H + c];
         for (int64_t block = 0; block < blocks; ++block) routing_grad += f.routing_grad_parts[row * blocks + block];
+        if (!f.layer.biases.down.empty()) routing_grad += f.down_bias_dots[row];
       }
       if (f.grad_routing_weights != nullptr) f.grad_routing_weights[tok * k + j] = routing_grad;
     }
@@ -320,6 +338,7 @@ void run_phases(const BackwardFrame<T>& f) {
   if (f.want_lora_grads && !f.accumulate) zero_expert_grads(f.lora_grads, f.routing, true, *f.pool, f.layer.threads);
   gather_rows(f);
   if (f.rank > 0) lora_products_of_grad_output(f);
+  if (!f.layer.biases.down.empty()) down_bias_dots(f);
   activation_backward(f);
   if (check) {
     check_rows(f.grad_gate, f.intermediate, f.routing, "grad of gate projection output", kGradIntermediate);

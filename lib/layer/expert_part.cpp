@@ -154,6 +154,21 @@ QuantizedSource expert_source(const LayerConfig& cfg, const Projection& p, int64
 
 }  // namespace
 
+FrozenBiases copy_biases(const LayerConfig& cfg) {
+  const checks::Stage stage{1, 1, "base weights, checked at create"};
+  auto copy = [&](const float* bias, int64_t cols, const char* name) {
+    if (bias == nullptr) return std::vector<float>();
+    const checks::NonFinite hit = cfg.check_finite ? checks::first_non_finite(bias, cfg.experts * cols)
+                                                   : checks::NonFinite{};
+    if (hit.found)
+      checks::throw_non_finite(hit.value, name, "expert " + std::to_string(hit.index / cols) + ", column " +
+                                                    std::to_string(hit.index % cols), stage);
+    return std::vector<float>(bias, bias + cfg.experts * cols);
+  };
+  return {copy(cfg.gate_bias, cfg.intermediate, "gate_bias"), copy(cfg.up_bias, cfg.intermediate, "up_bias"),
+          copy(cfg.down_bias, cfg.hidden, "down_bias")};
+}
+
 std::vector<ExpertPart> pack_expert_parts(const LayerConfig& cfg, int threads) {
   const int64_t E = cfg.experts, H = cfg.hidden, I = cfg.intermediate;
   const WeightFormat f = cfg.weight_format;

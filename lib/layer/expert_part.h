@@ -22,6 +22,16 @@ struct ExpertPart {
   int64_t width() const { return i_end - i_begin; }
 };
 
+// The frozen biases, copied at create: each empty (no bias) or all experts' stacked, f32. Every tensor-parallel
+// part reads them at its global columns.
+struct FrozenBiases {
+  std::vector<float> gate, up;  // [E, I]
+  std::vector<float> down;      // [E, H]
+};
+
+// cfg's biases copied; with cfg.check_finite a NaN/Inf is Error(NON_FINITE) naming the bias, expert and column.
+FrozenBiases copy_biases(const LayerConfig& cfg);
+
 // The tp_count parts of a validated config, every expert's weights packed (and, from bf16, quantized)
 // in cfg.weight_format, on `threads` workers. Throws Error(NON_FINITE) for a non-finite weight (or scale)
 // when cfg.check_finite is set, and always for bf16 weights that are to be quantized.

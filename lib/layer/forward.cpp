@@ -1,10 +1,11 @@
 // Forward pass, as phases over one ForwardFrame (each phase one parallel_for over the shared pool):
 //   1. gather_input_rows        the routed input rows in expert-sorted order           input_rows [rows, H]
 //   2. lora_a_of_input          the LoRA down-projections of those rows                x·Ag^T, x·Au^T [rows, r]
-//   3. gate_up_activation       per (expert, block of I): gate and up projections plus LoRA, then
-//                               h = silu(g)·u                                          activation [rows, I]
+//   3. gate_up_activation       per (expert, block of I): gate and up projections plus LoRA (and biases),
+//                               then h = act(g, u) (silu(g)·u or the clamped SwiGLU)   activation [rows, I]
 //   4. lora_a_of_activation     h·Ad^T                                                 [rows, r]
-//   5. down_projection          per (expert, block of H): h·Wd^T over every part plus LoRA   expert_output [rows, H]
+//   5. down_projection          per (expert, block of H): h·Wd^T over every part plus LoRA (and bias)
+//                                                                                      expert_output [rows, H]
 //   6. combine_tokens           per token: out[t] = sum_j routing_weight[t, j] · expert_output[row(t, j)]
 // Everything a call needs (scratch, the cache record, task lists) is allocated before the first write, so
 // running out of memory leaves the caller's output untouched; with check_finite the output is assembled in
@@ -165,6 +166,15 @@ void add_lora_b(const ForwardFrame<T>& f, const ExpertTask& t, int worker, const
                                              f.layer.lora_scale, out, ld, true);
 }
 
+// tile (m rows of `width` columns, row stride ld) += biases[at .. at + width) on every row; nothing when the
+// layer has no such bias (empty).
+void add_bias(const std::vector<float>& biases, int64_t at, int64_t m, int64_t width, float* tile, int64_t ld) {
+  if (biases.empty()) return;
+  const float* bias = biases.data() + at;
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t c = 0; c < width; ++c) tile[j * ld + c] += bias[c];
+}
+
 template <class T>
 void gate_up_activation(const ForwardFrame<T>& f) {
   const LayerParts& layer = f.layer;
@@ -186,9 +196,11 @@ void gate_up_activation(const ForwardFrame<T>& f) {
       add_lora_b(f, t, worker, f.input_gate_a, f.lora.gate_b(e) + b.begin * f.rank, w, gate_tile, w);
       add_lora_b(f, t, worker, f.input_up_a, f.lora.up_b(e) + b.begin * f.rank, w, up_tile, w);
     }
+    add_bias(layer.biases.gate, e * I + b.begin, m, w, gate_tile, w);
+    add_bias(layer.biases.up, e * I + b.begin, m, w, up_tile, w);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t at = (t.row_begin + j) * I + b.begin;
-      layer.kernels->silu_mul_row(gate_tile + j * w, up_tile + j * w, w, f.gate + at, f.up + at, f.activation + at);
+      layer.activation.forward(gate_tile + j * w, up_tile + j * w, w, f.gate + at, f.up + at, f.activation + at);
     }
   });
 }
@@ -219,6 +231,7 @@ void down_projection(const ForwardFrame<T>& f) {
                                  &layer.parts[p].down[size_t(e)], b.begin, b.end, y, H, p > 0,
                                  f.dequant_blocks + worker * f.dequant_elems});
     if (f.rank > 0) add_lora_b(f, t, worker, f.activation_down_a, f.lora.down_b(e) + b.begin * f.rank, b.width(), y, H);
+    add_bias(layer.biases.down, e * H + b.begin, m, b.width(), y, H);
   });
 }
 

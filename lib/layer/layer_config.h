@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/activation.h"
 #include "kernels/weight_format.h"
 
 namespace moe_sft::layer {
@@ -30,6 +31,10 @@ struct LayerConfig {
   kernels::ScaleType fp8_scale_type = kernels::ScaleType::f32;
   bool prequantized = false;  // false: every BaseWeights::weights is bf16, to be quantized if the format says so
   BaseWeights gate, up, down;  // gate, up [E, I, H]; down [E, H, I]
+  kernels::ActivationParams activation;
+  const float* gate_bias = nullptr;  // [E, I] f32, or null: no bias
+  const float* up_bias = nullptr;    // [E, I]
+  const float* down_bias = nullptr;  // [E, H]
 };
 
 }  // namespace moe_sft::layer

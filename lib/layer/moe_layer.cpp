@@ -8,18 +8,28 @@
 
 namespace moe_sft::layer {
 
-MoELayer::MoELayer(const LayerConfig& cfg)
-    : layer_{cfg.experts,
-             cfg.hidden,
-             cfg.intermediate,
-             cfg.rank,
-             cfg.rank > 0 ? cfg.lora_alpha / float(cfg.rank) : 0.0f,
-             Runtime::resolve_threads(cfg.num_threads),
-             cfg.check_finite,
-             cfg.weight_format,
-             &kernels::select_kernels(),
-             {}},
-      max_cache_depth_(cfg.max_cache_depth) {
+namespace {
+
+// Everything but the packed weights.
+LayerParts fixed_parts(const LayerConfig& cfg) {
+  const kernels::KernelSet& family = kernels::select_kernels();
+  return {cfg.experts,
+          cfg.hidden,
+          cfg.intermediate,
+          cfg.rank,
+          cfg.rank > 0 ? cfg.lora_alpha / float(cfg.rank) : 0.0f,
+          Runtime::resolve_threads(cfg.num_threads),
+          cfg.check_finite,
+          cfg.weight_format,
+          &family,
+          kernels::ActivationRows(family, cfg.activation),
+          copy_biases(cfg),
+          {}};
+}
+
+}  // namespace
+
+MoELayer::MoELayer(const LayerConfig& cfg) : layer_(fixed_parts(cfg)), max_cache_depth_(cfg.max_cache_depth) {
   layer_.parts = pack_expert_parts(cfg, layer_.threads);
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/activation_rows.h"
 #include "kernels/gemm.h"
 #include "layer/expert_part.h"
 #include "layer/forward_cache.h"
@@ -40,6 +41,8 @@ struct LayerParts {
   bool check_finite;
   kernels::WeightFormat weight_format;
   const kernels::KernelSet* kernels;
+  kernels::ActivationRows activation;
+  FrozenBiases biases;
   std::vector<ExpertPart> parts;  // tensor-parallel parts of the intermediate dimension
 };
 

@@ -21,6 +21,12 @@ and up share one A: load_adapter returns that one array as both gate_a and up_a 
 gives its grad, the sum of both shares, as one array, and AdamW steps it once), and save_adapter(layout="fused")
 refuses gate_a != up_a.
 
+gpt-oss (``gpt_oss=True``; PEFT's target_parameters on GptOssExperts' gate_up_proj [E, H, 2I] and down_proj
+[E, I, H], both stored transposed, which PEFT's ParamWrapper reads through the experts' ``is_transposed``): the
+same four keys and shapes, expert e's delta of gate_up_proj[e] being (B_e A_e)^T, but gate_up_proj's columns
+interleave gate and up (gate = 0::2, up = 1::2), so B's rows do too: gate_b = B_e[0::2], up_b = B_e[1::2]. The
+files do not say which model they belong to: load_adapter and save_adapter take gpt_oss=True for it.
+
 The library's arrays (moe_sft's data contract): gate_a, up_a [E, r, H]; gate_b, up_b [E, I, r]; down_a
 [E, r, I]; down_b [E, H, r].
 """
@@ -112,18 +118,24 @@ class Adapter:
         return layer
 
 
-def save_adapter(directory, layers, lora_rank, lora_alpha, layout="per_expert", base_model_name_or_path=None,
-                 use_rslora=False):
+def save_adapter(directory, layers, lora_rank, lora_alpha, layout=None, base_model_name_or_path=None,
+                 use_rslora=False, gpt_oss=False):
     """Writes ``directory``/adapter_model.safetensors and adapter_config.json in PEFT's format.
 
     layers: {layer_idx: {gate_a, gate_b, up_a, up_b, down_a, down_b}} (or an Adapter), the library's arrays
-    (float32 or bfloat16, kept in their dtype). layout: "per_expert" (target_modules, default) or "fused"
-    (target_parameters on mlp.experts.gate_up_proj / down_proj; needs gate_a == up_a). Returns the directory.
+    (float32 or bfloat16, kept in their dtype). layout: "per_expert" (target_modules, the default) or "fused"
+    (target_parameters on mlp.experts.gate_up_proj / down_proj; needs gate_a == up_a). gpt_oss=True: the layers
+    are gpt-oss's (MoESFT.from_gpt_oss): "fused" (the default then, and the only layout PEFT has for them) with
+    gate_up_proj's interleaved rows. Returns the directory.
     """
     if isinstance(layers, Adapter):
         layers = layers.layers
+    layout = ("fused" if gpt_oss else "per_expert") if layout is None else layout
     if layout not in LAYOUTS:
         raise invalid(f"layout = {layout!r}; expected one of {', '.join(map(repr, LAYOUTS))}")
+    if gpt_oss and layout != "fused":
+        raise invalid(f"layout = {layout!r} with gpt_oss=True: gpt-oss's experts are 3-D parameters, which PEFT "
+                      "adapts with target_parameters only (layout 'fused')")
     r = _positive_int(lora_rank, "lora_rank")
     if not isinstance(layers, Mapping) or not layers:
         raise invalid("layers must be a non-empty dict {layer_idx: {gate_a, gate_b, up_a, up_b, down_a, down_b}}")
@@ -143,7 +155,7 @@ def save_adapter(directory, layers, lora_rank, lora_alpha, layout="per_expert", 
                 raise invalid(f"layout='fused' stores one A for gate and up (PEFT's gate_up_proj), but layer {L}'s "
                               f"gate_a and up_a differ, first at {tuple(int(i) for i in diff)}: bind one array as "
                               "both, or save layout='per_expert'")
-            gate_up_b = np.concatenate([a["gate_b"], a["up_b"]], axis=1)  # [E, 2I, r]
+            gate_up_b = _gate_up(a["gate_b"], a["up_b"], gpt_oss)  # [E, 2I, r]
             tensors[_FUSED_KEY["gate_up"].format(L, "A")] = a["gate_a"].reshape(E * r, -1)
             tensors[_FUSED_KEY["gate_up"].format(L, "B")] = _fused_b(gate_up_b)
             tensors[_FUSED_KEY["down"].format(L, "A")] = a["down_a"].reshape(E * r, -1)
@@ -165,6 +177,20 @@ def save_adapter(directory, layers, lora_rank, lora_alpha, layout="per_expert", 
         json.dump(config, f, indent=2)
         f.write("\n")
     return directory
+
+
+def _gate_up_rows(I, gpt_oss):
+    """Where gate's and up's I rows sit among gate_up_proj's 2I: gate's then up's (transformers 5), or interleaved
+    (gpt-oss: gate = 0::2, up = 1::2)."""
+    return (slice(0, None, 2), slice(1, None, 2)) if gpt_oss else (slice(0, I), slice(I, None))
+
+
+def _gate_up(gate, up, gpt_oss):
+    """gate_up_proj's rows [E, 2I, ...] from gate's and up's [E, I, ...]."""
+    out = np.empty((gate.shape[0], 2 * gate.shape[1]) + gate.shape[2:], gate.dtype)
+    gate_rows, up_rows = _gate_up_rows(gate.shape[1], gpt_oss)
+    out[:, gate_rows], out[:, up_rows] = gate, up
+    return out
 
 
 def _fused_b(b):
@@ -221,7 +247,7 @@ def _checked_layer(L, arrays, r):
 
 # ---- loading ----
 
-def load_adapter(directory, dtype=None, layers=None):
+def load_adapter(directory, dtype=None, layers=None, gpt_oss=False):
     """Reads a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) written by
     save_adapter or by PEFT, in either layout, and returns an Adapter (``.layers``
     {layer_idx: {gate_a, gate_b, up_a, up_b, down_a, down_b}}, ``.rank``, ``.alpha``, ``.scaling``,
@@ -230,6 +256,8 @@ def load_adapter(directory, dtype=None, layers=None):
     dtype: of the returned arrays, np.float32 or bfloat16; None keeps the file's when it is one of those for
     every tensor, else float32. layers: the layer indices wanted (None: all); a missing one is an error.
     rank_pattern / alpha_pattern, DoRA and LoRA biases are refused (one rank and scaling for every expert).
+    gpt_oss=True: the adapter is of a gpt-oss model (fused, gate_up_proj's B rows interleaved: see the module's
+    text); the files cannot tell, so it must be said.
     """
     directory = os.fspath(directory)
     config_path = os.path.join(directory, CONFIG_NAME)
@@ -283,9 +311,13 @@ def load_adapter(directory, dtype=None, layers=None):
     out = {}
     for L in wanted:
         if L in per_expert:
+            if gpt_oss:
+                raise invalid(f"{weights_path}: gpt_oss=True, but layer {L} has per-expert LoRA "
+                              f"({next(iter(per_expert[L].values()))}); PEFT adapts gpt-oss's experts with "
+                              "target_parameters (fused keys) only")
             out[L] = _load_per_expert(f, weights_path, L, per_expert[L], r, dtype)
         else:
-            out[L] = _load_fused(f, weights_path, L, fused[L], r, dtype)
+            out[L] = _load_fused(f, weights_path, L, fused[L], r, dtype, gpt_oss)
     layout = "fused" if any(L in fused for L in wanted) else "per_expert"
     return Adapter(out, r, alpha, use_rslora, layout, config, other)
 
@@ -358,7 +390,7 @@ def _load_per_expert(f, path, L, keys, r, dtype):
     return out
 
 
-def _load_fused(f, path, L, keys, r, dtype):
+def _load_fused(f, path, L, keys, r, dtype, gpt_oss):
     depth = sorted({d for d, _ in keys})
     for d in depth:
         for ab in "AB":
@@ -398,8 +430,9 @@ def _load_fused(f, path, L, keys, r, dtype):
     down_a = np.empty((E, r, I), dtype)
     f.copy_into(dn[0], down_a.reshape(E * r, I))
     gate_up_b = _unfuse_b(f, gu[1], 2 * I, r, E, dtype)
-    return {"gate_a": shared_a, "gate_b": np.ascontiguousarray(gate_up_b[:, :I]), "up_a": shared_a,
-            "up_b": np.ascontiguousarray(gate_up_b[:, I:]), "down_a": down_a,
+    gate_rows, up_rows = _gate_up_rows(I, gpt_oss)
+    return {"gate_a": shared_a, "gate_b": np.ascontiguousarray(gate_up_b[:, gate_rows]), "up_a": shared_a,
+            "up_b": np.ascontiguousarray(gate_up_b[:, up_rows]), "down_a": down_a,
             "down_b": _unfuse_b(f, dn[1], H, r, E, dtype)}
 
 

@@ -17,10 +17,9 @@ from . import _paths
 
 __all__ = ["Layer", "create", "destroy", "update_lora", "forward", "backward", "discard_saved", "cache_depth",
            "layer_isa", "route", "route_backward", "plan_exchange", "quantize", "quantize_blocks", "isa",
-           "status_string", "weight_format_name", "dtype_name", "scoring_name", "last_error", "version", "AdamW",
-           "adamw_create", "adamw_destroy",
-           "adamw_step", "adamw_get_config", "adamw_set_config", "adamw_set_lr", "adamw_get_step", "adamw_set_step",
-           "adamw_state"]
+           "status_string", "weight_format_name", "activation_name", "dtype_name", "scoring_name", "last_error",
+           "version", "AdamW", "adamw_create", "adamw_destroy", "adamw_step", "adamw_get_config", "adamw_set_config",
+           "adamw_set_lr", "adamw_get_step", "adamw_set_step", "adamw_state"]
 
 CDEF_BEGIN = "/* MOE_SFT_CDEF_BEGIN */"
 CDEF_END = "/* MOE_SFT_CDEF_END */"
@@ -88,7 +87,8 @@ class Layer:
 
 def create(experts, hidden, intermediate, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count,
            check_finite, weight_format, group_size, prequantized, gate, up, down, gate_scale=None, up_scale=None,
-           down_scale=None, gate_zero=None, up_zero=None, down_zero=None, block_rows=0, block_cols=0, scale_dtype=1):
+           down_scale=None, gate_zero=None, up_zero=None, down_zero=None, block_rows=0, block_cols=0, scale_dtype=1,
+           activation=0, swiglu_alpha=None, swiglu_limit=None, gate_bias=None, up_bias=None, down_bias=None):
     cfg = _ffi.new("moe_sft_config *")
     _lib.moe_sft_config_init(cfg)
     cfg.expert_num, cfg.hidden_size, cfg.intermediate_size = experts, hidden, intermediate
@@ -101,6 +101,12 @@ def create(experts, hidden, intermediate, lora_rank, lora_alpha, max_cache_depth
     cfg.gate_scale, cfg.up_scale, cfg.down_scale = (_ptr("const void *", a) for a in (gate_scale, up_scale, down_scale))
     cfg.gate_zero, cfg.up_zero, cfg.down_zero = (_ptr("const uint8_t *", a) for a in (gate_zero, up_zero, down_zero))
     cfg.block_rows, cfg.block_cols, cfg.scale_dtype = block_rows, block_cols, scale_dtype
+    cfg.activation = activation
+    if swiglu_alpha is not None:  # else the library's defaults (gpt-oss's)
+        cfg.swiglu_alpha = swiglu_alpha
+    if swiglu_limit is not None:
+        cfg.swiglu_limit = swiglu_limit
+    cfg.gate_bias, cfg.up_bias, cfg.down_bias = (_ptr("const float *", a) for a in (gate_bias, up_bias, down_bias))
     out = _ffi.new("moe_sft_layer **")
     status = _lib.moe_sft_create(cfg, out)
     return status, (Layer(out[0]) if status == 0 else None)
@@ -327,6 +333,10 @@ def status_string(status):
 
 def weight_format_name(value):
     return _name(_lib.moe_sft_weight_format_name(_ffi.cast("moe_sft_weight_format", value)))
+
+
+def activation_name(value):
+    return _name(_lib.moe_sft_activation_name(_ffi.cast("moe_sft_activation", value)))
 
 
 def dtype_name(value):

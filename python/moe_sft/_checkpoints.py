@@ -12,6 +12,14 @@ Key layouts under ``{prefix}layers.{L}.`` (any prefix, e.g. ``model.`` or ``lang
   Mixtral      block_sparse_moe.experts.{e}.{w1,w3,w2}.weight      w1 gate, w3 up, w2 down
   fused        mlp.experts.gate_up_proj [E, 2I, H] (gate's I rows, then up's: transformers 5's
                ``gate, up = linear(x, gate_up_proj[e]).chunk(2, dim=-1)``), mlp.experts.down_proj [E, H, I]
+  gpt-oss      (config.json's model_type "gpt_oss", or keys with gpt-oss's suffixes) mlp.experts.gate_up_proj
+               [E, H, 2I] (transposed, gate and up interleaved: gate = columns 0::2), gate_up_proj_bias [E, 2I],
+               down_proj [E, I, H], down_proj_bias [E, H], as the dequantized (bf16) releases ship, or MXFP4 as the
+               original ships: gate_up_proj_blocks [E, 2I, H/32, 16] (rows interleaved) and _scales [E, 2I, H/32],
+               down_proj_blocks [E, H, I/32, 16] and _scales [E, H, I/32] (read as they are into MXFP4
+               QuantizedWeight, rows de-interleaved: no bf16 copy is ever made); the layer gets
+               the clamped SwiGLU with config.json's swiglu_limit (default 7.0) and swiglu_alpha (1.702, the
+               modeling code's) and the biases (moe_sft._activation has the layout)
 Shared experts (mlp.shared_experts / shared_expert) are not routed experts and are never read.
 
 dtypes: BF16 as is; F16 and F32 rounded to bf16 (round to nearest even); compressed-tensors pack-quantized int4
@@ -26,11 +34,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
 
+from ._activation import GPT_OSS_ALPHA, GPT_OSS_LIMIT, split_gate_up
 from ._arrays import bfloat16
 from ._errors import invalid
 from ._quantize import FP8, QuantizedWeight, block_size_for
@@ -43,7 +52,8 @@ SINGLE_NAME = "model.safetensors"
 _FLOAT_CODES = ("BF16", "F16", "F32")
 _PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 _EXPERT_KEY = re.compile(r"^(?P<block>mlp|block_sparse_moe)\.experts\.(?:(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|"
-                         r"down_proj|w1|w3|w2)\.(?P<field>\w+)|(?P<fused>gate_up_proj|down_proj)(?:\.weight)?)$")
+                         r"down_proj|w1|w3|w2)\.(?P<field>\w+)|(?P<fused>(?:gate_up_proj|down_proj)"
+                         r"(?P<suffix>_bias|_blocks|_scales)?)(?:\.weight)?)$")
 _ANY_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -67,6 +77,7 @@ class ExpertWeights:
     source_dtype: str
     expert_ids: tuple = None     # the checkpoint's ids of the experts held, in order (None: all of them)
     total_experts: int = None    # the layer's routed experts in the checkpoint (= experts when all are held)
+    model_kwargs: dict = field(default_factory=dict)  # MoESFT arguments the model fixes (gpt-oss's activation, biases)
 
     def __post_init__(self):
         if self.total_experts is None:
@@ -74,17 +85,20 @@ class ExpertWeights:
 
     def __repr__(self):
         held = f"{self.experts} of {self.total_experts}" if self.expert_ids is not None else f"{self.experts}"
+        activation = f", activation={self.model_kwargs['activation']!r}" if self.model_kwargs else ""
         return (f"ExpertWeights(layer_idx={self.layer_idx}, weight_format={self.weight_format!r}, experts="
                 f"{held}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
-                f"layout={self.layout!r}, source_dtype={self.source_dtype!r})")
+                f"layout={self.layout!r}, source_dtype={self.source_dtype!r}{activation})")
 
     def create_layer(self, cls=None, **layer_kwargs):
-        """A MoESFT (or ``cls``) on these weights; layer_kwargs are MoESFT's (lora_rank, lora_alpha, ...)."""
+        """A MoESFT (or ``cls``) on these weights; layer_kwargs are MoESFT's (lora_rank, lora_alpha, ...), over the
+        model's own ``model_kwargs`` (gpt-oss: activation, swiglu_alpha, swiglu_limit and the biases)."""
         if cls is None:
             from ._layer import MoESFT as cls
+        kwargs = {**self.model_kwargs, **layer_kwargs}
         if self.weight_format == "bf16":
-            return cls(self.gate_proj, self.up_proj, self.down_proj, **layer_kwargs)
-        return cls.from_quantized(self.gate_proj, self.up_proj, self.down_proj, **layer_kwargs)
+            return cls(self.gate_proj, self.up_proj, self.down_proj, **kwargs)
+        return cls.from_quantized(self.gate_proj, self.up_proj, self.down_proj, **kwargs)
 
 
 class _Checkpoint:
@@ -186,7 +200,9 @@ def load_experts(checkpoint_dir, layer_idx, experts=None):
     if fused and per_expert:
         raise invalid(f"layer {L} of {where} mixes fused ({_some(sorted(fused.values()))}) and per-expert "
                       f"({_some(sorted(k for v in per_expert.values() for k in v.values()))}) expert tensors")
-    if fused:
+    if fused and (config.get("model_type") == "gpt_oss" or any(m["suffix"] for _, m in entries)):
+        result = _load_gpt_oss(ckpt, L, base, fused, config, experts)
+    elif fused:
         result = _load_fused(ckpt, L, base, fused, experts)
     else:
         layout = "mixtral" if block == "block_sparse_moe" else "per_expert"
@@ -212,10 +228,10 @@ def _selection(experts, E, L):
     return sel.tolist()
 
 
-def _weights(L, weight_format, gate, up, down, sel, E, H, I, layout, source):
+def _weights(L, weight_format, gate, up, down, sel, E, H, I, layout, source, model_kwargs=None):
     held = len(sel)
     return ExpertWeights(L, weight_format, gate, up, down, held, H, I, layout, source,
-                         None if isinstance(sel, range) else tuple(sel), E)
+                         None if isinstance(sel, range) else tuple(sel), E, model_kwargs or {})
 
 
 def _some(keys, n=12):
@@ -230,7 +246,8 @@ def _check_config(config, w, where):
                 raise invalid(f"config.json has {name} = {value} but layer {w.layer_idx} of {where} has "
                               f"{w.total_experts} routed experts")
             break
-    for name, have in (("hidden_size", w.hidden_size), ("moe_intermediate_size", w.intermediate_size)):
+    intermediate = "intermediate_size" if w.layout == "gpt_oss" else "moe_intermediate_size"
+    for name, have in (("hidden_size", w.hidden_size), (intermediate, w.intermediate_size)):
         value = config.get(name)
         if isinstance(value, int) and value > 0 and value != have:
             raise invalid(f"config.json has {name} = {value} but layer {w.layer_idx}'s experts in {where} have {have}")
@@ -246,10 +263,7 @@ def _float_code(ckpt, key):
 
 
 def _load_fused(ckpt, L, base, fused, experts):
-    for name in ("gate_up_proj", "down_proj"):
-        if name not in fused:
-            have = next(iter(fused.values()))
-            raise invalid(f"layer {L} of {ckpt.source} has {have} {list(ckpt.shape(have))} but lacks {base}{name}")
+    _require(ckpt, L, base, fused, ("gate_up_proj", "down_proj"))
     gu_key, dn_key = fused["gate_up_proj"], fused["down_proj"]
     gu, dn = ckpt.shape(gu_key), ckpt.shape(dn_key)
     if len(gu) != 3 or len(dn) != 3 or gu[1] % 2 or dn[0] != gu[0] or dn[1] != gu[2] or 2 * dn[2] != gu[1]:
@@ -265,6 +279,100 @@ def _load_fused(ckpt, L, base, fused, experts):
         fg.copy_into(gu_key, up[i], (e, slice(I, 2 * I)))
         fd.copy_into(dn_key, down[i], e)
     return _weights(L, "bf16", gate, up, down, sel, E, H, I, "fused", "/".join(sorted(codes)))
+
+
+def _require(ckpt, L, base, fused, names):
+    for name in names:
+        if name not in fused:
+            have = next(iter(fused.values()))
+            raise invalid(f"layer {L} of {ckpt.source} has {have} {list(ckpt.shape(have))} but lacks {base}{name}")
+
+
+def _gpt_oss_activation(config):
+    """MoESFT's activation arguments for a gpt-oss config.json."""
+    return {"activation": "swiglu_clamped", "swiglu_alpha": config.get("swiglu_alpha", GPT_OSS_ALPHA),
+            "swiglu_limit": config.get("swiglu_limit", GPT_OSS_LIMIT)}
+
+
+def _load_gpt_oss(ckpt, L, base, fused, config, experts):
+    mxfp4 = "gate_up_proj_blocks" in fused or "down_proj_blocks" in fused
+    weight_names = (("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales") if mxfp4
+                    else ("gate_up_proj", "down_proj"))
+    _require(ckpt, L, base, fused, weight_names + ("gate_up_proj_bias", "down_proj_bias"))
+    E, H, I = (_gpt_oss_mxfp4_dims if mxfp4 else _gpt_oss_bf16_dims)(ckpt, *(fused[n] for n in weight_names))
+    sel = _selection(experts, E, L)
+    gate, up, down = (_gpt_oss_mxfp4 if mxfp4 else _gpt_oss_bf16)(ckpt, sel, E, H, I, *(fused[n] for n in weight_names))
+    gub_key, dnb_key = fused["gate_up_proj_bias"], fused["down_proj_bias"]
+    for key, want in ((gub_key, (E, 2 * I)), (dnb_key, (E, H))):
+        if tuple(ckpt.shape(key)) != want:
+            raise invalid(f"{key} has shape {list(ckpt.shape(key))}; expected {list(want)} (gpt-oss's layout, E, H "
+                          f"and I from {fused[weight_names[0]]})")
+        _float_code(ckpt, key)
+    gate_up_bias, down_bias = np.empty((len(sel), 2 * I), np.float32), np.empty((len(sel), H), np.float32)
+    for i, e in enumerate(sel):
+        ckpt.file(gub_key).copy_into(gub_key, gate_up_bias[i], e)
+        ckpt.file(dnb_key).copy_into(dnb_key, down_bias[i], e)
+    gate_bias, up_bias = split_gate_up(gate_up_bias)
+    model = {**_gpt_oss_activation(config), "gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
+    source = "mxfp4" if mxfp4 else "/".join(sorted({_float_code(ckpt, fused[n]) for n in weight_names}))
+    return _weights(L, "mxfp4" if mxfp4 else "bf16", gate, up, down, sel, E, H, I, "gpt_oss", source, model)
+
+
+def _gpt_oss_bf16_dims(ckpt, gu_key, dn_key):
+    """E, H, I of gpt-oss's gate_up_proj [E, H, 2I] (interleaved) and down_proj [E, I, H], checked."""
+    gu = ckpt.shape(gu_key)
+    if len(gu) != 3 or gu[2] % 2:
+        raise invalid(f"{gu_key} has shape {list(gu)}; expected gpt-oss's [E, H, 2I] (gate and up interleaved)")
+    E, H, I = gu[0], gu[1], gu[2] // 2
+    if tuple(ckpt.shape(dn_key)) != (E, I, H):
+        raise invalid(f"{dn_key} has shape {list(ckpt.shape(dn_key))}; expected {[E, I, H]} (gpt-oss's layout, E, "
+                      f"H and I from {gu_key} {list(gu)})")
+    _float_code(ckpt, gu_key), _float_code(ckpt, dn_key)
+    return E, H, I
+
+
+def _gpt_oss_bf16(ckpt, sel, E, H, I, gu_key, dn_key):
+    """The bf16 gate, up [n, I, H], down [n, H, I] of the experts ``sel``, de-interleaved and transposed while
+    they are copied."""
+    gate, up, down = (np.empty(s, bfloat16) for s in ((len(sel), I, H), (len(sel), I, H), (len(sel), H, I)))
+    fg, fd = ckpt.file(gu_key), ckpt.file(dn_key)
+    for i, e in enumerate(sel):  # written through transposed views: [H, I] of the checkpoint into [I, H]
+        fg.copy_into(gu_key, gate[i].T, (e, slice(None), slice(0, None, 2)))
+        fg.copy_into(gu_key, up[i].T, (e, slice(None), slice(1, None, 2)))
+        fd.copy_into(dn_key, down[i].T, e)
+    return gate, up, down
+
+
+def _gpt_oss_mxfp4_dims(ckpt, gu_blocks, gu_scales, dn_blocks, dn_scales):
+    """E, H, I of gpt-oss's MXFP4 *_blocks [E, N, K/32, 16] and *_scales [E, N, K/32], checked."""
+    gb = ckpt.shape(gu_blocks)
+    if len(gb) != 4 or gb[1] % 2 or gb[3] != 16:
+        raise invalid(f"{gu_blocks} has shape {list(gb)}; expected gpt-oss's MXFP4 [E, 2I, H/32, 16]")
+    E, I, H = gb[0], gb[1] // 2, gb[2] * 32
+    want = {gu_scales: (E, 2 * I, H // 32), dn_blocks: (E, H, I // 32, 16), dn_scales: (E, H, I // 32)}
+    for key in (gu_blocks,) + tuple(want):
+        if ckpt.code(key) != "U8":
+            raise invalid(f"{key} has dtype {ckpt.code(key)}; expected U8 (MXFP4 nibbles and e8m0 scales)")
+    for key, shape in want.items():
+        if tuple(ckpt.shape(key)) != shape:
+            raise invalid(f"{key} has shape {list(ckpt.shape(key))}; expected {list(shape)} (E, H and I from "
+                          f"{gu_blocks} {list(gb)})")
+    return E, H, I
+
+
+def _gpt_oss_mxfp4(ckpt, sel, E, H, I, gu_blocks, gu_scales, dn_blocks, dn_scales):
+    """The MXFP4 QuantizedWeight of gate, up and down of the experts ``sel`` (rows are outputs: gate_up_proj's
+    interleave gate and up), the rows de-interleaved while the bytes are copied: no weight is ever dequantized."""
+    out = []
+    for blocks, scales, rows, N, K in ((gu_blocks, gu_scales, slice(0, None, 2), I, H),
+                                       (gu_blocks, gu_scales, slice(1, None, 2), I, H),
+                                       (dn_blocks, dn_scales, slice(None), H, I)):
+        weights, scale = np.empty((len(sel), N, K // 2), np.uint8), np.empty((len(sel), N, K // 32), np.uint8)
+        for i, e in enumerate(sel):
+            ckpt.file(blocks).copy_into(blocks, weights[i].reshape(N, K // 32, 16), (e, rows))
+            ckpt.file(scales).copy_into(scales, scale[i], (e, rows))
+        out.append(QuantizedWeight("mxfp4", 32, weights, scale, None))
+    return tuple(out)
 
 
 def _expert_count(ckpt, L, base, names, per_expert, field):

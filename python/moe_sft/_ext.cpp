@@ -38,6 +38,7 @@ using Bf16Out = Array<uint16_t, nb::ndim<2>>;
 using LoraIn = Weights3;  // float32, or bf16 as uint16 bits
 using LoraGrad = Array<float, nb::ndim<3>>;
 using AnyOut = nb::ndarray<nb::c_contig, nb::device::cpu>;
+using BiasIn = Array<const float, nb::ndim<2>>;
 
 // An empty array reaches the library as NULL, as a C caller with nothing to pass would send it.
 template <class A>
@@ -77,7 +78,10 @@ std::pair<int, nb::object> create(int32_t experts, int32_t hidden, int32_t inter
                                   std::optional<AnyIn> down_scale, std::optional<Array<const uint8_t>> gate_zero,
                                   std::optional<Array<const uint8_t>> up_zero,
                                   std::optional<Array<const uint8_t>> down_zero, int32_t block_rows,
-                                  int32_t block_cols, moe_sft_dtype scale_dtype) {
+                                  int32_t block_cols, moe_sft_dtype scale_dtype, moe_sft_activation activation,
+                                  std::optional<float> swiglu_alpha, std::optional<float> swiglu_limit,
+                                  std::optional<BiasIn> gate_bias, std::optional<BiasIn> up_bias,
+                                  std::optional<BiasIn> down_bias) {
   moe_sft_config cfg;
   moe_sft_config_init(&cfg);
   cfg.expert_num = experts;
@@ -104,6 +108,12 @@ std::pair<int, nb::object> create(int32_t experts, int32_t hidden, int32_t inter
   cfg.block_rows = block_rows;
   cfg.block_cols = block_cols;
   cfg.scale_dtype = scale_dtype;
+  cfg.activation = activation;
+  if (swiglu_alpha) cfg.swiglu_alpha = *swiglu_alpha;  // else the library's defaults (gpt-oss's)
+  if (swiglu_limit) cfg.swiglu_limit = *swiglu_limit;
+  cfg.gate_bias = static_cast<const float*>(data(gate_bias));
+  cfg.up_bias = static_cast<const float*>(data(up_bias));
+  cfg.down_bias = static_cast<const float*>(data(down_bias));
   moe_sft_layer* handle = nullptr;
   moe_sft_status status;
   {
@@ -423,6 +433,9 @@ NB_MODULE(_moe_sft_ext, m) {
       .value("INT4_K2", MOE_SFT_WEIGHT_INT4_K2)
       .value("FP8_E4M3_BLOCK", MOE_SFT_WEIGHT_FP8_E4M3_BLOCK)
       .value("MXFP4", MOE_SFT_WEIGHT_MXFP4);
+  nb::enum_<moe_sft_activation>(m, "Activation", nb::is_arithmetic())
+      .value("SILU", MOE_SFT_ACTIVATION_SILU)
+      .value("SWIGLU_CLAMPED", MOE_SFT_ACTIVATION_SWIGLU_CLAMPED);
   nb::enum_<moe_sft_scoring>(m, "Scoring", nb::is_arithmetic())
       .value("SOFTMAX", MOE_SFT_SCORING_SOFTMAX)
       .value("SIGMOID", MOE_SFT_SCORING_SIGMOID);
@@ -456,7 +469,10 @@ NB_MODULE(_moe_sft_ext, m) {
         optional_array("up_scale") = nb::none(), optional_array("down_scale") = nb::none(),
         optional_array("gate_zero") = nb::none(), optional_array("up_zero") = nb::none(),
         optional_array("down_zero") = nb::none(), nb::arg("block_rows") = 0, nb::arg("block_cols") = 0,
-        nb::arg("scale_dtype") = MOE_SFT_DTYPE_F32);
+        nb::arg("scale_dtype") = MOE_SFT_DTYPE_F32, nb::arg("activation") = MOE_SFT_ACTIVATION_SILU,
+        nb::arg("swiglu_alpha").none() = nb::none(), nb::arg("swiglu_limit").none() = nb::none(),
+        optional_array("gate_bias") = nb::none(), optional_array("up_bias") = nb::none(),
+        optional_array("down_bias") = nb::none());
   m.def("destroy", &destroy, nb::arg("layer"));
   m.def("update_lora", &update_lora, nb::arg("layer"), optional_array("arrays"));
   m.def("forward", &forward, nb::arg("layer"), array("expert_ids"), array("routing_weights"), array("input"),
@@ -498,6 +514,8 @@ NB_MODULE(_moe_sft_ext, m) {
   m.def("weight_format_name",
         [](int value) { return name_or_none(moe_sft_weight_format_name(moe_sft_weight_format(value))); });
   m.def("dtype_name", [](int value) { return name_or_none(moe_sft_dtype_name(moe_sft_dtype(value))); });
+  m.def("activation_name",
+        [](int value) { return name_or_none(moe_sft_activation_name(moe_sft_activation(value))); });
   m.def("scoring_name", [](int value) { return name_or_none(moe_sft_scoring_name(moe_sft_scoring(value))); });
   m.def("last_error", [] { return std::string(moe_sft_last_error()); });
   m.def("version", [] { return moe_sft_version(); });

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _backend, _quantize
+from . import _activation, _backend, _quantize
 from ._arrays import _as_bf16, _as_f32, _bits, _check, _check_shape, _expert_ids, _out_array, bfloat16
 from ._errors import CacheEmptyError, invalid
 
@@ -52,26 +52,36 @@ class MoESFT:
     gpt-oss MXFP4 checkpoints) go to MoESFT.from_quantized.
 
     check_finite: stop at the first NaN/Inf with an error naming the stage, tensor, position and value
-    (None: on when the environment has MOE_SFT_CHECK_FINITE=1). Base weights are checked here, once.
+    (None: on when the environment has MOE_SFT_CHECK_FINITE=1). Base weights and biases are checked here, once.
+
+    activation: "silu" (h = silu(g)·u, default) or "swiglu_clamped" (gpt-oss's: gate = min(g, limit), up =
+    clamp(u, -limit, limit), h = (up + 1)·gate·sigmoid(alpha·gate), with swiglu_alpha (default 1.702) and
+    swiglu_limit (default 7.0)). gate_bias, up_bias [E, I] and down_bias [E, H]: optional frozen biases added to
+    g, u and the expert output y (before the routing weight multiplies it), copied at create as float32. gpt-oss's
+    own layout (interleaved, transposed) goes to MoESFT.from_gpt_oss.
 
     The shape and format attributes (expert_num, hidden_size, intermediate_size, lora_rank, lora_alpha,
-    max_cache_depth, tp_count, weight_format, group_size) are fixed at create and read-only. A layer owns
-    memory in the library: it cannot be copied or pickled (make another from the same weights).
+    max_cache_depth, tp_count, weight_format, group_size, activation, swiglu_alpha, swiglu_limit) are fixed at
+    create and read-only. A layer owns memory in the library: it cannot be copied or pickled (make another from
+    the same weights).
     """
 
     _READ_ONLY = ("expert_num", "hidden_size", "intermediate_size", "lora_rank", "lora_alpha", "max_cache_depth",
-                  "tp_count", "weight_format", "group_size")
+                  "tp_count", "weight_format", "group_size", "activation", "swiglu_alpha", "swiglu_limit")
 
     def __init__(self, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
                  num_threads=None, tp_count=1, check_finite=None, weight_format="bf16", group_size=None,
-                 scale_dtype=None):
+                 scale_dtype=None, activation="silu", swiglu_alpha=None, swiglu_limit=None, gate_bias=None,
+                 up_bias=None, down_bias=None):
         self._layer = None  # set first: __del__ runs even when create fails
         self._create(_quantize.from_bf16(gate_proj, up_proj, down_proj, weight_format, group_size, scale_dtype),
-                     lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite)
+                     lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite,
+                     _activation.activation(activation, swiglu_alpha, swiglu_limit), (gate_bias, up_bias, down_bias))
 
     @classmethod
     def from_quantized(cls, gate_proj, up_proj, down_proj, *, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
-                       num_threads=None, tp_count=1, check_finite=None):
+                       num_threads=None, tp_count=1, check_finite=None, activation="silu", swiglu_alpha=None,
+                       swiglu_limit=None, gate_bias=None, up_bias=None, down_bias=None):
         """A layer on pre-quantized base weights: three QuantizedWeight (from moe_sft.quantize, or built from a
         checkpoint, e.g. Kimi-K2's weight_packed / weight_scale as QuantizedWeight("int4_k2", 32, packed,
         scale, None)) of one format and group size, for gate_proj, up_proj [E, I, H] and down_proj [E, H, I].
@@ -79,8 +89,32 @@ class MoESFT:
         layer = cls.__new__(cls)
         object.__setattr__(layer, "_layer", None)
         layer._create(_quantize.prequantized(gate_proj, up_proj, down_proj), lora_rank, lora_alpha, max_cache_depth,
-                      num_threads, tp_count, check_finite)
+                      num_threads, tp_count, check_finite,
+                      _activation.activation(activation, swiglu_alpha, swiglu_limit), (gate_bias, up_bias, down_bias))
         return layer
+
+    @classmethod
+    def from_gpt_oss(cls, gate_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None, *,
+                     swiglu_alpha=_activation.GPT_OSS_ALPHA, swiglu_limit=_activation.GPT_OSS_LIMIT, **layer_kwargs):
+        """A layer on gpt-oss's experts as transformers' GptOssExperts holds them: gate_up_proj [E, H, 2I] (gate
+        and up interleaved: gate = columns 0::2, up = 1::2), down_proj [E, I, H], gate_up_proj_bias [E, 2I],
+        down_proj_bias [E, H] (bf16 or float arrays), with the clamped SwiGLU (swiglu_alpha, swiglu_limit: the
+        model config's). The projections are de-interleaved and transposed into one bf16 copy of the layer's
+        weights (3·E·H·I·2 bytes beside the caller's arrays, freed after create) before the layer packs them.
+
+        MXFP4 as the original release ships it: gate_up_proj and down_proj as QuantizedWeight("mxfp4", 32, blocks,
+        scales, None) in the checkpoint's orientation (gate_up_proj_blocks [E, 2I, H/32, 16] or [E, 2I, H/2] with
+        interleaved rows, _scales [E, 2I, H/32]; down_proj_blocks [E, H, I/32, 16], _scales [E, H, I/32]): the rows
+        are de-interleaved in the quantized bytes and the layer stores MXFP4; nothing is dequantized.
+
+        layer_kwargs are MoESFT's (lora_rank, weight_format, tp_count, ...); LoRA arrays are the library's (gate
+        and up separate, on the de-interleaved halves; moe_sft.save_adapter(..., gpt_oss=True) writes PEFT's
+        form)."""
+        arrays, quantized = _activation.gpt_oss_arrays(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
+        make = cls.from_quantized if quantized else cls
+        return make(arrays.pop("gate_proj"), arrays.pop("up_proj"), arrays.pop("down_proj"),
+                    activation="swiglu_clamped", swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+                    **arrays, **layer_kwargs)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir, layer_idx, **layer_kwargs):
@@ -89,7 +123,8 @@ class MoESFT:
         from ._checkpoints import load_experts
         return load_experts(checkpoint_dir, layer_idx).create_layer(cls, **layer_kwargs)
 
-    def _create(self, base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite):
+    def _create(self, base, lora_rank, lora_alpha, max_cache_depth, num_threads, tp_count, check_finite, act,
+                bias_arrays):
         def integer(value, name):
             try:
                 return operator.index(value)
@@ -100,7 +135,9 @@ class MoESFT:
                       lora_rank=integer(lora_rank, "lora_rank"), lora_alpha=float(lora_alpha),
                       max_cache_depth=integer(max_cache_depth, "max_cache_depth"),
                       tp_count=integer(tp_count, "tp_count"), weight_format=base.weight_format,
-                      group_size=base.group_size)
+                      group_size=base.group_size, activation=act.name, swiglu_alpha=act.alpha,
+                      swiglu_limit=act.limit)
+        bias_kwargs = _activation.biases(*bias_arrays, base.experts, base.hidden, base.intermediate)
         set_ = object.__setattr__
         set_(self, "_fields", fields)
         set_(self, "_lora", None)  # the bound LoRA arrays, by name (the backend's Layer keeps them alive)
@@ -115,7 +152,7 @@ class MoESFT:
             fields["max_cache_depth"], 0 if num_threads is None else integer(num_threads, "num_threads"),
             fields["tp_count"], None if check_finite is None else bool(check_finite),
             _quantize.format_code(base.weight_format), base.config_group_size(), base.prequantized, **base.arrays(),
-            **base.block_fields())
+            **base.block_fields(), **act.create_kwargs(), **bias_kwargs)
         _check(status)
         set_(self, "_layer", layer)
 
@@ -142,6 +179,9 @@ class MoESFT:
     weight_format = property(lambda self: self._fields["weight_format"], doc="how the base weights are stored")
     group_size = property(lambda self: self._fields["group_size"],
                           doc="elements along K per scale (0: none); fp8_e4m3_block's block (rows, columns)")
+    activation = property(lambda self: self._fields["activation"], doc="'silu' or 'swiglu_clamped'")
+    swiglu_alpha = property(lambda self: self._fields["swiglu_alpha"], doc="swiglu_clamped's alpha (None for silu)")
+    swiglu_limit = property(lambda self: self._fields["swiglu_limit"], doc="swiglu_clamped's limit (None for silu)")
 
     # ---- not copyable ----
 
@@ -186,6 +226,9 @@ class MoESFT:
                  f"lora_alpha={f['lora_alpha']}", f"weight_format={f['weight_format']!r}"]
         if f["group_size"]:
             parts.append(f"group_size={f['group_size']}")
+        if f["activation"] != "silu":
+            parts.append(f"activation={f['activation']!r}, swiglu_alpha={f['swiglu_alpha']}, "
+                         f"swiglu_limit={f['swiglu_limit']}")
         parts.append(f"tp_count={f['tp_count']}")
         if self._layer is None:
             return f"MoESFT({', '.join(parts)}, closed)"
