@@ -412,6 +412,28 @@ def test_gpt_oss_checkpoint(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_gpt_oss_checkpoint_expert_selection(tmp_path):
+    """load_experts(experts=...) on a gpt-oss checkpoint (bf16 and MXFP4) holds exactly those experts, biases
+    included, in the order asked: the same arrays as the whole layer's rows."""
+    directory = write_gpt_oss_checkpoint(tmp_path / "bf16", clamped_problem(seed=29))
+    _, tensors, _ = mxfp4_gpt_oss()
+    mx = tmp_path / "mxfp4"
+    mx.mkdir()
+    (mx / "config.json").write_text('{"model_type": "gpt_oss"}')
+    moe_sft.save_safetensors(mx / "model.safetensors", {f"model.layers.1.mlp.experts.{k}": v for k, v in tensors.items()})
+    for path in (directory, mx):
+        whole = moe_sft.load_experts(path, 1)
+        sel = [whole.experts - 1, 0]
+        part = moe_sft.load_experts(path, 1, experts=sel)
+        assert (part.experts, part.total_experts, part.expert_ids) == (2, whole.experts, tuple(sel))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w, p_ = getattr(whole, name), getattr(part, name)
+            for a, b in (zip(w[2:4], p_[2:4]) if part.weight_format == "mxfp4" else [(w, p_)]):
+                assert np.array_equal(np.asarray(a)[sel], b)
+        for name in ("gate_bias", "up_bias", "down_bias"):
+            assert np.array_equal(whole.model_kwargs[name][sel], part.model_kwargs[name])
+
+
 @pytest.mark.parametrize("drop, replace, match", [
     (("mlp.experts.down_proj_bias",), None, r"lacks model\.layers\.1\.mlp\.experts\.down_proj_bias"),
     ((), {"mlp.experts.gate_up_proj_bias": np.zeros((E, I), R.bf16)},
