@@ -347,12 +347,12 @@ def test_bad_adapters_name_key_and_shapes_and_load_nothing(tmp_path):
         assert torch.equal(p, before[n]), n
 
 
-def test_misuse():
+def test_misuse(tmp_path):
     model = base_model("qwen3_moe")
     with pytest.raises(moe_sft.InvalidArgumentError, match="projections"):
         mh.add_lora(copy.deepcopy(model), R, ALPHA, projections=("gate", "gate"))
     with pytest.raises(moe_sft.InvalidArgumentError, match="add_lora"):
-        mh.save_adapter(copy.deepcopy(model), "unused")
+        mh.save_adapter(copy.deepcopy(model), str(tmp_path / "a"))
     params = mh.add_lora(model, R, ALPHA, projections=("down",))
     assert sorted(n.rsplit(".", 2)[-2:][0] for n in params) == ["down_proj"] * 4
     with pytest.raises(moe_sft.InvalidArgumentError, match="already packed"):
@@ -360,7 +360,7 @@ def test_misuse():
     separate = copy.deepcopy(base_model("qwen3_moe"))
     mh.add_lora(separate, R, ALPHA)  # gate and up with an A each: PEFT's fused layout cannot hold them
     with pytest.raises(moe_sft.InvalidArgumentError, match="gate_a and up_a differ"):
-        mh.save_adapter(separate, "unused", layout="fused")
+        mh.save_adapter(separate, str(tmp_path / "b"), layout="fused")
 
 
 def test_import_moe_sft_loads_no_torch():
