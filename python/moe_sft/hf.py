@@ -27,6 +27,7 @@ apply ``peft.get_peft_model`` first, then add_lora (PEFT freezes every parameter
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 
@@ -203,7 +204,7 @@ def add_lora(model, r, alpha, projections=("gate", "up", "down"), weight_format=
         if _SUBMODULE in module._modules:
             raise invalid(f"{name} is already packed for moe_sft (lora_rank {module._modules[_SUBMODULE].layer.lora_rank}); "
                           "add_lora must come before the first forward through moe_sft and be called once")
-    _set_implementation(model)
+    _set_implementation(model, modules)
     lora = dict(lora_rank=r, lora_alpha=alpha, weight_format=weight_format, lora_dtype=lora_dtype, init=init,
                 seed=seed, projections=projections, **layer_kwargs)
     params = {}
@@ -219,13 +220,64 @@ def add_lora(model, r, alpha, projections=("gate", "up", "down"), weight_format=
         for field, p in wrapper.lora_state().items():
             if isinstance(p, nn.Parameter) and not (shared_gate_up_a and field in ("gate_a", "up_a")):
                 params[_peft_name(path, field)] = p
+    _drop_unused_checkpoint_pages(model)
     return params
 
 
-def _set_implementation(model):
+def _drop_unused_checkpoint_pages(model):
+    """Transformers maps the safetensors files and keeps the tensors that need no conversion as views of that
+    map; the experts' pages, read once to build gate_up_proj / down_proj, stay in the resident set after those
+    copies are packed and freed. In every mapped ``*.safetensors`` file holding a tensor of ``model``, drops the
+    pages no tensor of ``model`` uses (MADV_DONTNEED: a private file page never written is simply read from the
+    file again if ever touched).
+    Linux only; elsewhere the pages stay (clean file pages the kernel reclaims under memory pressure)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = [line.split() for line in f]
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise, page = libc.madvise, os.sysconf("SC_PAGE_SIZE")
+    except (OSError, AttributeError, ValueError):
+        return
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    live = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            live.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    live.sort()
+    def drop(lo, hi):  # rounded inward: a page shared with a live tensor stays
+        lo, hi = -(-lo // page) * page, hi // page * page
+        if hi > lo:
+            madvise(lo, hi - lo, _MADV_DONTNEED)
+
+    for fields in maps:
+        if len(fields) < 6 or not fields[5].endswith(".safetensors"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if not any(start <= lo < end for lo, _ in live):
+            continue  # not this model's map (another model's pages, possibly written in place, are left alone)
+        cursor = start
+        for lo, hi in live:
+            if hi <= cursor:
+                continue
+            if lo >= end:
+                break
+            drop(cursor, lo)
+            cursor = hi
+        drop(cursor, end)
+
+
+_MADV_DONTNEED = 4  # linux/mman.h
+
+
+def _set_implementation(model, modules):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config._experts_implementation != IMPLEMENTATION:
-        base.set_experts_implementation(IMPLEMENTATION)
+    if hasattr(base, "set_experts_implementation"):  # a PreTrainedModel: its sub-models follow
+        if base.config._experts_implementation != IMPLEMENTATION:
+            base.set_experts_implementation(IMPLEMENTATION)
+        return
+    for module in modules.values():  # experts modules inside a plain nn.Module
+        module.config._experts_implementation = IMPLEMENTATION
 
 
 def _wrappers(model):
