@@ -363,6 +363,16 @@ def test_misuse(tmp_path):
         mh.save_adapter(separate, str(tmp_path / "b"), layout="fused")
 
 
+def test_finetune_example(tmp_path):
+    """examples/finetune_hf.py, shortened: the loss falls, the adapter is written and PEFT reloads it."""
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "finetune_hf.py")
+    run = subprocess.run([sys.executable, example, "--steps", "16", "--batch", "4", "--length", "32",
+                          "--out", str(tmp_path / "adapter")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "PEFT on the plain model" in run.stdout and "load_adapter: identical" in run.stdout
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
 def test_import_moe_sft_loads_no_torch():
     code = "import sys, moe_sft; sys.exit(any(m in sys.modules for m in ('torch', 'transformers', 'peft', 'moe_sft.hf')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
