@@ -29,6 +29,11 @@ def test_readme_has_the_examples():
 
 @pytest.mark.parametrize("index", [pytest.param(i, id=f"block{i}") for i in range(len(PYTHON))])
 def test_python_block(index, monkeypatch, tmp_path, capsys):
+    # blocks using an optional package skip cleanly without it
+    for package, install in (("torch", "pip install torch==2.13.0"), ("transformers", "pip install 'moe_sft[hf]'"),
+                             ("peft", "pip install 'moe_sft[hf]'")):
+        if re.search(rf"^(?:import|from) .*\b{package}\b", PYTHON[index], re.MULTILINE):
+            pytest.importorskip(package, reason=f"{package} is not installed ({install})")
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     monkeypatch.delenv("MOE_SFT_ISA", raising=False)
     code = compile(PYTHON[index], f"README.md python block {index}", "exec")

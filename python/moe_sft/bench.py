@@ -451,6 +451,82 @@ def bench_adamw(name, shape, reps, budget, threads, out=print, torch=None):
     return rows
 
 
+def bench_torch_module(name, shape, tokens, reps, budget, threads, out=print):
+    """What moe_sft.torch adds to the layer, two ways. (1) A/B: forward + backward of MoEExperts through autograd
+    (bf16 hidden states and f32 routing weights requiring grad, f32 LoRA Parameters whose grads torch stores into
+    fresh .grad tensors, as after optimizer.zero_grad()) against layer.forward(save_for_backward=True) +
+    layer.backward into reused Grads, on one layer (the module's Parameters bound) and the same batches, runs
+    alternating so that both see the same machine. (2) The module's time outside the layer's forward and
+    backward calls (timed around them), which a busy machine disturbs far less than the difference of (1)."""
+    import torch
+
+    from . import torch as mt
+
+    class TimedLayer(MoESFT):
+        inside = 0.0  # seconds spent in forward and backward
+
+        def forward(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                self.inside += time.perf_counter() - t0
+
+        def backward(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().backward(*args, **kwargs)
+            finally:
+                self.inside += time.perf_counter() - t0
+
+    E, H, I, k, r = shape["E"], shape["H"], shape["I"], shape["k"], shape["r"]
+    p = Problem(**shape)
+    layer = TimedLayer(p.gate, p.up, p.down, lora_rank=r, lora_alpha=p.alpha, num_threads=threads)
+    module = mt.MoEExperts(layer, init=None)
+    with torch.no_grad():
+        for n, param in module.lora_state().items():
+            param.copy_(torch.from_numpy(p.lora[n]))
+    out(f"\n## moe_sft.torch over the raw layer, forward + backward, {name}: E={E} H={H} I={I} k={k} r={r}, "
+        f"kernels={layer.isa}, threads={threads}")
+    cols = ["T", "layer ms", "module ms", "A/B overhead", "module outside the layer ms", "outside / layer"]
+    out("| " + " | ".join(cols) + " |")
+    out("|" + "---|" * len(cols))
+    rows = []
+    for T in tokens:
+        grads = [None]
+
+        def raw(batch):
+            x, ids, w, go = batch
+            layer.forward(x, ids, w, save_for_backward=True)
+            grads[0] = layer.backward(go, out=grads[0])
+
+        def wrapped(batch):
+            x, ids, w, go = batch
+            module.zero_grad(set_to_none=True)
+            y = module(mt.as_tensor(x).requires_grad_(), torch.from_numpy(ids), torch.from_numpy(w).requires_grad_())
+            y.backward(mt.as_tensor(go))
+
+        times, outside = ([], []), []
+        start = time.perf_counter()
+        for i, batch in enumerate(p.batch(T) for _ in range(reps + 1)):  # the first run of each is a warm-up
+            for fn, ts in zip((raw, wrapped), times):
+                layer.inside = 0.0
+                t0 = time.perf_counter()
+                fn(batch)
+                ts.append(time.perf_counter() - t0)
+            outside.append(times[1][-1] - layer.inside)
+            if i > 0 and time.perf_counter() - start > 2 * budget:
+                break
+        t_raw, t_mod, t_out = (statistics.median(ts[1:]) for ts in (*times, outside))
+        row = dict(shape=name, T=T, layer_fwd_bwd_ms=1e3 * t_raw, module_fwd_bwd_ms=1e3 * t_mod,
+                   ab_overhead=t_mod / t_raw - 1, outside_ms=1e3 * t_out, outside_fraction=t_out / t_raw)
+        out(f"| {T} | {1e3 * t_raw:.1f} | {1e3 * t_mod:.1f} | {100 * row['ab_overhead']:+.1f}% | {1e3 * t_out:.2f} | "
+            f"{100 * row['outside_fraction']:.2f}% |")
+        rows.append(row)
+    layer.close()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m moe_sft bench", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -465,6 +541,10 @@ def main(argv=None):
     ap.add_argument("--format-tokens", nargs="+", type=int, default=[1, 1024])
     ap.add_argument("--adamw", choices=["yes", "no", "only"], default="yes",
                     help="time an AdamW step over the first shape's LoRA (only: nothing else)")
+    ap.add_argument("--torch-module", choices=["yes", "no", "only"], default="yes",
+                    help="moe_sft.torch's overhead over the raw layer on the first shape (needs torch; only: nothing "
+                         "else)")
+    ap.add_argument("--torch-module-tokens", nargs="+", type=int, default=[256])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-numpy", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write all results here")
@@ -490,10 +570,15 @@ def main(argv=None):
           "weights x2 / f+b time; xstream = fwd time / time to stream the active experts once, and f+b time / "
           "twice, at the measured bandwidth; xC = C's time / ours (fwd/f+b)")
     results = dict(peaks=peaks, torch=getattr(contenders.get("torch"), "__version__", None), shapes={})
-    if args.adamw != "no":
+    if args.adamw != "no" and args.torch_module != "only":
         results["adamw"] = bench_adamw(args.shapes[0], SHAPES[args.shapes[0]], args.reps, args.budget, args.threads,
                                        torch=contenders.get("torch"))
-    if args.adamw == "only":
+    if args.torch_module != "no" and "torch" in contenders:
+        results["torch_module"] = bench_torch_module(args.shapes[0], SHAPES[args.shapes[0]], args.torch_module_tokens,
+                                                     args.reps, args.budget, args.threads)
+    elif args.torch_module == "only":
+        print("--torch-module only: torch is not installed (or --no-torch)")
+    if "only" in (args.adamw, args.torch_module):
         args.shapes, args.formats = [], []
     for name in args.shapes:
         results["shapes"][name] = bench_shape(name, SHAPES[name], args.tokens, args.reps, args.budget, contenders,

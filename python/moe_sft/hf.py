@@ -128,6 +128,8 @@ def _pack(module, name, lora):
         raise invalid(f"moe_sft cannot run {type(module).__name__} ({name}): {reason}")
     lora = dict(lora)
     mt_kwargs = {k: lora.pop(k) for k in ("lora_dtype", "init", "seed", "projections") if k in lora}
+    if not lora.get("lora_rank"):
+        mt_kwargs["projections"] = ()  # packed at first use, without adapters
     source = getattr(module, _CHECKPOINT_SOURCE, None)
     if source is not None:  # made by from_pretrained: the weights come from the checkpoint's files
         directory, L, weight_format = source
@@ -294,10 +296,12 @@ def _wrappers(model):
     return out
 
 
-def _lora_tensors(wrapper):
-    """The six LoRA tensors of a MoEExperts (parameters, and the zero buffers of untrained projections)."""
-    state = wrapper.lora_state()
-    return {n: state[n] if n in state else getattr(wrapper, n) for n in _adapters.LORA_NAMES}
+def _lora_arrays(wrapper):
+    """The six LoRA arrays of a MoEExperts as float32 numpy (zeros for the projections it does not train)."""
+    state, shapes = wrapper.lora_state(), wrapper.layer.lora_shapes()
+    with torch.no_grad():
+        return {n: state[n].detach().float().numpy() if n in state else np.zeros(shapes[n], np.float32)
+                for n in _adapters.LORA_NAMES}
 
 
 # ---- adapters ----
@@ -314,10 +318,7 @@ def save_adapter(model, directory, layout="per_expert"):
     if len(ranks) != 1:
         raise invalid(f"the experts modules have different LoRA ranks / alphas {sorted(ranks)}; a PEFT adapter has one")
     (r, alpha), = ranks
-    layers = {}
-    for L, (_, wrapper) in wrappers.items():
-        with torch.no_grad():
-            layers[L] = {n: t.detach().float().numpy() for n, t in _lora_tensors(wrapper).items()}
+    layers = {L: _lora_arrays(wrapper) for L, (_, wrapper) in wrappers.items()}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _adapters.save_adapter(directory, layers, r, alpha, layout=layout,
                                   base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None)
@@ -350,14 +351,18 @@ def load_adapter(model, directory):
         if not np.isclose(scale, adapter.scaling, rtol=1e-6):
             raise invalid(f"{directory}: the adapter's scaling (lora_alpha / r) is {adapter.scaling} but {name}'s is "
                           f"{scale}: add_lora(model, r={adapter.rank}, alpha={adapter.scaling * adapter.rank}) matches it")
+        state = wrapper.lora_state()
         for field, shape in layer.lora_shapes().items():
             have = adapter.layers[L][field].shape
             if have != tuple(shape):
                 raise invalid(f"{weights}: {adapter.keys[L][field]} has shape {list(adapter.key_shapes[L][field])} but "
                               f"{name} needs {list(adapter.file_shape(field, shape))}")
+            if field not in state and np.any(adapter.layers[L][field]):
+                raise invalid(f"{weights}: {adapter.keys[L][field]} is nonzero but {name} has no {field} (add_lora's "
+                              f"projections were {wrapper.projections}): the adapter would be applied only in part")
     with torch.no_grad():
         for L, (_, wrapper) in wrappers.items():
-            for field, t in _lora_tensors(wrapper).items():
+            for field, t in wrapper.lora_state().items():
                 t.copy_(torch.from_numpy(adapter.layers[L][field]))
     return adapter
 
