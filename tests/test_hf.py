@@ -1,7 +1,12 @@
 """moe_sft.hf against the real Transformers and PEFT: tiny random models of every family whose experts
 Transformers 5 fuses, compared in float32 with Transformers' own "eager" experts carrying PEFT's LoRA
 (target_parameters on mlp.experts.gate_up_proj / down_proj). moe_sft computes in bf16, so values agree to bf16
-rounding (the bounds below are a few bf16 ulps of the tensors' scale)."""
+rounding (the bounds below are a few bf16 ulps of the tensors' scale).
+
+A token whose router sees two experts almost tied can pick another expert when the hidden state differs by
+that rounding (a discontinuity, not an error): the tests comparing grads use models with one routed layer,
+whose router input is computed identically by both sides, and the checks of models with two routed layers
+bound the logits per token, allowing a few tokens to route differently."""
 import copy
 import os
 import subprocess
@@ -24,39 +29,45 @@ _COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention
 _MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
 
 
-def make_config(family):
-    """A tiny config of each family: 8 experts, top-2, 2 layers; shared experts where the family has them."""
+def make_config(family, routed="all"):
+    """A tiny config of each family: 8 experts, top-2, 2 layers; shared experts where the family has them.
+    routed="one": a single routed-experts layer, fed by torch-only layers (one layer for Mixtral and OLMoE,
+    whose layers are all MoE)."""
     t = transformers
+    one = routed == "one"
     if family == "qwen2_moe":
         return t.Qwen2MoeConfig(**_COMMON, intermediate_size=96, moe_intermediate_size=48,
-                                shared_expert_intermediate_size=64, num_experts=E, num_experts_per_tok=2)
+                                shared_expert_intermediate_size=64, num_experts=E, num_experts_per_tok=2,
+                                mlp_only_layers=[1] if one else [])
     if family == "qwen3_moe":
         return t.Qwen3MoeConfig(**_COMMON, intermediate_size=96, moe_intermediate_size=48, num_experts=E,
-                                num_experts_per_tok=2)
+                                num_experts_per_tok=2, mlp_only_layers=[1] if one else [])
     if family == "deepseek_v2":
         return t.DeepseekV2Config(**_COMMON, **_MLA, intermediate_size=96, moe_intermediate_size=48,
                                   n_routed_experts=E, num_experts_per_tok=2, n_shared_experts=1,
-                                  first_k_dense_replace=0, q_lora_rank=None)
-    if family == "deepseek_v3":  # layer 0 dense, layer 1 MoE (sigmoid router with correction bias)
-        return t.DeepseekV3Config(**{**_COMMON, "num_hidden_layers": 3, "head_dim": 8}, **_MLA, intermediate_size=96,
-                                  moe_intermediate_size=48, n_routed_experts=E, num_experts_per_tok=2,
-                                  n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32)
+                                  first_k_dense_replace=int(one), q_lora_rank=None)
+    if family == "deepseek_v3":  # sigmoid router with correction bias; layer 0 dense
+        return t.DeepseekV3Config(**{**_COMMON, "num_hidden_layers": 2 if one else 3, "head_dim": 8}, **_MLA,
+                                  intermediate_size=96, moe_intermediate_size=48, n_routed_experts=E,
+                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32)
     if family == "mixtral":
-        return t.MixtralConfig(**_COMMON, intermediate_size=48, num_local_experts=E, num_experts_per_tok=2)
+        return t.MixtralConfig(**{**_COMMON, "num_hidden_layers": 1 if one else 2}, intermediate_size=48,
+                               num_local_experts=E, num_experts_per_tok=2)
     if family == "olmoe":
-        return t.OlmoeConfig(**_COMMON, intermediate_size=48, num_experts=E, num_experts_per_tok=2)
+        return t.OlmoeConfig(**{**_COMMON, "num_hidden_layers": 1 if one else 2}, intermediate_size=48,
+                             num_experts=E, num_experts_per_tok=2)
     if family == "glm4_moe":
         return t.Glm4MoeConfig(**_COMMON, intermediate_size=96, moe_intermediate_size=48, n_routed_experts=E,
-                               num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0)
+                               num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=int(one))
     raise AssertionError(family)
 
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "glm4_moe"]
 
 
-def base_model(family, seed=0):
+def base_model(family, routed="all", seed=0):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(make_config(family), experts_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(make_config(family, routed), experts_implementation="eager")
     with torch.no_grad():  # O(1) activations through the experts (their init is tiny) and a non-trivial router
         for name, p in model.named_parameters():
             if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
@@ -97,6 +108,13 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_logits_close(got, want, routing_flips=0):
+    """Every token's logits within 2e-2 of the largest logit, but for at most ``routing_flips`` tokens."""
+    per_token = (got - want).abs().amax(-1).flatten()
+    bad = int((per_token > 2e-2 * want.abs().max()).sum())
+    assert bad <= routing_flips, f"{bad} of {per_token.numel()} tokens differ; worst {per_token.max().item():.3g}"
+
+
 def peft_grads(pm, module_name):
     """The grads of PEFT's fused LoRA of ``module_name`` as moe_sft's six [E, ...] arrays."""
     p = dict(pm.named_parameters())
@@ -117,7 +135,7 @@ def _router_weights(model):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_eager_with_peft(family, tmp_path):
     """Logits, loss, the grads of every LoRA matrix, of the input embeddings and of the router weights."""
-    model = base_model(family)
+    model = base_model(family, "one")
     ref = peft_reference(copy.deepcopy(model), tmp_path)
     ours, params = moe_sft_model(model, tmp_path)
     ids = batch()
@@ -130,8 +148,7 @@ def test_matches_eager_with_peft(family, tmp_path):
         out.loss.backward()
         outs.append((out, emb))
     (r_out, r_emb), (o_out, o_emb) = outs
-    scale = r_out.logits.abs().max().item()
-    assert (o_out.logits - r_out.logits).abs().max().item() <= 2e-2 * scale
+    assert_logits_close(o_out.logits, r_out.logits)
     assert abs(o_out.loss.item() - r_out.loss.item()) <= 5e-3 * r_out.loss.item()
     assert rel(o_emb.grad, r_emb.grad) < 3e-2
     routers_ref, routers_ours = _router_weights(ref), _router_weights(ours)
@@ -164,15 +181,14 @@ def test_saved_adapter_loads_in_peft(layout, tmp_path):
     ids = batch(1)
     with torch.no_grad():
         want, got, before = loaded(ids).logits, ours(ids).logits, ref(ids).logits
-    scale = want.abs().max().item()
-    assert (got - want).abs().max().item() <= 2e-2 * scale
-    assert (before - want).abs().max().item() > 0.1 * scale  # the perturbation is visible: the check is not vacuous
+    assert_logits_close(got, want, routing_flips=2)
+    assert (before - want).abs().max().item() > 0.1 * want.abs().max().item()  # the perturbation is visible: the check is not vacuous
 
 
 def test_adamw_30_steps_track_peft(tmp_path):
     """30 torch.optim.AdamW steps on PEFT's fused LoRA and on moe_sft's (gate and up sharing one A, as PEFT's
     gate_up_proj does): the loss curves agree."""
-    model = base_model("qwen3_moe")
+    model = base_model("qwen3_moe", "one")
     ref = peft_reference(copy.deepcopy(model), tmp_path).train()
     ours, params = moe_sft_model(model, tmp_path, shared_gate_up_a=True)
     ours.train()
@@ -211,7 +227,7 @@ def test_gradient_checkpointing_same_grads(tmp_path):
 def test_peft_attention_lora_beside_moe_sft(tmp_path):
     """PEFT LoRA on q_proj / v_proj and moe_sft LoRA on the experts in one model: the same logits and grads as
     PEFT doing both (experts through target_parameters on the eager experts)."""
-    model = base_model("qwen3_moe")
+    model = base_model("qwen3_moe", "one")
     ref = peft_reference(copy.deepcopy(model), tmp_path, attention=True)
     ours = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=R, lora_alpha=ALPHA,
                                                                      target_modules=["q_proj", "v_proj"]))
@@ -224,7 +240,7 @@ def test_peft_attention_lora_beside_moe_sft(tmp_path):
                 p.copy_(ref_params[n])
     ids = batch(3)
     l_ref, l_ours = ref(ids, labels=ids), ours(ids, labels=ids)
-    assert (l_ours.logits - l_ref.logits).abs().max() <= 2e-2 * l_ref.logits.abs().max()
+    assert_logits_close(l_ours.logits, l_ref.logits)
     l_ref.loss.backward()
     l_ours.loss.backward()
     ours_params = dict(ours.named_parameters())
@@ -243,7 +259,7 @@ def test_set_experts_implementation_packs_on_first_use():
         model.set_experts_implementation("moe_sft")
         assert model.config._experts_implementation == "moe_sft"
         got = model(ids).logits
-    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    assert_logits_close(got, want, routing_flips=2)
     for module in mh.experts_modules(model).values():
         assert module.moe_sft.layer.lora_rank == 0 and module.gate_up_proj.numel() == 0
     with pytest.raises(moe_sft.InvalidArgumentError, match="already packed.*before the first forward"):
@@ -268,7 +284,7 @@ def test_from_pretrained_experts_name(tmp_path):
         mh.load_adapter(m, str(tmp_path / "peft"))
         with torch.no_grad():
             got = m(ids).logits
-        assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+        assert_logits_close(got, want, routing_flips=2)
     # moe_sft.hf.from_pretrained never made torch tensors of the experts
     assert all(mod.gate_up_proj.numel() == 0 for mod in mh.experts_modules(direct).values())
 
@@ -289,7 +305,7 @@ def test_quantized_base_weights(tmp_path):
         assert all(m.moe_sft.layer.weight_format == fmt for m in mh.experts_modules(ours).values())
         with torch.no_grad():
             want, got = ref(ids).logits, ours(ids).logits
-        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), fmt
+        assert_logits_close(got, want, routing_flips=2)
 
 
 # ---- bad inputs ----
