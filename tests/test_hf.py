@@ -373,10 +373,31 @@ def test_misuse(tmp_path):
     assert sorted(n.rsplit(".", 2)[-2:][0] for n in params) == ["down_proj"] * 4
     with pytest.raises(moe_sft.InvalidArgumentError, match="already packed"):
         mh.add_lora(model, R, ALPHA)
+    wrapped = peft.get_peft_model(base_model("qwen3_moe"), peft.LoraConfig(r=R, target_parameters=TARGETS))
+    with pytest.raises(moe_sft.InvalidArgumentError, match="wrapped by PEFT's LoRA"):
+        mh.add_lora(wrapped, R, ALPHA)
     separate = copy.deepcopy(base_model("qwen3_moe"))
     mh.add_lora(separate, R, ALPHA)  # gate and up with an A each: PEFT's fused layout cannot hold them
     with pytest.raises(moe_sft.InvalidArgumentError, match="gate_a and up_a differ"):
         mh.save_adapter(separate, str(tmp_path / "b"), layout="fused")
+
+
+def test_replaced_lora_parameter_is_used(tmp_path):
+    """A LoRA Parameter replaced instead of updated in place is what the next forward uses, not the stale one."""
+    model = base_model("qwen3_moe", "one")
+    peft_reference(copy.deepcopy(model), tmp_path)
+    ours, _ = moe_sft_model(model, tmp_path)
+    wrapper = next(iter(mh.experts_modules(ours).values())).moe_sft
+    ids = batch(7)
+    with torch.no_grad():
+        before = ours(ids).logits
+        original = wrapper.down_b
+        wrapper.down_b = torch.nn.Parameter(original + 0.3 * torch.randn_like(original))
+        replaced = ours(ids).logits
+        new_values, wrapper.down_b = wrapper.down_b.detach().clone(), original
+        original.copy_(new_values)
+        in_place = ours(ids).logits
+    assert torch.equal(replaced, in_place) and not torch.equal(replaced, before)
 
 
 def test_finetune_example(tmp_path):

@@ -100,6 +100,10 @@ def experts_modules(model):
     for name, module in model.named_modules():
         if not _is_experts_module(module):
             continue
+        if name.endswith(".base_layer"):
+            raise invalid(f"{name} ({type(module).__name__}) is wrapped by PEFT's LoRA (target_parameters on the "
+                          "experts): give the experts their LoRA with moe_sft.hf.add_lora instead, and PEFT only the "
+                          "other modules")
         reason = _unsupported_reason(module)
         if reason is not None:
             raise invalid(f"moe_sft cannot run {type(module).__name__} ({name}): {reason}. moe_sft runs fused "
