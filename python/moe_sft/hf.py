@@ -46,9 +46,8 @@ __all__ = ["IMPLEMENTATION", "add_lora", "experts_modules", "from_pretrained", "
 
 IMPLEMENTATION = "moe_sft"
 _SUBMODULE = "moe_sft"  # the MoEExperts on an experts module, once packed
-_CHECKPOINT_SOURCE = "_moe_sft_checkpoint"  # (directory, layer index) on experts modules from_pretrained made
+_CHECKPOINT_SOURCE = "_moe_sft_checkpoint"  # (directory, layer index, weight_format): set by from_pretrained
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_PROJ_FIELDS = {"gate": ("gate_a", "gate_b"), "up": ("up_a", "up_b"), "down": ("down_a", "down_b")}
 
 
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -138,8 +137,14 @@ def _pack(module, name, lora):
     if source is not None:  # made by from_pretrained: the weights come from the checkpoint's files
         directory, L, weight_format = source
         weights = load_experts(directory, L)
-        if lora.get("weight_format") is None and weights.weight_format == "bf16":
-            lora["weight_format"] = weight_format
+        requested = lora.get("weight_format") or weight_format
+        if weights.weight_format == "bf16":
+            lora["weight_format"] = requested
+        elif requested not in ("bf16", weights.weight_format):
+            raise invalid(f"weight_format = {requested!r}, but {directory} holds layer {L}'s experts pre-quantized as "
+                          f"{weights.weight_format!r}, which the layer keeps as they are")
+        else:
+            lora.pop("weight_format", None)
         layer = weights.create_layer(**_layer_kwargs(lora))
         del weights
         wrapper = mt.MoEExperts(layer, **mt_kwargs)
@@ -147,10 +152,7 @@ def _pack(module, name, lora):
         gate_up, down = module.gate_up_proj, module.down_proj
         if gate_up.numel() == 0:
             raise invalid(f"{name}'s base weights were released when it was packed for moe_sft; they are gone")
-        if gate_up.device.type != "cpu" or down.device.type != "cpu":
-            raise invalid(f"{name}'s expert weights are on {gate_up.device}; moe_sft packs them from CPU memory "
-                          "(keep the experts on the CPU, e.g. device_map with the experts on 'cpu')")
-        I = gate_up.shape[1] // 2
+        I = gate_up.shape[1] // 2  # weights on another device are copied to the CPU one projection at a time
         with torch.no_grad():
             wrapper = mt.MoEExperts.from_weights(gate_up[:, :I], gate_up[:, I:], down, **mt_kwargs,
                                                  **_layer_kwargs(lora))
@@ -168,9 +170,8 @@ def _layer_kwargs(lora):
 def _release(module):
     """Replaces the experts' big Parameters by empty ones (same dtype and device): the packed layer is the only copy."""
     for pname in ("gate_up_proj", "down_proj"):
-        old = getattr(module, pname, None)
-        dtype = old.dtype if isinstance(old, torch.Tensor) else torch.bfloat16
-        setattr(module, pname, nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False))
+        old = getattr(module, pname)
+        setattr(module, pname, nn.Parameter(torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False))
 
 
 # ---- LoRA ----
@@ -200,7 +201,7 @@ def add_lora(model, r, alpha, projections=("gate", "up", "down"), weight_format=
     module's docstring), ready for any torch optimizer. Call it before the first forward through moe_sft: a
     layer packed without LoRA cannot get it later (its torch weights are gone)."""
     projections = tuple(projections)
-    bad = [p for p in projections if p not in _PROJ_FIELDS]
+    bad = [p for p in projections if p not in mt.PROJECTIONS]
     if bad or not projections or len(set(projections)) != len(projections):
         raise invalid(f"projections = {projections!r}; expected distinct names among 'gate', 'up', 'down'")
     if shared_gate_up_a and not {"gate", "up"} <= set(projections):
@@ -220,7 +221,7 @@ def add_lora(model, r, alpha, projections=("gate", "up", "down"), weight_format=
         path = _model_path(name)
         if shared_gate_up_a:
             with torch.no_grad():
-                wrapper.gate_a.copy_(wrapper.up_a)  # one init; a Parameter of two names is stepped once
+                wrapper.gate_a.copy_(wrapper.up_a)  # gate and up start from one A
             wrapper.up_a = wrapper.gate_a
             params[f"{path}.gate_up_proj.lora_A"] = wrapper.gate_a
         for field, p in wrapper.lora_state().items():
@@ -248,9 +249,10 @@ def _drop_unused_checkpoint_pages(model):
     live = []
     for t in list(model.parameters()) + list(model.buffers()):
         storage = t.untyped_storage()
-        if storage.nbytes():
+        if storage.nbytes() and t.device.type == "cpu":
             live.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
     live.sort()
+
     def drop(lo, hi):  # rounded inward: a page shared with a live tensor stays
         lo, hi = -(-lo // page) * page, hi // page * page
         if hi > lo:
