@@ -114,6 +114,7 @@ def main(argv=None):
             if implementation is not None:
                 reference_config._experts_implementation = implementation
             results[(name, T)] = timed(fn, args.reps, T, seed=T)
+            print(f"  T={T} {name}: {results[(name, T)]:.1f} ms", flush=True)
     print("| T | moe_sft (HF) ms | raw layer ms | overhead | grouped_mm + PEFT ms | x | eager + PEFT ms | x |")
     print("|---|---|---|---|---|---|---|---|")
     for T in args.tokens:

@@ -287,6 +287,9 @@ def test_from_pretrained_experts_name(tmp_path):
         assert_logits_close(got, want, routing_flips=2)
     # moe_sft.hf.from_pretrained never made torch tensors of the experts
     assert all(mod.gate_up_proj.numel() == 0 for mod in mh.experts_modules(direct).values())
+    quantized = mh.from_pretrained(str(tmp_path / "ckpt"), weight_format="int8")
+    mh.add_lora(quantized, R, ALPHA)
+    assert {m.moe_sft.layer.weight_format for m in mh.experts_modules(quantized).values()} == {"int8"}
 
 
 def test_quantized_base_weights(tmp_path):
