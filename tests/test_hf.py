@@ -359,6 +359,13 @@ def test_bad_adapters_name_key_and_shapes_and_load_nothing(tmp_path):
     with pytest.raises(moe_sft.InvalidArgumentError, match=r"layers\.2\.mlp\.experts\.base_layer\.lora_A\.weight is for "
                                                            r"layer 2, which has no moe_sft experts"):
         mh.load_adapter(ours, three_layers)
+    shapes = {"gate_a": (4, R, 64), "gate_b": (4, 48, R), "up_a": (4, R, 64), "up_b": (4, 48, R),
+              "down_a": (4, R, 48), "down_b": (4, 64, R)}
+    four_experts = moe_sft.save_adapter(str(tmp_path / "e4"), {L: {n: np.ones(s, np.float32) for n, s in
+                                                                   shapes.items()} for L in (0, 1)}, R, ALPHA)
+    with pytest.raises(moe_sft.InvalidArgumentError, match=r"layer 0 has LoRA for 4 experts \(base_model\.model\.model"
+                                                           r"\.layers\.0\.mlp\.experts\.0\.gate_proj\.lora_A\.weight.* has 8"):
+        mh.load_adapter(ours, four_experts)
     one_layer = _adapter_from(None, tmp_path, "one", layers=1)
     with pytest.raises(moe_sft.InvalidArgumentError, match=r"no routed-expert LoRA for layer 1"):
         mh.load_adapter(ours, one_layer)

@@ -358,6 +358,10 @@ def load_adapter(model, directory):
             raise invalid(f"{directory}: the adapter's scaling (lora_alpha / r) is {adapter.scaling} but {name}'s is "
                           f"{scale}: add_lora(model, r={adapter.rank}, alpha={adapter.scaling * adapter.rank}) matches it")
         state = wrapper.lora_state()
+        experts = adapter.layers[L]["gate_a"].shape[0]
+        if adapter.layout == "per_expert" and experts != layer.expert_num:
+            raise invalid(f"{weights}: layer {L} has LoRA for {experts} experts ({adapter.keys[L]['gate_a']} and the "
+                          f"other experts' keys) but {name} has {layer.expert_num} experts")
         for field, shape in layer.lora_shapes().items():
             have = adapter.layers[L][field].shape
             if have != tuple(shape):
