@@ -33,6 +33,7 @@ import re
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
@@ -411,8 +412,6 @@ def from_pretrained(path, weight_format="bf16", *, auto_class=None, **hf_kwargs)
     ``weight_format`` ("bf16", "int8", "int4_awq") when add_lora is called, or at the first forward (without
     LoRA) if it is not; until then nothing of them is resident. The model runs with experts_implementation
     "moe_sft" (other implementations cannot run it: it has no torch expert weights)."""
-    import transformers
-
     auto_class = auto_class or transformers.AutoModelForCausalLM
     directory = os.fspath(path)
     if not os.path.isdir(directory):
