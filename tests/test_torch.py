@@ -26,6 +26,16 @@ E, H, I, K, RANK, T = 8, 64, 48, 2, 4, 24
 LORA_TOL = 1e-2  # aggregate mean|a-b|/mean|b| of bf16 compute against float64, as conftest's bf16 bound
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The eager reference runs many tiny products: torch's thread team only contends with the library's pool
+    there (10x slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def problem(lora_dtype=np.float32, seed=0, T=T, **kwargs):
     return R.make_problem(E, H, I, K, T, RANK, lora_dtype=lora_dtype, seed=seed, **kwargs)
 
@@ -196,6 +206,26 @@ def test_projections_subset():
     assert rel(x.grad, torch.from_numpy(ref["input"])) < LORA_TOL
 
 
+
+def test_untrained_projections_cost_no_memory_per_layer():
+    """Projections without Parameters read zeros and have their grads written to scratch: both shared by the
+    layers of a model (a model of N layers trained on "down" only must not keep N sets of scratch resident)."""
+    import tracemalloc
+    problems = [R.make_problem(E, H, I, K, T, 32, seed=s) for s in range(4)]  # rank 32: scratch >> bookkeeping
+    layers = [module(p, projections=("down",)) for p in problems]
+    x, ids, w = inputs(problems[0])
+    scratch = 4 * sum(np.prod(s) for n, s in layers[0].layer.lora_shapes().items() if not n.startswith("down"))
+    tracemalloc.start()
+    try:
+        layers[0](x, ids, w).sum().backward()
+        first = tracemalloc.get_traced_memory()[0]
+        for m in layers[1:]:
+            m(x, ids, w).sum().backward()
+        more = tracemalloc.get_traced_memory()[0] - first
+    finally:
+        tracemalloc.stop()
+    assert more < scratch / 2, (more, scratch)
+
 def test_no_lora_runs_the_base_layer():
     p = problem()
     m = module(p, projections=())
@@ -206,6 +236,51 @@ def test_no_lora_runs_the_base_layer():
     out.sum().backward()
     assert x.grad is not None and w.grad is not None
 
+
+def test_output_is_an_ordinary_tensor():
+    """bf16 on the CPU: the output is the layer's own array, no copy, and may be modified in place (a MoE block
+    adds the shared experts into it)."""
+    p = problem()
+    m = module(p)
+    x, ids, w = inputs(p, torch.bfloat16)
+    out = m(x, ids, w)
+    assert out.dtype == torch.bfloat16 and not out._is_view()
+    out += 1.0
+    out.float().sum().backward()
+    assert m.layer.cache_depth == 0 and x.grad is not None
+
+
+
+def test_torch_compile_runs_the_layer_outside_the_graph():
+    """torch.compile on a model holding the module: dynamo leaves the layer's call out of its graph (it cannot
+    trace numpy views), and outputs and grads are the eager ones."""
+    p = problem()
+    results = []
+    for compiled in (False, True):
+        m = module(p)
+        x, ids, w = inputs(p)
+        f = torch.compile(m, backend="eager", fullgraph=False) if compiled else m
+        (f(x, ids, w) ** 2).sum().backward()
+        results.append(grads_of(m, x, w))
+        assert m.layer.cache_depth == 0
+    for name, g in results[0].items():
+        assert torch.equal(g, results[1][name]), name
+
+
+def test_default_device_elsewhere():
+    """A GPU user's torch.set_default_device("cuda") (here "meta", which no CPU code can read) changes nothing:
+    the module makes its Parameters, saved-forward tokens and grads on the CPU, where the layer reads them."""
+    p = problem()
+    ref = module(p)
+    x, ids, w = inputs(p)
+    (ref(x, ids, w) ** 2).sum().backward()
+    with torch.device("meta"):
+        m = module(p)
+        assert all(q.device.type == "cpu" for q in m.parameters())
+        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        (m(x2, ids, w2) ** 2).sum().backward()
+    for name, g in grads_of(ref, x, w).items():
+        assert torch.equal(g, grads_of(m, x2, w2)[name]), name
 
 # ---- what gets saved, and when --------------------------------------------------------------------------------------
 
@@ -289,6 +364,33 @@ def test_graph_dropped_without_backward_leaves_nothing():
     assert m.layer.cache_depth == 1
     a.backward()
     assert m.layer.cache_depth == 0
+    # a graph dropped while a call (here: this block) holds the layer: dropped as soon as the call ends
+    loss = m(x, ids, w).sum()
+    with mt._state(m.layer).locked():
+        del loss
+        assert m.layer.cache_depth == 1
+    assert m.layer.cache_depth == 0
+
+
+def test_graph_dropped_during_a_direct_call_on_the_layer_does_not_hang():
+    """A graph can die inside a call on the layer that holds its lock (a garbage collection running there, in the
+    same thread): its saved forward is then dropped at the next call here, instead of waiting for that lock."""
+    import threading
+    p = problem()
+    m = module(p)
+    x, ids, w = inputs(p)
+    loss = m(x, ids, w).sum()
+
+    def drop_inside_a_layer_call():
+        nonlocal loss
+        with m.layer._lock:
+            del loss
+    thread = threading.Thread(target=drop_inside_a_layer_call, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "deadlock: the dying token waited for the layer's lock held by its own thread"
+    m(x, ids, w).sum().backward()
+    assert m.layer.cache_depth == 0
 
 
 def test_backwards_in_another_order_and_retained_graph():
@@ -305,7 +407,8 @@ def test_backwards_in_another_order_and_retained_graph():
     (ref2(x2, ids2, w2) ** 2).sum().backward()
     m = module(p, max_cache_depth=2)
     l1, l2 = (m(x1, ids1, w1) ** 2).sum(), (m(x2, ids2, w2) ** 2).sum()
-    l1.backward()  # below l2's saved forward: recomputed
+    with pytest.warns(RuntimeWarning, match="cache is full"):  # below l2's saved forward: recomputed, which
+        l1.backward()                                               # needs a slot: l2's is dropped (recomputed too)
     g1 = grads(m)
     m.zero_grad()
     l2.backward(retain_graph=True)
@@ -317,10 +420,11 @@ def test_backwards_in_another_order_and_retained_graph():
     assert m.layer.cache_depth == 0
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("calls", [1, 2])
-def test_checkpoint_gives_the_same_grads(calls):
-    """torch.utils.checkpoint (non-reentrant) around one or two calls of the module: nothing stays saved after the
-    forward, and the grads equal those without checkpointing."""
+def test_checkpoint_gives_the_same_grads(calls, use_reentrant):
+    """torch.utils.checkpoint around one or two calls of the module: nothing stays saved after the forward, and
+    the grads equal those without checkpointing."""
     p = problem()
     x0, ids, w0 = inputs(p)
 
@@ -333,7 +437,7 @@ def test_checkpoint_gives_the_same_grads(calls):
     for use_checkpoint in (False, True):
         m = module(p, max_cache_depth=2)
         x, w = x0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
-        out = checkpoint(block, m, x, w, use_reentrant=False) if use_checkpoint else block(m, x, w)
+        out = checkpoint(block, m, x, w, use_reentrant=use_reentrant) if use_checkpoint else block(m, x, w)
         assert m.layer.cache_depth == (0 if use_checkpoint else calls)
         (out ** 2).sum().backward()
         assert m.layer.cache_depth == 0
@@ -356,12 +460,13 @@ def test_checkpointed_layers_in_a_model():
             h = checkpoint(f, h, use_reentrant=False) if use_checkpoint else f(h)
         for m in (m1, m2):
             m.zero_grad()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # m1 twice with a cache of 1: recomputed
-            (h ** 2).sum().backward()
+        (h ** 2).sum().backward()
         return [x.grad] + [q.grad.clone() for m in (m1, m2) for q in m.parameters()]
 
-    for a, b in zip(run(False), run(True)):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # m1 twice with a cache of 1: recomputed
+        without = run(False)
+    for a, b in zip(without, run(True)):
         assert torch.equal(a, b)
     assert m1.layer.cache_depth == m2.layer.cache_depth == 0
 
@@ -565,4 +670,10 @@ def test_as_numpy_and_as_tensor_share_memory():
 
 def test_import_moe_sft_does_not_import_torch():
     code = "import sys, moe_sft; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_import_moe_sft_torch_does_not_import_dynamo():
+    """torch.compile support must not cost every user dynamo's import (seconds)."""
+    code = "import sys, moe_sft.torch; sys.exit('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

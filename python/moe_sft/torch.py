@@ -110,7 +110,7 @@ def as_tensor(array):
 
 class _LayerState:
     """This module's bookkeeping for one MoESFT: which of the layer's saved forwards are whose, and which tensors
-    are bound. Every call on the layer from this module runs under ``lock``."""
+    are bound. Every call on the layer from this module runs under ``lock`` (see ``locked``)."""
 
     def __init__(self, layer):
         self.layer_ref = weakref.ref(layer)
@@ -119,8 +119,6 @@ class _LayerState:
         self.dead = set()  # serials whose token died: no backward will come for them
         self.next_serial = 1
         self.bound = None  # (signature of the bound tensors, the numpy arrays bound) or None
-        self.zero_arrays = {}  # (name, dtype) -> a zero array standing in for an adapter that is not given
-        self.grad_scratch = {}  # name -> f32 array the grads of those are written to (never read)
         self.warned_full = False
 
     # -- saved forwards --
@@ -148,6 +146,32 @@ class _LayerState:
         if self.dead:
             self.dead.intersection_update(self.stack)
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Holds the lock; after releasing it, drops what tokens that died meanwhile left (their finalizers could
+        not take the lock, see sweep_if_free)."""
+        try:
+            with self.lock:
+                yield
+        finally:
+            self.sweep_if_free()
+
+    def sweep_if_free(self):
+        """Discards the dead saved forwards on top of the cache, unless a call holds the lock: that call sweeps
+        when it releases it (a finalizer may run on any thread, at any point, even inside such a call). Nor while
+        a direct call holds the layer's own lock: it may be this thread's (a garbage collection inside it), which
+        would wait for itself; the next call here sweeps instead."""
+        layer = self.layer_ref()
+        if not self.dead or layer is None or layer._lock.locked() or not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.check_in_step(layer)
+            self.sweep(layer)
+        except MoESFTError:
+            pass  # a closed layer, or one also driven directly: its next call reports it
+        finally:
+            self.lock.release()
+
     def make_room(self, layer):
         """Discards the most recent saved forward(s) until one more fits (their backwards will recompute)."""
         if layer.max_cache_depth == 0:
@@ -163,14 +187,16 @@ class _LayerState:
                               "will recompute it. Make the layer with a larger max_cache_depth to run several "
                               "forwards before one backward without recomputing", RuntimeWarning, stacklevel=5)
 
-    def push(self):
+    def push(self, layer):
         """Records a forward just saved on the layer; returns its token (a tensor holding its serial) with a
-        finalizer that marks the saved forward dead when the token dies."""
+        finalizer that marks the saved forward dead when the token dies. The finalizer holds the layer: a graph
+        keeps its layer alive through the tokens it saved, so a graph already backpropagated (saved tensors
+        freed) does not (its node only has a weak reference), and the layer is freed with its module."""
         serial = self.next_serial
         self.next_serial += 1
         self.stack.append(serial)
-        token = torch.tensor([serial], dtype=torch.int64)
-        weakref.finalize(token, _token_died, self, serial).atexit = False
+        token = torch.tensor([serial], dtype=torch.int64, device="cpu")
+        weakref.finalize(token, _token_died, self, serial, layer).atexit = False
         return token
 
     # -- binding --
@@ -189,40 +215,45 @@ class _LayerState:
                 current[n] is a for n, a in self.bound[1].items()):
             return
         dtype = _check_lora(layer, lora)
-        arrays = {name: self.zeros(name, shape, dtype) if lora.get(name) is None else as_numpy(lora[name], name)
+        arrays = {name: _zeros(name, shape, dtype) if lora.get(name) is None else as_numpy(lora[name], name)
                   for name, shape in layer.lora_shapes().items()}
         layer.update_lora(**arrays)
         self.bound = (signature, arrays)
 
-    def zeros(self, name, shape, dtype):
-        """A zero array for an adapter that is not given: np.zeros maps untouched pages, which the layer only
-        reads, so it costs address space, not memory."""
-        key = (name, dtype)
-        if key not in self.zero_arrays:
-            self.zero_arrays[key] = np.zeros(shape, bfloat16 if dtype == torch.bfloat16 else np.float32)
-        return self.zero_arrays[key]
 
-    def scratch_grad(self, name, shape):
-        if name not in self.grad_scratch:
-            self.grad_scratch[name] = np.empty(shape, np.float32)
-        return self.grad_scratch[name]
+# Adapters that are not given, and the grads nobody asked for, are shared by all layers of a shape: a model of many
+# layers trained on some projections only would otherwise keep one set of each per layer.
+# Keyed by name too: gate_a and up_a of one shape must stay distinct arrays (the same array bound as both is a
+# shared A to the layer; the same array as both grads would be written twice at once).
+_ZEROS = {}  # (name, shape, torch dtype) -> zero array standing in for an adapter that is not given
+_SCRATCH = threading.local()  # .arrays: (name, shape) -> f32 array unwanted LoRA grads are written to, never read
 
 
-def _token_died(state, serial):
-    """A saved forward's token died (its graph was dropped, or checkpointing packed it away): no backward will use
-    that saved forward. Dropped now when it is on top of the layer's cache and the layer is free, else by the
-    next call on the layer."""
+def _zeros(name, shape, dtype):
+    """A zero array for an adapter that is not given: np.zeros maps untouched pages, which the layers only read,
+    so it costs address space, not memory. Never written, so layers and threads can share it."""
+    key = (name, shape, dtype)
+    if key not in _ZEROS:
+        zeros = np.zeros(shape, bfloat16 if dtype == torch.bfloat16 else np.float32)
+        _ZEROS.setdefault(key, zeros)
+    return _ZEROS[key]
+
+
+def _scratch_grad(name, shape):
+    """An f32 array for LoRA grads the layer writes but nobody wants: one per name, shape and thread (a backward
+    writes it, and two threads may run backwards on two layers at once)."""
+    arrays = _SCRATCH.__dict__.setdefault("arrays", {})
+    key = (name, shape)
+    if key not in arrays:
+        arrays[key] = np.empty(shape, np.float32)
+    return arrays[key]
+
+
+def _token_died(state, serial, layer):  # noqa: ARG001 - layer: held until the token dies (see push)
+    """A saved forward's token died (its graph was dropped or backpropagated, or checkpointing packed it away): no
+    backward will use that saved forward."""
     state.dead.add(serial)
-    layer = state.layer_ref()
-    if layer is None or not state.lock.acquire(blocking=False):
-        return
-    try:
-        state.check_in_step(layer)
-        state.sweep(layer)
-    except MoESFTError:
-        pass  # a finalizer cannot raise; the closed or foreign-driven layer reports it at its next call
-    finally:
-        state.lock.release()
+    state.sweep_if_free()
 
 
 _STATES = weakref.WeakKeyDictionary()
@@ -336,7 +367,7 @@ def _in_torch_terms():
 def _run_forward(layer, inputs, lora, save):
     """The layer's output (numpy bf16) and, when saved, the token of the saved forward."""
     state = _state(layer)
-    with _in_torch_terms(), state.lock:
+    with _in_torch_terms(), state.locked():
         state.bind(layer, lora)
         if not save:
             return layer.forward(*inputs), None
@@ -344,15 +375,16 @@ def _run_forward(layer, inputs, lora, save):
         state.sweep(layer)
         state.make_room(layer)
         out = layer.forward(*inputs, save_for_backward=True)
-        return out, state.push()
+        return out, state.push(layer)
 
 
-def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, want_lora):
-    """Grads (torch tensors: input bf16, routing weights f32, the given LoRA tensors' f32) of the saved forward
-    ``serial``, recomputing that forward when it is not on top of the layer's cache."""
+def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, wanted):
+    """Grads (torch tensors: input bf16, routing weights f32, the LoRA tensors named in ``wanted`` f32; the layer
+    writes the others' to scratch) of the saved forward ``serial``, recomputing that forward when it is not on top
+    of the layer's cache."""
     state = _state(layer)
     go = as_numpy(grad_output.detach().to("cpu", torch.bfloat16).contiguous(), "grad_output")
-    with _in_torch_terms(), state.lock:
+    with _in_torch_terms(), state.locked():
         state.check_in_step(layer)
         state.sweep(layer)
         state.bind(layer, lora)
@@ -364,12 +396,13 @@ def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, wan
             state.make_room(layer)
             layer.forward(*recompute_inputs(), save_for_backward=True)
         T = go.shape[0]
-        gi = torch.empty((T, layer.hidden_size), dtype=torch.bfloat16)
-        gw = torch.empty((T, top_k), dtype=torch.float32)
+        gi = torch.empty((T, layer.hidden_size), dtype=torch.bfloat16, device="cpu")
+        gw = torch.empty((T, top_k), dtype=torch.float32, device="cpu")
         shapes = layer.lora_shapes()
-        lora_grads = {n: torch.empty(shapes[n], dtype=torch.float32) for n in lora} if want_lora else {}
+        lora_grads = {n: torch.empty(shapes[n], dtype=torch.float32, device="cpu") for n in wanted}
+        want_lora = bool(wanted)
         out = Grads(as_numpy(gi, "grad_input"), as_numpy(gw, "grad_routing_weights"),
-                    **{n: (as_numpy(lora_grads[n], n) if n in lora_grads else state.scratch_grad(n, shapes[n]))
+                    **{n: (as_numpy(lora_grads[n], n) if n in lora_grads else _scratch_grad(n, shapes[n]))
                        if want_lora else None for n in LORA_NAMES})
         try:
             layer.backward(go, out=out, lora_grads=want_lora)
@@ -377,8 +410,6 @@ def _run_backward(layer, serial, recompute_inputs, lora, grad_output, top_k, wan
             if layer.cache_depth > len(state.stack):  # a failed backward leaves its saved forward: drop it
                 layer.discard_saved(1)
             raise
-        finally:
-            state.sweep(layer)
     return gi, gw, lora_grads
 
 
@@ -389,7 +420,7 @@ class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, names, inputs, hidden_states, top_k_index, top_k_weights, *lora_tensors):
         out, token = _run_forward(layer, inputs, dict(zip(names, lora_tensors)), save=True)
-        ctx.layer, ctx.names = layer, names
+        ctx.layer_ref, ctx.names = weakref.ref(layer), names  # the token keeps the layer alive (see push)
         # The LoRA tensors are saved so that torch reports an in-place update between forward and backward, as it
         # does for any tensor a backward needs; the inputs, to recompute the forward when its saved one is gone.
         ctx.save_for_backward(hidden_states, top_k_index, top_k_weights, token, *lora_tensors)
@@ -400,12 +431,14 @@ class _ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         # Read first, without any lock: under checkpointing this runs the recomputing forward.
         hidden_states, top_k_index, top_k_weights, token, *lora_tensors = ctx.saved_tensors
+        layer = ctx.layer_ref()
+        if layer is None:  # only a token the layer's finalizer did not see, e.g. one copied by a saved-tensor hook
+            raise invalid("moe_sft.torch backward: the MoESFT layer of this forward was freed before its backward")
         lora = dict(zip(ctx.names, lora_tensors))
         need = dict(zip(("x", "w", *ctx.names), ctx.needs_input_grad[3:4] + ctx.needs_input_grad[5:]))
-        want_lora = any(need[n] for n in ctx.names)
         gi, gw, lora_grads = _run_backward(
-            ctx.layer, int(token.item()), lambda: _inputs(ctx.layer, hidden_states, top_k_index, top_k_weights), lora,
-            grad_output, top_k_index.shape[1], want_lora)
+            layer, int(token.item()), lambda: _inputs(layer, hidden_states, top_k_index, top_k_weights), lora,
+            grad_output, top_k_index.shape[1], [n for n in ctx.names if need[n]])
         return (None, None, None, _like(gi, hidden_states) if need["x"] else None, None,
                 _like(gw, top_k_weights) if need["w"] else None,
                 *(_like(lora_grads[n], lora[n]) if need[n] else None for n in ctx.names))
@@ -423,6 +456,9 @@ def experts_forward(layer, hidden_states, top_k_index, top_k_weights, lora=None)
     read zeros (that projection runs without an adapter); None or {} runs the base layer only. The same tensor
     may be given as gate_a and up_a (one A shared, as in PEFT's fused gate_up_proj): its grads add up.
     """
+    if torch.compiler.is_compiling():  # dynamo cannot trace numpy views: a graph break, the layer runs eagerly
+        # (disabled here, not by a decorator: torch.compiler.disable imports dynamo, seconds at import time)
+        return torch.compiler.disable(experts_forward)(layer, hidden_states, top_k_index, top_k_weights, lora)
     if not isinstance(layer, MoESFT):
         raise invalid(f"layer must be a moe_sft.MoESFT, got {type(layer).__name__}")
     lora = _lora_dict(lora)
@@ -473,9 +509,10 @@ class MoEExperts(torch.nn.Module):
         self._layer = layer
         self.projections = projections
         shapes = layer.lora_shapes()
-        for p in projections:
-            for name in (f"{p}_a", f"{p}_b"):
-                self.register_parameter(name, torch.nn.Parameter(torch.zeros(shapes[name], dtype=lora_dtype)))
+        for p in projections:  # device="cpu" here and wherever this module makes a tensor: whatever the default
+            for name in (f"{p}_a", f"{p}_b"):  # device (torch.set_default_device), the layer reads CPU memory
+                self.register_parameter(name, torch.nn.Parameter(torch.zeros(shapes[name], dtype=lora_dtype,
+                                                                             device="cpu")))
         self.reset_lora(init, seed)
 
     @classmethod
