@@ -3,6 +3,7 @@ namespace (README's blocks continue each other: the routing example uses the lay
 snippet built with README's own `cc ... $(python -m moe_sft --cflags --libs)` line and run, and exactly
 README's CMake snippet (find_package + target_link_libraries) configured against the installed package the
 way README says (-Dmoe_sft_DIR="$(python -m moe_sft --cmake-dir)")."""
+import gc
 import os
 import re
 import shlex
@@ -27,10 +28,22 @@ def test_readme_has_the_examples():
     assert len(PYTHON) >= 3 and len(blocks("c")) == 1 and len(blocks("cmake")) == 1
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_the_namespace():
+    """The blocks' objects go with this module's tests: a Transformers model holds its layers in reference
+    cycles, which would otherwise outlive the nanobind module at exit (and make it report leaks)."""
+    yield
+    NAMESPACE.clear()
+    gc.collect()
+
+
 @pytest.mark.parametrize("index", [pytest.param(i, id=f"block{i}") for i in range(len(PYTHON))])
 def test_python_block(index, monkeypatch, tmp_path, capsys):
-    if re.search(r"^(?:import|from) .*\btorch\b", PYTHON[index], re.MULTILINE):  # skips cleanly without torch
-        pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
+    # blocks using an optional package skip cleanly without it
+    for package, install in (("torch", "pip install torch==2.13.0"), ("transformers", "pip install 'moe_sft[hf]'"),
+                             ("peft", "pip install 'moe_sft[hf]'")):
+        if re.search(rf"^(?:import|from) .*\b{package}\b", PYTHON[index], re.MULTILINE):
+            pytest.importorskip(package, reason=f"{package} is not installed ({install})")
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     monkeypatch.delenv("MOE_SFT_ISA", raising=False)
     code = compile(PYTHON[index], f"README.md python block {index}", "exec")

@@ -71,8 +71,9 @@ class Adapter:
     stacked arrays, writeable, C-contiguous, float32 or bfloat16), ``rank`` and ``alpha`` (adapter_config.json's
     r and lora_alpha), ``use_rslora``, ``scaling`` (what multiplies B A x: alpha / r, or alpha / sqrt(r) with
     rsLoRA), ``layout`` ("per_expert" or "fused"; with "fused" gate_a and up_a are one array),
-    ``other_keys`` (adapter tensors that are not routed-expert LoRA, e.g. attention's: not loaded) and
-    ``config`` (the whole adapter_config.json)."""
+    ``other_keys`` (adapter tensors that are not routed-expert LoRA, e.g. attention's: not loaded),
+    ``config`` (the whole adapter_config.json), and for error messages ``keys`` {layer_idx: {gate_a, ...: the
+    file's key holding it (expert 0's with per_expert)}} and ``key_shapes`` (those tensors' shapes in the file)."""
 
     layers: dict
     rank: int
@@ -81,6 +82,8 @@ class Adapter:
     layout: str
     config: dict = field(repr=False)
     other_keys: list = field(default_factory=list, repr=False)
+    keys: dict = field(default_factory=dict, repr=False)
+    key_shapes: dict = field(default_factory=dict, repr=False)
 
     def __repr__(self):
         shapes = {L: {n: a.shape for n, a in arrays.items()} for L, arrays in sorted(self.layers.items())}
@@ -91,6 +94,16 @@ class Adapter:
     @property
     def scaling(self):
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def file_shape(self, name, shape):
+        """The shape this adapter's layout stores the library array ``name`` of shape [E, a, b] in (the tensor
+        named by ``keys``): per_expert [a, b]; fused A [E·a, b], B [out, b·E] with gate_up's out = 2a."""
+        E, a, b = shape
+        if self.layout == "per_expert":
+            return (a, b)
+        if name.endswith("_a"):
+            return (E * a, b)
+        return (2 * a if name in ("gate_b", "up_b") else a, b * E)
 
     @property
     def layer_kwargs(self):
@@ -308,18 +321,19 @@ def load_adapter(directory, dtype=None, layers=None, gpt_oss=False):
         codes = {f.code(k) for L in wanted for k in (per_expert.get(L) or fused[L]).values()}
         dtype = bfloat16 if codes == {"BF16"} else np.dtype(np.float32)
     dtype = np.dtype(dtype)
-    out = {}
+    out, names = {}, {}
     for L in wanted:
         if L in per_expert:
             if gpt_oss:
                 raise invalid(f"{weights_path}: gpt_oss=True, but layer {L} has per-expert LoRA "
                               f"({next(iter(per_expert[L].values()))}); PEFT adapts gpt-oss's experts with "
                               "target_parameters (fused keys) only")
-            out[L] = _load_per_expert(f, weights_path, L, per_expert[L], r, dtype)
+            out[L], names[L] = _load_per_expert(f, weights_path, L, per_expert[L], r, dtype)
         else:
-            out[L] = _load_fused(f, weights_path, L, fused[L], r, dtype, gpt_oss)
+            out[L], names[L] = _load_fused(f, weights_path, L, fused[L], r, dtype, gpt_oss)
     layout = "fused" if any(L in fused for L in wanted) else "per_expert"
-    return Adapter(out, r, alpha, use_rslora, layout, config, other)
+    shapes = {L: {n: tuple(f.shape(k)) for n, k in keys.items()} for L, keys in names.items()}
+    return Adapter(out, r, alpha, use_rslora, layout, config, other, names, shapes)
 
 
 def _read_config(path):
@@ -387,7 +401,7 @@ def _load_per_expert(f, path, L, keys, r, dtype):
             for e in range(E):
                 f.copy_into(keys[(e, proj, ab)], a[e])
             out[name] = a
-    return out
+    return out, {proj + "_" + ab.lower(): keys[(0, proj, ab)] for proj in ("gate", "up", "down") for ab in "AB"}
 
 
 def _load_fused(f, path, L, keys, r, dtype, gpt_oss):
@@ -431,9 +445,10 @@ def _load_fused(f, path, L, keys, r, dtype, gpt_oss):
     f.copy_into(dn[0], down_a.reshape(E * r, I))
     gate_up_b = _unfuse_b(f, gu[1], 2 * I, r, E, dtype)
     gate_rows, up_rows = _gate_up_rows(I, gpt_oss)
-    return {"gate_a": shared_a, "gate_b": np.ascontiguousarray(gate_up_b[:, gate_rows]), "up_a": shared_a,
-            "up_b": np.ascontiguousarray(gate_up_b[:, up_rows]), "down_a": down_a,
-            "down_b": _unfuse_b(f, dn[1], H, r, E, dtype)}
+    arrays = {"gate_a": shared_a, "gate_b": np.ascontiguousarray(gate_up_b[:, gate_rows]), "up_a": shared_a,
+              "up_b": np.ascontiguousarray(gate_up_b[:, up_rows]), "down_a": down_a,
+              "down_b": _unfuse_b(f, dn[1], H, r, E, dtype)}
+    return arrays, {"gate_a": gu[0], "gate_b": gu[1], "up_a": gu[0], "up_b": gu[1], "down_a": dn[0], "down_b": dn[1]}
 
 
 def _unfuse_b(f, key, out, r, E, dtype):
