@@ -44,7 +44,7 @@
 #include <stdint.h>
 
 #define MOE_SFT_VERSION_MAJOR 0
-#define MOE_SFT_VERSION_MINOR 3
+#define MOE_SFT_VERSION_MINOR 4
 #define MOE_SFT_VERSION_PATCH 0
 /* major * 10000 + minor * 100 + patch; compare with moe_sft_version() to detect a header/library mismatch */
 #define MOE_SFT_VERSION_NUMBER (MOE_SFT_VERSION_MAJOR * 10000 + MOE_SFT_VERSION_MINOR * 100 + MOE_SFT_VERSION_PATCH)
