@@ -231,7 +231,8 @@ def test_one_expert_with_few_rows(isa, shape, variant, rows):
                              weight_format=layer.weight_format)
 
 
-@pytest.mark.parametrize("weight_format, group_size", [("int8", None), ("int4_awq", 16)])
+@pytest.mark.parametrize("weight_format, group_size", [("int8", None), ("int4_awq", 16), ("fp8_e4m3_block", (32, 32)),
+                                                        ("fp8_e4m3_block", None), ("mxfp4", None)])
 def test_create_quantizes_as_quantize_does(weight_format, group_size):
     """From bf16 at create and from moe_sft.quantize's arrays: the same stored weights, the same results."""
     p = R.make_problem(3, 64, 96, 2, 10, 4, seed=31)

@@ -284,4 +284,4 @@ def test_enum_names():
     assert ffi.string(lib.moe_sft_scoring_name(lib.MOE_SFT_SCORING_SOFTMAX)) == b"softmax"
     assert ffi.string(lib.moe_sft_scoring_name(lib.MOE_SFT_SCORING_SIGMOID)) == b"sigmoid"
     assert lib.moe_sft_scoring_name(ffi.cast("moe_sft_scoring", 7)) == ffi.NULL
-    assert lib.moe_sft_version() == 300
+    assert lib.moe_sft_version() >= 300  # the version these entry points arrived in (the exact one: test_python_api)

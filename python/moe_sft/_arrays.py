@@ -76,6 +76,16 @@ def _expert_ids(expert_ids, T):
     return np.ascontiguousarray(ids, dtype=np.int64), ids.shape[1]
 
 
+def _forward_inputs(x, expert_ids, routing_weights, hidden_size):
+    """A forward's arguments checked and converted: (x as given, x as bf16 [T, H], int64 ids [T, k], f32 weights)."""
+    x_in = np.asarray(x)
+    xb = _as_bf16(x_in, "x")
+    if xb.ndim != 2 or xb.shape[1] != hidden_size:
+        raise invalid(f"x has shape {xb.shape}; expected [tokens, {hidden_size}]")
+    ids, k = _expert_ids(expert_ids, xb.shape[0])
+    return x_in, xb, ids, _as_f32(routing_weights, "routing_weights", (xb.shape[0], k))
+
+
 def _out_array(a, name, shape, dtype):
     """A caller-provided output: must already be exactly right, it is written in place."""
     if not isinstance(a, np.ndarray):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _activation, _backend, _quantize
-from ._arrays import _as_bf16, _as_f32, _bits, _check, _check_shape, _expert_ids, _out_array, bfloat16
+from ._arrays import _as_bf16, _bits, _check, _check_shape, _forward_inputs, _out_array, bfloat16
 from ._errors import CacheEmptyError, invalid
 
 _LORA_DTYPES = (bfloat16, np.dtype(np.float32))
@@ -310,13 +310,8 @@ class MoESFT:
         x: [T, H] bf16 or float; expert_ids: [T, k] int64/int32 with -1 for "no expert"; routing_weights [T, k].
         With save_for_backward, what backward needs is kept until backward (or discard_saved) takes it.
         """
-        x_in = np.asarray(x)
-        xb = _as_bf16(x_in, "x")
-        if xb.ndim != 2 or xb.shape[1] != self.hidden_size:
-            raise invalid(f"x has shape {xb.shape}; expected [tokens, {self.hidden_size}]")
-        T = xb.shape[0]
-        ids, k = _expert_ids(expert_ids, T)
-        w = _as_f32(routing_weights, "routing_weights", (T, k))
+        x_in, xb, ids, w = _forward_inputs(x, expert_ids, routing_weights, self.hidden_size)
+        T, k = ids.shape
         out = np.empty((T, self.hidden_size), dtype=bfloat16)
         with self._lock:
             _check(self._backend.forward(self._live(), ids, w, _bits(xb), _bits(out), bool(save_for_backward)))

@@ -23,7 +23,7 @@ import operator
 
 import numpy as np
 
-from ._arrays import _as_bf16, _as_f32, _expert_ids, _out_array, bfloat16
+from ._arrays import _as_bf16, _forward_inputs, _out_array, bfloat16
 from ._errors import CacheEmptyError, CacheFullError, invalid
 from ._exchange import plan_exchange
 from ._layer import Grads, MoESFT
@@ -190,13 +190,8 @@ class ExpertParallelMoE:
         comm, call = self._comm, "ExpertParallelMoE.forward"
         error = None
         try:
-            x_in = np.asarray(x)
-            xb = _as_bf16(x_in, "x")
-            if xb.ndim != 2 or xb.shape[1] != self.hidden_size:
-                raise invalid(f"x has shape {xb.shape}; expected [tokens, {self.hidden_size}]")
-            T = xb.shape[0]
-            ids, k = _expert_ids(expert_ids, T)
-            w = _as_f32(routing_weights, "routing_weights", (T, k))
+            x_in, xb, ids, w = _forward_inputs(x, expert_ids, routing_weights, self.hidden_size)
+            T, k = ids.shape
             if save_for_backward and len(self._saved) >= self._local.max_cache_depth:
                 raise CacheFullError(CacheFullError.status_name, f"{call}: {len(self._saved)} saved forwards "
                                      f"already (max_cache_depth); backward or discard_saved first")
