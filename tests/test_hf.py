@@ -415,6 +415,15 @@ def test_gpt_oss_adapter_loads_in_peft(tmp_path):
 
 # ---- bad inputs ----
 
+def test_unsupported_experts_class_is_named():
+    config = make_config("qwen3_moe")
+    config.hidden_act = "gelu"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(moe_sft.InvalidArgumentError,
+                       match=r"Qwen3MoeExperts \(model\.layers\.0\.mlp\.experts\): its activation is GELUActivation"):
+        mh.add_lora(model, R, ALPHA)
+
+
 def test_model_without_moe_layers():
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)

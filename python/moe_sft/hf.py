@@ -75,27 +75,26 @@ def _is_experts_module(module):
 
 
 def _unsupported_reason(module):
-    cls = type(module)
     if getattr(module, "_is_expert_parallel", False):
         return "it is expert-parallel (sharded over devices)"
     if getattr(module, "has_post_expert_norm", False):
         return "it applies a norm after each expert (has_post_expert_norm=True)"
-    return _family(module).unsupported(module, cls)
+    return _family(module).unsupported(module)
 
 
 class _Family:
     """How moe_sft runs one kind of Transformers experts module: which layouts it accepts, how its weights become
     a MoESFT, which Parameters the packed layer replaces, and how its PEFT adapters are laid out."""
 
-    def __init__(self, name, weights, unsupported, make_layer, gpt_oss):
-        self.name = name
+    def __init__(self, weights, unsupported, make_layer, gpt_oss):
         self.weights = weights  # the module's Parameters the packed layer holds (released after packing)
-        self.unsupported = unsupported  # (module, cls) -> why moe_sft cannot run it, or None
+        self.unsupported = unsupported  # module -> why moe_sft cannot run it, or None
         self.make_layer = make_layer  # (module, MoESFT kwargs) -> MoESFT on the module's weights
         self.gpt_oss = gpt_oss  # adapters: gpt-oss's fused layout (shared gate/up A, interleaved B rows)
 
 
-def _fused_silu_unsupported(module, cls):
+def _fused_silu_unsupported(module):
+    cls = type(module)
     if not module.has_gate:
         return "it has no gate projection (has_gate=False)"
     if not module.is_concatenated:
@@ -122,7 +121,7 @@ def _fused_silu_layer(module, layer_kwargs):
                   **layer_kwargs)
 
 
-def _gpt_oss_unsupported(module, cls):
+def _gpt_oss_unsupported(module):
     if (module.is_concatenated, module.is_transposed, module.has_bias, module.has_gate) != (False, True, True, True):
         return ("its layout flags differ from gpt-oss's (is_concatenated=False, is_transposed=True, has_bias=True, "
                 "has_gate=True)")
@@ -137,13 +136,13 @@ def _gpt_oss_layer(module, layer_kwargs):
     return MoESFT.from_gpt_oss(**arrays, swiglu_alpha=module.alpha, swiglu_limit=module.limit, **layer_kwargs)
 
 
-_FUSED_SILU = _Family("fused SiLU experts", ("gate_up_proj", "down_proj"), _fused_silu_unsupported,
-                      _fused_silu_layer, gpt_oss=False)
-_GPT_OSS = _Family("gpt-oss", ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"),
-                   _gpt_oss_unsupported, _gpt_oss_layer, gpt_oss=True)
+_FUSED_SILU = _Family(("gate_up_proj", "down_proj"), _fused_silu_unsupported, _fused_silu_layer, gpt_oss=False)
+_GPT_OSS = _Family(("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"), _gpt_oss_unsupported,
+                   _gpt_oss_layer, gpt_oss=True)
 
 
 def _family(module):
+    """The _Family of an experts module (by its config's model_type)."""
     config = getattr(module, "config", None)
     return _GPT_OSS if getattr(config, "model_type", None) == "gpt_oss" else _FUSED_SILU
 
@@ -449,9 +448,9 @@ def load_adapter(model, directory):
 
 @contextlib.contextmanager
 def _experts_without_weights(classes):
-    """While active, the experts classes build with their weights (gate_up_proj, down_proj, gpt-oss's biases) as empty plain tensors, not
-    Parameters: Transformers then sees the checkpoint's expert tensors as unexpected keys and never reads them
-    into torch (and its weight init still finds the attributes)."""
+    """While active, the experts classes build with their weights (gate_up_proj, down_proj; gpt-oss's biases too) as
+    empty plain tensors, not Parameters: Transformers then sees the checkpoint's expert tensors as unexpected keys
+    and never reads them into torch (and its weight init still finds the attributes)."""
     saved = {cls: cls.__init__ for cls in classes}
 
     def make(original):
