@@ -311,14 +311,116 @@ def test_quantized_base_weights(tmp_path):
         assert_logits_close(got, want, routing_flips=2)
 
 
+# ---- gpt-oss (GptOssExperts: interleaved, transposed, biased, clamped SwiGLU) ----
+
+def gpt_oss_model(layers, seed=0):
+    config = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=E,
+                                       num_experts_per_tok=2, layer_types=["full_attention"] * layers,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
+    with torch.no_grad():  # O(1) activations (some beyond swiglu_limit's clamp), biases, a non-trivial router
+        for name, p in model.named_parameters():
+            if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                p.normal_(0, 2 * p.shape[-2] ** -0.5)
+            elif name.endswith("_proj_bias"):
+                p.normal_(0, 0.3)
+            elif ".router." in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def _grads_as_adapter(pm, directory):
+    """PEFT's LoRA grads saved as a PEFT adapter, read back in moe_sft's layout: the layouts differ by reshapes and
+    permutations only, which map grads as they map values."""
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.grad)
+    pm.save_pretrained(directory)
+    return moe_sft.load_adapter(directory, gpt_oss=True).layers
+
+
+def test_gpt_oss_matches_eager_with_peft(tmp_path):
+    """gpt-oss's logits, loss and the grads of the LoRA (gate and up sharing PEFT's gate_up_proj A), the input
+    embeddings and the router (weight and bias), against the eager GptOssExperts under PEFT's target_parameters."""
+    model = gpt_oss_model(1)
+    ref = peft_reference(copy.deepcopy(model), tmp_path)
+    ours, params = moe_sft_model(model, tmp_path)
+    assert sorted(n.split("experts.")[1] for n in params) == ["down_proj.lora_A", "down_proj.lora_B",
+                                                               "gate_proj.lora_B", "gate_up_proj.lora_A",
+                                                               "up_proj.lora_B"]
+    ids = batch()
+    outs = []
+    for m in (ref, ours):
+        router = {n: p.requires_grad_(True) for n, p in m.named_parameters() if ".router." in n}
+        emb = m.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = m(inputs_embeds=emb, labels=ids)
+        out.loss.backward()
+        outs.append((out, emb, router))
+    (r_out, r_emb, r_router), (o_out, o_emb, o_router) = outs
+    assert_logits_close(o_out.logits, r_out.logits)
+    assert abs(o_out.loss.item() - r_out.loss.item()) <= 5e-3 * r_out.loss.item()
+    assert rel(o_emb.grad, r_emb.grad) < 3e-2
+    assert len(o_router) == 2
+    for name, p in o_router.items():
+        assert rel(p.grad, r_router["base_model.model." + name].grad) < 3e-2, name
+    want = _grads_as_adapter(ref, str(tmp_path / "grads"))[0]
+    pre = "model.layers.0.mlp.experts."
+    got = {"gate_a": params[pre + "gate_up_proj.lora_A"].grad, "gate_b": params[pre + "gate_proj.lora_B"].grad,
+           "up_b": params[pre + "up_proj.lora_B"].grad, "down_a": params[pre + "down_proj.lora_A"].grad,
+           "down_b": params[pre + "down_proj.lora_B"].grad}
+    for field, g in got.items():
+        assert rel(g, torch.from_numpy(want[field])) < 3e-2, field
+    module = mh.experts_modules(ours)[pre[:-1]]
+    assert all(getattr(module, n).numel() == 0 for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias",
+                                                          "down_proj_bias"))
+
+
+def test_gpt_oss_adapter_loads_in_peft(tmp_path):
+    """moe_sft's gpt-oss adapter (fused, written without being asked for a layout) on the plain model through
+    peft.PeftModel.from_pretrained: same logits; moe_sft.hf.load_adapter reads it back unchanged, also into a
+    model from moe_sft.hf.from_pretrained."""
+    model = gpt_oss_model(2)
+    ref = peft_reference(copy.deepcopy(model), tmp_path)
+    ours, params = moe_sft_model(model, tmp_path)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    mh.save_adapter(ours, str(tmp_path / "ours"))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours")).eval()
+    ids = batch(1)
+    with torch.no_grad():
+        want, got, before = loaded(ids).logits, ours(ids).logits, ref(ids).logits
+    assert_logits_close(got, want, routing_flips=2)
+    assert (before - want).abs().max().item() > 0.1 * want.abs().max().item()
+    again = copy.deepcopy(model)
+    again_params = mh.add_lora(again, R, ALPHA)
+    mh.load_adapter(again, str(tmp_path / "ours"))
+    for n, p in params.items():
+        torch.testing.assert_close(again_params[n], p, rtol=0, atol=0, msg=n)
+    # moe_sft.hf.from_pretrained reads gpt-oss's experts and biases straight from the checkpoint
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    direct = mh.from_pretrained(str(tmp_path / "ckpt"))
+    mh.add_lora(direct, R, ALPHA)
+    mh.load_adapter(direct, str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert_logits_close(direct(ids).logits, got)
+    with pytest.raises(moe_sft.InvalidArgumentError, match="gpt_oss=True"):
+        mh.save_adapter(ours, str(tmp_path / "per_expert"), layout="per_expert")
+    with pytest.raises(moe_sft.InvalidArgumentError, match="trained together or not at all"):
+        mh.add_lora(copy.deepcopy(model), R, ALPHA, projections=("gate", "down"))
+
+
 # ---- bad inputs ----
 
 def test_unsupported_experts_class_is_named():
-    config = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       num_local_experts=E, num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    config = make_config("qwen3_moe")
+    config.hidden_act = "gelu"
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(moe_sft.InvalidArgumentError, match=r"GptOssExperts \(model\.layers\.0\.mlp\.experts\)"):
+    with pytest.raises(moe_sft.InvalidArgumentError,
+                       match=r"Qwen3MoeExperts \(model\.layers\.0\.mlp\.experts\): its activation is GELUActivation"):
         mh.add_lora(model, R, ALPHA)
 
 

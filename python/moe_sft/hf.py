@@ -14,8 +14,11 @@ forward(hidden_states, top_k_index, top_k_weights) dispatches through ``ExpertsI
 moe_sft layer (a ``moe_sft.torch.MoEExperts`` kept as the submodule ``moe_sft``) the first time it is needed
 and replaces the two big Parameters by empty ones, so the packed copy is the only one; router, shared experts,
 attention and everything else stay torch's. Packing is one-way: the model cannot go back to "eager" or
-"grouped_mm" afterwards. Other experts classes (interleaved, transposed or biased layouts such as gpt-oss's,
-another activation, a custom ``_apply_gate``) are refused with their class name.
+"grouped_mm" afterwards. gpt-oss's GptOssExperts (``gate_up_proj [E, H, 2I]`` with gate and up interleaved,
+``down_proj [E, I, H]``, biases, clamped SwiGLU; forward(hidden_states, router_indices, routing_weights)) is
+packed through MoESFT.from_gpt_oss; its LoRA always shares gate's and up's A and its adapters have gpt-oss's
+fused layout. Other experts classes (another activation, a custom ``_apply_gate``, biases or transposed /
+interleaved layouts outside gpt-oss) are refused with their class name.
 
 LoRA: the layer's rank and scale are fixed when it is packed, so add_lora packs (call it before the first
 forward). The parameters live in ``<experts>.moe_sft`` as gate_a [E, r, H], gate_b [E, I, r], up_a, up_b,
@@ -42,6 +45,7 @@ from . import _adapters
 from . import torch as mt
 from ._checkpoints import load_experts
 from ._errors import invalid
+from ._layer import MoESFT
 
 __all__ = ["IMPLEMENTATION", "add_lora", "experts_modules", "from_pretrained", "load_adapter", "save_adapter"]
 
@@ -71,6 +75,25 @@ def _is_experts_module(module):
 
 
 def _unsupported_reason(module):
+    if getattr(module, "_is_expert_parallel", False):
+        return "it is expert-parallel (sharded over devices)"
+    if getattr(module, "has_post_expert_norm", False):
+        return "it applies a norm after each expert (has_post_expert_norm=True)"
+    return _family(module).unsupported(module)
+
+
+class _Family:
+    """How moe_sft runs one kind of Transformers experts module: which layouts it accepts, how its weights become
+    a MoESFT, which Parameters the packed layer replaces, and how its PEFT adapters are laid out."""
+
+    def __init__(self, weights, unsupported, make_layer, gpt_oss):
+        self.weights = weights  # the module's Parameters the packed layer holds (released after packing)
+        self.unsupported = unsupported  # module -> why moe_sft cannot run it, or None
+        self.make_layer = make_layer  # (module, MoESFT kwargs) -> MoESFT on the module's weights
+        self.gpt_oss = gpt_oss  # adapters: gpt-oss's fused layout (shared gate/up A, interleaved B rows)
+
+
+def _fused_silu_unsupported(module):
     cls = type(module)
     if not module.has_gate:
         return "it has no gate projection (has_gate=False)"
@@ -80,16 +103,48 @@ def _unsupported_reason(module):
         return "its weights are stored transposed ([E, H, 2I], is_transposed=True)"
     if module.has_bias:
         return "its projections have biases (has_bias=True)"
-    if getattr(module, "has_post_expert_norm", False):
-        return "it applies a norm after each expert (has_post_expert_norm=True)"
     if getattr(cls, "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         return f"it defines its own gating ({cls.__name__}._apply_gate)"
     act = getattr(module, "act_fn", None)
     if not isinstance(act, (SiLUActivation, nn.SiLU)):
         return f"its activation is {type(act).__name__}, not SiLU"
-    if getattr(module, "_is_expert_parallel", False):
-        return "it is expert-parallel (sharded over devices)"
     return None
+
+
+def _fused_silu_layer(module, layer_kwargs):
+    """gate_up_proj [E, 2I, H] (gate's I rows, then up's), down_proj [E, H, I]; weights on another device are
+    copied to the CPU one projection at a time."""
+    gate_up, down = module.gate_up_proj, module.down_proj
+    I = gate_up.shape[1] // 2
+    return MoESFT(*(mt.as_numpy(w.detach().cpu(), n, contiguous=False) for w, n in
+                    ((gate_up[:, :I], "gate_up_proj"), (gate_up[:, I:], "gate_up_proj"), (down, "down_proj"))),
+                  **layer_kwargs)
+
+
+def _gpt_oss_unsupported(module):
+    if (module.is_concatenated, module.is_transposed, module.has_bias, module.has_gate) != (False, True, True, True):
+        return ("its layout flags differ from gpt-oss's (is_concatenated=False, is_transposed=True, has_bias=True, "
+                "has_gate=True)")
+    return None
+
+
+def _gpt_oss_layer(module, layer_kwargs):
+    """GptOssExperts: gate_up_proj [E, H, 2I] (gate and up interleaved), down_proj [E, I, H], both biases, the
+    clamped SwiGLU with the module's alpha and limit (MoESFT.from_gpt_oss)."""
+    arrays = {n: mt.as_numpy(getattr(module, n).detach().cpu(), n, contiguous=False)
+              for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")}
+    return MoESFT.from_gpt_oss(**arrays, swiglu_alpha=module.alpha, swiglu_limit=module.limit, **layer_kwargs)
+
+
+_FUSED_SILU = _Family(("gate_up_proj", "down_proj"), _fused_silu_unsupported, _fused_silu_layer, gpt_oss=False)
+_GPT_OSS = _Family(("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"), _gpt_oss_unsupported,
+                   _gpt_oss_layer, gpt_oss=True)
+
+
+def _family(module):
+    """The _Family of an experts module (by its config's model_type)."""
+    config = getattr(module, "config", None)
+    return _GPT_OSS if getattr(config, "model_type", None) == "gpt_oss" else _FUSED_SILU
 
 
 def experts_modules(model):
@@ -108,7 +163,8 @@ def experts_modules(model):
         if reason is not None:
             raise invalid(f"moe_sft cannot run {type(module).__name__} ({name}): {reason}. moe_sft runs fused "
                           "experts with gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I], "
-                          "SiLU and no biases (Qwen2/3-MoE, DeepSeek-V2/V3, Mixtral, OLMoE, GLM-4-MoE)")
+                          "SiLU and no biases (Qwen2/3-MoE, DeepSeek-V2/V3, Mixtral, OLMoE, GLM-4-MoE), and "
+                          "gpt-oss's GptOssExperts")
         found[name] = module
     if not found:
         raise invalid(f"{type(model).__name__} has no routed-experts module moe_sft can run (no module decorated by "
@@ -150,13 +206,11 @@ def _pack(module, name, lora):
         del weights
         wrapper = mt.MoEExperts(layer, **mt_kwargs)
     else:
-        gate_up, down = module.gate_up_proj, module.down_proj
-        if gate_up.numel() == 0:
+        if module.down_proj.numel() == 0:
             raise invalid(f"{name}'s base weights were released when it was packed for moe_sft; they are gone")
-        I = gate_up.shape[1] // 2  # weights on another device are copied to the CPU one projection at a time
         with torch.no_grad():
-            wrapper = mt.MoEExperts.from_weights(gate_up[:, :I], gate_up[:, I:], down, **mt_kwargs,
-                                                 **_layer_kwargs(lora))
+            layer = _family(module).make_layer(module, _layer_kwargs(lora))
+        wrapper = mt.MoEExperts(layer, **mt_kwargs)
     _release(module)
     module.add_module(_SUBMODULE, wrapper)
     return wrapper
@@ -169,8 +223,8 @@ def _layer_kwargs(lora):
 
 
 def _release(module):
-    """Replaces the experts' big Parameters by empty ones (same dtype and device): the packed layer is the only copy."""
-    for pname in ("gate_up_proj", "down_proj"):
+    """Replaces the experts' weights by empty Parameters (same dtype and device): the packed layer is the only copy."""
+    for pname in _family(module).weights:
         old = getattr(module, pname)
         setattr(module, pname, nn.Parameter(torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False))
 
@@ -197,7 +251,8 @@ def add_lora(model, r, alpha, projections=("gate", "up", "down"), weight_format=
     ``layer_kwargs`` go to moe_sft.MoESFT (group_size, max_cache_depth, num_threads, tp_count, check_finite).
     ``shared_gate_up_a``: gate and up share one A (one Parameter bound as both, trained with the sum of both
     grads), which is exactly PEFT's LoRA on the fused gate_up_proj (target_parameters) and can be saved in the
-    "fused" layout; its name is ``...experts.gate_up_proj.lora_A``.
+    "fused" layout; its name is ``...experts.gate_up_proj.lora_A``. gpt-oss always shares it (its adapters have
+    only PEFT's fused form), so there gate and up are trained both or neither.
     Switches the model to experts_implementation "moe_sft". Returns {PEFT-style name: nn.Parameter} (see the
     module's docstring), ready for any torch optimizer. Call it before the first forward through moe_sft: a
     layer packed without LoRA cannot get it later (its torch weights are gone)."""
@@ -208,6 +263,11 @@ def add_lora(model, r, alpha, projections=("gate", "up", "down"), weight_format=
     if shared_gate_up_a and not {"gate", "up"} <= set(projections):
         raise invalid(f"shared_gate_up_a=True needs 'gate' and 'up' in projections, got {projections!r}")
     modules = experts_modules(model)
+    if any(_family(m).gpt_oss for m in modules.values()):
+        if len({"gate", "up"} & set(projections)) == 1:
+            raise invalid(f"projections = {projections!r}: gpt-oss's gate and up share one LoRA A (PEFT's LoRA on "
+                          "its gate_up_proj), so they are trained together or not at all")
+        shared_gate_up_a = "gate" in projections
     for name, module in modules.items():
         if _SUBMODULE in module._modules:
             raise invalid(f"{name} is already packed for moe_sft (lora_rank {module._modules[_SUBMODULE].layer.lora_rank}); "
@@ -303,6 +363,11 @@ def _wrappers(model):
     return out
 
 
+def _gpt_oss(model):
+    """Whether the model's experts are gpt-oss's (its adapters then have gpt-oss's fused layout)."""
+    return any(_family(m).gpt_oss for m in experts_modules(model).values())
+
+
 def _lora_arrays(wrapper):
     """The six LoRA arrays of a MoEExperts as float32 numpy (zeros for the projections it does not train)."""
     state, shapes = wrapper.lora_state(), wrapper.layer.lora_shapes()
@@ -313,13 +378,14 @@ def _lora_arrays(wrapper):
 
 # ---- adapters ----
 
-def save_adapter(model, directory, layout="per_expert"):
+def save_adapter(model, directory, layout=None):
     """Writes the moe_sft LoRA of ``model``'s experts as a PEFT adapter (adapter_model.safetensors +
     adapter_config.json) that ``peft.PeftModel.from_pretrained(plain_model, directory)`` loads onto the same
     Transformers model without moe_sft. layout: "per_expert" (target_modules gate_proj/up_proj/down_proj, also
     what vLLM and SGLang load; PEFT converts it to the fused experts) or "fused" (target_parameters
     mlp.experts.gate_up_proj / down_proj, PEFT's own form for fused experts; one A shared by gate and up, so
-    gate_a must equal up_a). Returns the directory."""
+    gate_a must equal up_a). None: "per_expert", but "fused" for gpt-oss, the only layout PEFT has for its
+    experts (add_lora gives it the shared A that needs). Returns the directory."""
     wrappers = _wrappers(model)
     ranks = {(w.layer.lora_rank, w.layer.lora_alpha) for _, w in wrappers.values()}
     if len(ranks) != 1:
@@ -327,7 +393,7 @@ def save_adapter(model, directory, layout="per_expert"):
     (r, alpha), = ranks
     layers = {L: _lora_arrays(wrapper) for L, (_, wrapper) in wrappers.items()}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _adapters.save_adapter(directory, layers, r, alpha, layout=layout,
+    return _adapters.save_adapter(directory, layers, r, alpha, layout=layout, gpt_oss=_gpt_oss(model),
                                   base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None)
 
 
@@ -337,7 +403,7 @@ def load_adapter(model, directory):
     holding them keeps working). The adapter must have the model's layers, rank, scale and shapes: otherwise the
     error names the first mismatching key and both shapes, and nothing is loaded. Returns the Adapter read."""
     wrappers = _wrappers(model)
-    adapter = _adapters.load_adapter(directory, dtype=np.float32)
+    adapter = _adapters.load_adapter(directory, dtype=np.float32, gpt_oss=_gpt_oss(model))
     weights = os.path.join(os.fspath(directory), _adapters.WEIGHTS_NAME)
     extra = sorted(set(adapter.layers) - set(wrappers))
     if extra:
@@ -382,15 +448,15 @@ def load_adapter(model, directory):
 
 @contextlib.contextmanager
 def _experts_without_weights(classes):
-    """While active, the experts classes build with gate_up_proj / down_proj as empty plain tensors, not
-    Parameters: Transformers then sees the checkpoint's expert tensors as unexpected keys and never reads them
-    into torch (and its weight init still finds the attributes)."""
+    """While active, the experts classes build with their weights (gate_up_proj, down_proj; gpt-oss's biases too) as
+    empty plain tensors, not Parameters: Transformers then sees the checkpoint's expert tensors as unexpected keys
+    and never reads them into torch (and its weight init still finds the attributes)."""
     saved = {cls: cls.__init__ for cls in classes}
 
     def make(original):
         def __init__(self, *args, **kwargs):
             original(self, *args, **kwargs)
-            for pname in ("gate_up_proj", "down_proj"):
+            for pname in _family(self).weights:
                 if pname in self._parameters:
                     dtype = self._parameters.pop(pname).dtype
                     setattr(self, pname, torch.empty(0, dtype=dtype))
