@@ -6,11 +6,13 @@ A tiny random Qwen3-MoE (2 layers, 8 experts, top-2) made from a config, no hub 
 next-byte prediction over a small text this script generates (sentences from a little grammar), with LoRA on
 every routed expert (moe_sft, the experts on the CPU) and torch.optim.AdamW; nothing else is trained. At the end
 the adapter is saved in PEFT's format, loaded with peft.PeftModel.from_pretrained onto the plain Transformers
-model (eager experts, no moe_sft), and both give the same logits (to the bf16 rounding moe_sft computes in);
+model (eager experts, no moe_sft), and both give the same logits (to the bf16 rounding moe_sft computes in) when
+the PEFT model's routers replay the choices made in the moe_sft run (see record_routing for why);
 moe_sft.hf.load_adapter into a fresh model gives the trained model's logits bit for bit. Exits 0 when the loss
-fell and the logits agree.
+fell and the logits agree. torch.manual_seed makes a run reproducible (add_lora's init draws from torch's RNG).
 """
 import argparse
+import contextlib
 import copy
 import random
 import sys
@@ -48,6 +50,30 @@ def batches(data, batch_size, length, seed=0):
     while True:
         starts = torch.randint(0, len(data) - length, (batch_size,), generator=gen)
         yield torch.stack([data[s:s + length] for s in starts.tolist()])
+
+
+@contextlib.contextmanager
+def record_routing(model, routed, replay=False):
+    """Records each MoE block's router output (logits, weights, expert indices) in ``routed`` by layer name, or
+    with ``replay`` makes each router return the recorded one instead of its own.
+
+    Why: a tiny random model's router gives near-uniform probabilities, so some token's 2nd and 3rd experts are
+    often a hair apart, and the f32 eager experts and moe_sft's bf16 arithmetic (the layer before) break that tie
+    differently; such a token then goes to another expert and its logits differ by much more than rounding.
+    Replaying one model's routing in the other compares the adapters themselves, token for token."""
+    def hook(name):
+        def on_output(module, args, output):
+            if replay:
+                return routed[name]
+            routed[name] = output
+        return on_output
+    handles = [m.register_forward_hook(hook(n.removeprefix("base_model.model.")))
+               for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    try:
+        yield routed
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def main(argv=None):
@@ -93,19 +119,32 @@ def main(argv=None):
     model.eval()
     probe = next(batches(data, 2, args.length, seed=1))
     with torch.no_grad():
-        trained = model(probe).logits
-        in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()(probe).logits
+        routed = {}
+        with record_routing(model, routed):
+            trained = model(probe).logits
+        in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+        routed_peft = {}
+        with record_routing(in_peft, routed_peft):
+            free = in_peft(probe).logits
+        with record_routing(in_peft, routed, replay=True):
+            replayed = in_peft(probe).logits
         again = copy.deepcopy(base)
         moe_sft.hf.add_lora(again, r=args.rank, alpha=args.alpha)
         moe_sft.hf.load_adapter(again, out)
         reloaded = again.eval()(probe).logits
-    diff = (in_peft - trained).abs().max().item()
+    rerouted = sum(int((routed[n][2].sort(-1).values != routed_peft[n][2].sort(-1).values).any(-1).sum())
+                   for n in routed)
+    tokens = probe.numel()
+    diff = (replayed - trained).abs().max().item()
     scale = trained.abs().max().item()
-    print(f"adapter saved in {out}; PEFT on the plain model: max |logit diff| {diff:.2e} (logits up to {scale:.2f}); "
-          f"moe_sft.hf.load_adapter: {'identical' if torch.equal(reloaded, trained) else 'DIFFERENT'}")
-    ok = last < first and diff <= 2e-2 * scale and torch.equal(reloaded, trained)
+    print(f"adapter saved in {out}; PEFT on the plain model, its routers' choices replayed from moe_sft's run: "
+          f"max |logit diff| {diff:.2e} (logits up to {scale:.2f}); routed on their own: "
+          f"{(free - trained).abs().max().item():.2e}, {rerouted} of {tokens} tokens x {len(routed)} layers sent "
+          f"to other experts (near-ties)")
+    print(f"moe_sft.hf.load_adapter: {'identical' if torch.equal(reloaded, trained) else 'DIFFERENT'}")
+    ok = (last < first and diff <= 2e-2 * scale and rerouted <= tokens * len(routed) // 10
+          and torch.equal(reloaded, trained))
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -649,6 +649,23 @@ def test_init_and_from_weights():
         mt.MoEExperts(m.layer, lora_dtype=torch.float16)
 
 
+def test_unseeded_init_follows_torch_manual_seed():
+    """seed=None draws from torch's generator: torch.manual_seed reproduces the init (as it does PEFT's), and
+    successive modules get different inits."""
+    p = problem()
+    layer = mt.MoEExperts.from_weights(p.gate, p.up, p.down, lora_rank=RANK, lora_alpha=8, init=None).layer
+
+    def init():
+        return {n: p.detach().clone() for n, p in mt.MoEExperts(layer).lora_state().items()}
+
+    torch.manual_seed(7)
+    first, second = init(), init()
+    torch.manual_seed(7)
+    again = init()
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not torch.equal(first["gate_a"], second["gate_a"])
+
+
 def test_as_numpy_and_as_tensor_share_memory():
     t = torch.randn(4, 6).to(torch.bfloat16)
     a = mt.as_numpy(t, "t")

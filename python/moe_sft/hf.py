@@ -249,6 +249,8 @@ def add_lora(model, r, alpha, projections=("gate", "up", "down"), weight_format=
     contribute nothing). ``weight_format``: "bf16", "int8" or "int4_awq" (quantized at packing; QLoRA); None: the one
     from_pretrained was given, else "bf16".
     ``layer_kwargs`` go to moe_sft.MoESFT (group_size, max_cache_depth, num_threads, tp_count, check_finite).
+    ``seed``: the init's seed for the first experts module (the i-th gets seed + i); None: each drawn from torch's
+    default generator, so torch.manual_seed reproduces the init.
     ``shared_gate_up_a``: gate and up share one A (one Parameter bound as both, trained with the sum of both
     grads), which is exactly PEFT's LoRA on the fused gate_up_proj (target_parameters) and can be saved in the
     "fused" layout; its name is ``...experts.gate_up_proj.lora_A``. gpt-oss always shares it (its adapters have

@@ -491,7 +491,8 @@ class MoEExperts(torch.nn.Module):
 
     ``init``: "peft" (PEFT's default: A Kaiming-uniform with a = sqrt(5), B zero, as moe_sft.lora_init),
     "gaussian" (PEFT's "gaussian"), "zeros", or None (left as allocated, zeros: for weights loaded afterwards);
-    ``seed`` for moe_sft.lora_init.
+    ``seed`` for moe_sft.lora_init; None: drawn from torch's default generator, so that torch.manual_seed makes
+    the init reproducible, as it does PEFT's.
     """
 
     def __init__(self, layer, *, lora_dtype=torch.float32, init="peft", seed=None, projections=PROJECTIONS):
@@ -553,6 +554,8 @@ class MoEExperts(torch.nn.Module):
         if init not in ("peft", "gaussian"):
             raise invalid(f"init = {init!r}; expected 'peft', 'gaussian', 'zeros' or None")
         dtype = next(iter(params.values())).dtype if params else torch.float32
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
         arrays = lora_init({n: tuple(p.shape) for n, p in params.items()}, init, seed,
                            bfloat16 if dtype == torch.bfloat16 else np.float32)
         for name, p in params.items():
