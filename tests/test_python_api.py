@@ -60,6 +60,7 @@ def test_shape_and_format_attributes_are_read_only(prob):
         with pytest.raises(AttributeError, match="read-only"):
             delattr(layer, name)
     assert {name: getattr(layer, name) for name in before} == before
+    assert layer.busy is False  # no call runs (moe_sft.torch's finalizers depend on it: tests/test_torch.py)
     out = layer.forward(prob.x, prob.ids, prob.weights, save_for_backward=True)
     grad_error = R.rel_err(layer.backward(prob.grad_out).gate_a, R.backward(prob)["gate_a"])
     assert R.rel_err(out, R.forward(prob)) < 1e-2 and grad_error < 1e-2

@@ -258,6 +258,13 @@ class MoESFT:
         return depth
 
     @property
+    def busy(self):
+        """True while a call on this layer runs, on any thread. Callbacks the garbage collector runs (weakref
+        finalizers) check it before calling the layer: one can run inside such a call on that call's own thread,
+        where a second call would wait for the first forever."""
+        return self._lock.locked()
+
+    @property
     def lora(self):
         """The bound LoRA arrays as a dict (gate_a, ..., down_b), or None when none are bound."""
         return None if self._lora is None else dict(self._lora)

@@ -159,10 +159,10 @@ class _LayerState:
     def sweep_if_free(self):
         """Discards the dead saved forwards on top of the cache, unless a call holds the lock: that call sweeps
         when it releases it (a finalizer may run on any thread, at any point, even inside such a call). Nor while
-        a direct call holds the layer's own lock: it may be this thread's (a garbage collection inside it), which
+        the layer is busy with a direct call: it may be this thread's (a garbage collection inside it), which
         would wait for itself; the next call here sweeps instead."""
         layer = self.layer_ref()
-        if not self.dead or layer is None or layer._lock.locked() or not self.lock.acquire(blocking=False):
+        if not self.dead or layer is None or layer.busy or not self.lock.acquire(blocking=False):
             return
         try:
             self.check_in_step(layer)
