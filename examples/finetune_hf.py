@@ -69,6 +69,8 @@ def record_routing(model, routed, replay=False):
         return on_output
     handles = [m.register_forward_hook(hook(n.removeprefix("base_model.model.")))
                for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    if not handles:
+        raise RuntimeError("record_routing: the model has no router (no module named *.mlp.gate)")
     try:
         yield routed
     finally:
@@ -145,6 +147,7 @@ def main(argv=None):
     ok = (last < first and diff <= 2e-2 * scale and rerouted <= tokens * len(routed) // 10
           and torch.equal(reloaded, trained))
     return 0 if ok else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())
