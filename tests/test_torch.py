@@ -656,7 +656,7 @@ def test_unseeded_init_follows_torch_manual_seed():
     layer = mt.MoEExperts.from_weights(p.gate, p.up, p.down, lora_rank=RANK, lora_alpha=8, init=None).layer
 
     def init():
-        return {n: p.detach().clone() for n, p in mt.MoEExperts(layer).lora_state().items()}
+        return {n: t.detach().clone() for n, t in mt.MoEExperts(layer).lora_state().items()}
 
     torch.manual_seed(7)
     first, second = init(), init()
